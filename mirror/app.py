@@ -1,0 +1,77 @@
+"""create_app(config): the one place where the long-lived objects are built and wired."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from mirror.cache.blobs import BlobService
+from mirror.cache.manifests import ManifestService
+from mirror.config import Config, describe
+from mirror.handlers import ops, registry
+from mirror.keys import blobs_key, config_key, manifests_key, metrics_key, store_key
+from mirror.metrics import Metrics
+from mirror.middleware import add_common_headers, observe
+from mirror.storage.store import FilesystemStore
+from mirror.upstream.breaker import CircuitBreaker
+from mirror.upstream.client import RegistryClient
+from mirror.upstream.tokens import TokenCache
+
+log = structlog.get_logger("mirror.app")
+
+
+def create_app(config: Config, metrics: Metrics | None = None) -> web.Application:
+    app = web.Application(middlewares=[observe], client_max_size=64 * 1024)
+    app[config_key] = config
+    app[metrics_key] = metrics or Metrics()
+    app[metrics_key].track_registries(config.registries)
+    app[store_key] = FilesystemStore(config.cache.directory)
+    app.cleanup_ctx.append(_services)
+    app.on_response_prepare.append(add_common_headers)
+    app.router.add_get("/healthz", ops.healthz, allow_head=True)
+    app.router.add_get("/readyz", ops.readyz, allow_head=True)
+    app.router.add_get("/metrics", ops.metrics, allow_head=False)
+    app.router.add_get("/v2/", registry.base, allow_head=True)
+    app.router.add_get("/v2", registry.base, allow_head=True)
+    app.router.add_route("*", "/v2/{tail:.*}", registry.dispatch)
+    return app
+
+
+async def _services(app: web.Application) -> AsyncIterator[None]:
+    config = app[config_key]
+    metrics = app[metrics_key]
+    store = app[store_key]
+    swept = store.prepare()
+    up = config.upstream
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=512, limit_per_host=0, ttl_dns_cache=300),
+        auto_decompress=False,  # digests cover the bytes as sent: never decode them
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=up.connect_timeout),
+    )
+    tokens = TokenCache(
+        session,
+        aiohttp.ClientTimeout(total=up.header_timeout, sock_connect=up.connect_timeout),
+        time.monotonic,
+    )
+    breaker = CircuitBreaker(
+        up.breaker_failures,
+        up.breaker_cooldown,
+        time.monotonic,
+        on_change=lambda reg, is_open: metrics.breaker_open.labels(reg).set(int(is_open)),
+    )
+    client = RegistryClient(session, config.registries, up, tokens, breaker, metrics)
+    blobs = BlobService(store, client, up, metrics)
+    manifests = ManifestService(store, client, config.cache, metrics, time.time)
+    app[blobs_key] = blobs
+    app[manifests_key] = manifests
+    log.info("mirror_started", swept_temp_files=swept, config=describe(config))
+    try:
+        yield
+    finally:
+        await blobs.close()
+        await manifests.close()
+        await session.close()

@@ -1,0 +1,1 @@
+"""The caching policy: services that combine the local store with the upstream client."""

@@ -1,0 +1,147 @@
+"""Blobs: served from disk when cached, else from the one shared download of them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from dataclasses import dataclass
+from pathlib import Path
+
+from mirror.cache.download import BlobDownload, DigestMismatch, DownloadFailed, DownloadReader
+from mirror.cache.errors import to_registry_error
+from mirror.config import UpstreamConfig
+from mirror.metrics import Metrics
+from mirror.oci.digest import Digest
+from mirror.oci.errors import ErrorCode
+from mirror.storage.store import FilesystemStore
+from mirror.upstream.client import RegistryClient
+
+
+@dataclass(frozen=True, slots=True)
+class CachedBlob:
+    path: Path
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class LiveBlob:
+    """A blob still downloading: the reader follows it as bytes land."""
+
+    size: int
+    reader: DownloadReader
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    source: CachedBlob | LiveBlob
+    result: str  # hit | miss | coalesced
+
+
+class BlobService:
+    def __init__(
+        self,
+        store: FilesystemStore,
+        client: RegistryClient,
+        config: UpstreamConfig,
+        metrics: Metrics,
+    ) -> None:
+        self._store = store
+        self._client = client
+        self._config = config
+        self._metrics = metrics
+        self._downloads: dict[str, BlobDownload] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._downloads)
+
+    def cached(self, digest: Digest) -> CachedBlob | None:
+        size = self._store.blob_size(digest)
+        if size is None:
+            return None
+        return CachedBlob(self._store.blob_path(digest), size)
+
+    async def open(self, registry: str, name: str, digest: Digest) -> Opened:
+        """The bytes of a blob: from disk, or following its download (started if need be)."""
+        hit = self.cached(digest)
+        if hit is not None:
+            return Opened(hit, "hit")
+        download, result = self._download(registry, name, digest)
+        reader = download.reader()
+        try:
+            size = await download.wait_sized()
+        except DownloadFailed as exc:
+            reader.close()
+            raise to_registry_error(exc, ErrorCode.BLOB_UNKNOWN) from exc
+        except BaseException:
+            reader.close()
+            raise
+        return Opened(LiveBlob(size, reader), result)
+
+    async def size(self, registry: str, name: str, digest: Digest) -> tuple[int, str]:
+        """For HEAD: never starts a download of a whole blob just to learn its size."""
+        hit = self.cached(digest)
+        if hit is not None:
+            return hit.size, "hit"
+        download = self._downloads.get(digest.hex)
+        try:
+            if download is not None:
+                return await download.wait_sized(), "coalesced"
+            resp = await self._client.open(
+                registry, name, f"blobs/{digest}", "HEAD", {}, kind="blob_head"
+            )
+            resp.release()
+        except Exception as exc:  # noqa: BLE001 - translated for the client
+            raise to_registry_error(exc, ErrorCode.BLOB_UNKNOWN) from exc
+        if resp.content_length is None:
+            raise to_registry_error(RuntimeError("no Content-Length"), ErrorCode.BLOB_UNKNOWN)
+        return resp.content_length, "miss"
+
+    async def fetch(self, registry: str, name: str, digest: Digest) -> str:
+        """Make sure a blob is cached (for warming); returns hit, miss or coalesced."""
+        if self.cached(digest) is not None:
+            return "hit"
+        download, result = self._download(registry, name, digest)
+        try:
+            await download.wait_done()
+        except DownloadFailed as exc:
+            raise to_registry_error(exc, ErrorCode.BLOB_UNKNOWN) from exc
+        return result
+
+    def progress(self, digest: Digest) -> tuple[int, int | None] | None:
+        """(bytes so far, size) of a download in flight, for job status."""
+        download = self._downloads.get(digest.hex)
+        return (download.contiguous, download.size) if download else None
+
+    def _download(self, registry: str, name: str, digest: Digest) -> tuple[BlobDownload, str]:
+        download = self._downloads.get(digest.hex)
+        if download is not None:
+            return download, "coalesced"
+        download = BlobDownload(
+            digest, registry, name, self._client, self._store, self._config, self._finished
+        )
+        self._downloads[digest.hex] = download
+        self._metrics.downloads_in_flight.inc()
+        # A fresh context: the download is the service's, not the request's that started it,
+        # so its log lines must not carry that request's id.
+        task = asyncio.create_task(
+            download.run(), name=f"download {digest}", context=contextvars.Context()
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return download, "miss"
+
+    def _finished(self, download: BlobDownload) -> None:
+        if self._downloads.get(download.digest.hex) is download:
+            del self._downloads[download.digest.hex]
+            self._metrics.downloads_in_flight.dec()
+        if isinstance(download.error, DigestMismatch):
+            self._metrics.digest_mismatches.labels(download.registry).inc()
+
+    async def close(self) -> None:
+        """Shutdown: cancel downloads; each discards its temp file, so nothing partial remains."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,355 @@
+"""One upstream download of one blob into a temp file, followed live by any number of readers.
+
+The download is a task owned by the blob service, never by a request: readers come and go
+(hang up, time out) without touching it. Large blobs are fetched as several concurrent Range
+requests written at their offsets; readers follow the contiguous written prefix. The sha256 is
+taken over that prefix as it grows, and no reader is given the last byte of its response before
+the whole blob has been verified and committed, so a wrong blob is never a complete success.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import os
+import random
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import aiohttp
+import structlog
+
+from mirror.config import UpstreamConfig
+from mirror.oci.digest import Digest
+from mirror.storage.store import FilesystemStore, StoreError, TempFile
+from mirror.upstream.client import BlobBody, RegistryClient
+from mirror.upstream.errors import UpstreamBodyError, UpstreamError, UpstreamUnavailable
+
+log = structlog.get_logger("mirror.download")
+
+READ_SIZE = 1024 * 1024  # largest piece a reader takes from the file at once
+WAKE_BATCH = 256 * 1024  # wake a reader once this much is new for it ...
+WAKE_INTERVAL = 0.02  # ... or this often, so slow links still trickle promptly
+_UNKNOWN_END = sys.maxsize
+
+
+class State(enum.Enum):
+    RUNNING = "running"
+    COMMITTED = "committed"
+    FAILED = "failed"
+
+
+class DigestMismatch(Exception):
+    def __init__(self, expected: Digest, actual: str) -> None:
+        self.expected = expected
+        self.actual = actual
+        super().__init__(f"upstream bytes hash to sha256:{actual}, expected {expected}")
+
+
+class DownloadFailed(Exception):
+    """Raised to readers whose download failed; `cause` says why."""
+
+    def __init__(self, cause: BaseException) -> None:
+        self.cause = cause
+        super().__init__(str(cause))
+
+
+@dataclass(slots=True)
+class _Piece:
+    start: int
+    end: int  # exclusive
+    pos: int
+
+
+@dataclass(slots=True)
+class _Waiter:
+    pos: int
+    needed: int
+    future: asyncio.Future[None]
+
+
+_RETRYABLE = (UpstreamUnavailable, UpstreamBodyError, aiohttp.ClientError, TimeoutError, OSError)
+
+
+class BlobDownload:
+    def __init__(
+        self,
+        digest: Digest,
+        registry: str,
+        name: str,
+        client: RegistryClient,
+        store: FilesystemStore,
+        config: UpstreamConfig,
+        on_finish: Callable[[BlobDownload], None],
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.digest = digest
+        self.registry = registry
+        self.name = name
+        self._client = client
+        self._store = store
+        self._config = config
+        self._on_finish = on_finish
+        self._sleep = sleep
+        self.state = State.RUNNING
+        self.error: BaseException | None = None
+        self.size: int | None = None
+        self.contiguous = 0
+        self.streams = 0
+        self.retries = 0
+        self._temp: TempFile = store.new_temp()
+        self._pieces: list[_Piece] = []
+        self._head = 0
+        self._hasher = hashlib.sha256()
+        self._hashed = 0
+        self._sized = asyncio.Event()
+        self._waiters: list[_Waiter] = []
+        self._last_wake = 0.0
+        self._done = asyncio.get_running_loop().create_future()
+
+    # -- for readers ---------------------------------------------------------------------------
+
+    async def wait_sized(self) -> int:
+        """The size as soon as the upstream said it; raises DownloadFailed if it failed first."""
+        await self._sized.wait()
+        if self.size is None:
+            assert self.error is not None
+            raise DownloadFailed(self.error)
+        return self.size
+
+    async def wait_done(self) -> None:
+        """Until committed (returns) or failed (raises DownloadFailed)."""
+        await asyncio.shield(self._done)
+        if self.state is State.FAILED:
+            assert self.error is not None
+            raise DownloadFailed(self.error)
+
+    def reader(self) -> DownloadReader:
+        """Call without awaiting in between lookup and here: it takes its own fd, so the temp file
+        stays readable whatever the download does next (rename on commit, unlink on failure)."""
+        return DownloadReader(self, os.dup(self._temp.fd))
+
+    async def _wait_beyond(self, pos: int, needed: int) -> None:
+        if self.state is not State.RUNNING or self.contiguous >= needed:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        waiter = _Waiter(pos, needed, fut)
+        self._waiters.append(waiter)
+        try:
+            await fut
+        finally:
+            if not fut.done():
+                self._waiters.remove(waiter)
+
+    def _wake(self, everyone: bool) -> None:
+        now = time.monotonic()
+        tick = everyone or now - self._last_wake >= WAKE_INTERVAL
+        if tick:
+            self._last_wake = now
+        keep = []
+        for w in self._waiters:
+            if everyone or self.contiguous >= w.needed or (tick and self.contiguous > w.pos):
+                if not w.future.done():
+                    w.future.set_result(None)
+            else:
+                keep.append(w)
+        self._waiters = keep
+
+    # -- the download ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        started = time.monotonic()
+        try:
+            await self._fetch()
+            await self._commit()
+            log.info(
+                "blob_committed", digest=str(self.digest), registry=self.registry,
+                bytes=self.size, streams=self.streams, retries=self.retries,
+                seconds=round(time.monotonic() - started, 3),
+            )  # fmt: skip
+        except asyncio.CancelledError:
+            self._finish(State.FAILED, DownloadFailed(RuntimeError("download cancelled")))
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure is handed to the readers
+            log.warning(
+                "blob_download_failed", digest=str(self.digest), registry=self.registry,
+                error=str(exc), error_type=type(exc).__name__, bytes=self.contiguous,
+            )  # fmt: skip
+            self._finish(State.FAILED, exc)
+
+    async def _fetch(self) -> None:
+        cfg = self._config
+        first = await self._client.open_blob(
+            self.registry, self.name, str(self.digest), 0, cfg.chunk_size - 1
+        )
+        self.streams = 1
+        if first.ranged and first.offset == 0 and first.total is not None:
+            total = first.total
+            self._set_size(total)
+            head = _Piece(0, min(cfg.chunk_size, total), 0)
+            rest: list[_Piece] = []
+            if total > head.end:
+                step = cfg.chunk_size if total >= cfg.ranged_threshold else total
+                rest = [_Piece(s, min(s + step, total), s) for s in range(head.end, total, step)]
+            self._pieces = [head, *rest]
+            workers = min(len(rest), max(1, cfg.ranged_streams - 1))
+            self.streams += workers
+            queue = list(reversed(rest))  # pop() from the end takes the lowest offset first
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._fetch_piece(head, first))
+                for _ in range(workers):
+                    group.create_task(self._worker(queue))
+            return
+        if first.ranged:
+            first.close()
+            raise UpstreamBodyError("upstream answered a Range request with an unusable 206")
+        # The upstream ignores Range: one stream, which is still shared by every reader.
+        piece = _Piece(0, first.total if first.total is not None else _UNKNOWN_END, 0)
+        self._pieces = [piece]
+        if first.total is not None:
+            self._set_size(first.total)
+        await self._fetch_piece(piece, first)
+        if self.size is None:
+            self._set_size(piece.pos)
+
+    async def _worker(self, queue: list[_Piece]) -> None:
+        while queue:
+            await self._fetch_piece(queue.pop(), None)
+
+    async def _fetch_piece(self, piece: _Piece, body: BlobBody | None) -> None:
+        """Fill piece.start..end, resuming from the last byte written when a stream breaks."""
+        failures = 0
+        while piece.pos < piece.end:
+            try:
+                if body is None:
+                    body = await self._client.open_blob(
+                        self.registry, self.name, str(self.digest), piece.pos, piece.end - 1
+                    )
+                    if not body.ranged or body.offset != piece.pos:
+                        raise UpstreamBodyError("upstream stopped honouring Range")
+                async for data in body.response.content.iter_any():
+                    room = piece.end - piece.pos
+                    self._write(piece, data if len(data) <= room else data[:room])
+                    failures = 0
+                    if piece.pos >= piece.end:
+                        break
+                if piece.pos < piece.end and piece.end != _UNKNOWN_END:
+                    raise UpstreamBodyError(f"body ended at byte {piece.pos} of {piece.end}")
+                piece.end = piece.pos  # unknown length: the end of the body is the end
+            except UpstreamError as exc:
+                if not exc.transient or failures >= self._config.retries:
+                    raise
+                failures += 1
+                await self._backoff(failures, exc.retry_after)
+            except _RETRYABLE:
+                if failures >= self._config.retries:
+                    raise
+                failures += 1
+                await self._backoff(failures, None)
+            finally:
+                if body is not None:
+                    body.close()  # never reused: a half-read connection is not worth keeping
+                    body = None
+
+    async def _backoff(self, failures: int, retry_after: float | None) -> None:
+        self.retries += 1
+        delay = retry_after if retry_after is not None else 0.1 * 2 ** (failures - 1)
+        await self._sleep(min(delay, 5.0) * (0.5 + random.random()))
+
+    def _write(self, piece: _Piece, data: bytes) -> None:
+        offset = piece.pos
+        try:
+            self._temp.pwrite(data, offset)
+        except OSError as exc:  # disk full or failing: not the upstream's fault, never retried
+            raise StoreError(f"cannot write the cache file: {exc.strerror}") from exc
+        piece.pos += len(data)
+        self._client.record_bytes(self.registry, len(data))
+        before = self.contiguous
+        while self._head < len(self._pieces):
+            head = self._pieces[self._head]
+            self.contiguous = head.pos
+            if head.pos < head.end:
+                break
+            self._head += 1
+        if self.contiguous > before:
+            self._hash_prefix(offset, data)
+            self._wake(everyone=False)
+
+    def _hash_prefix(self, offset: int, data: bytes) -> None:
+        if offset == self._hashed and offset + len(data) <= self.contiguous:
+            self._hasher.update(data)  # in-order bytes: no need to read them back
+            self._hashed += len(data)
+        while self._hashed < self.contiguous:  # a gap filled by another stream: read it back
+            chunk = self._temp.pread(
+                min(4 * 1024 * 1024, self.contiguous - self._hashed), self._hashed
+            )
+            if not chunk:
+                raise OSError("temp file shorter than its written prefix")
+            self._hasher.update(chunk)
+            self._hashed += len(chunk)
+
+    def _set_size(self, size: int) -> None:
+        self.size = size
+        self._sized.set()
+
+    async def _commit(self) -> None:
+        assert self.size is not None and self.contiguous == self.size
+        actual = self._hasher.hexdigest()
+        if actual != self.digest.hex:
+            raise DigestMismatch(self.digest, actual)
+        await self._store.commit(self._temp, self.digest)
+        self._finish(State.COMMITTED, None)
+
+    def _finish(self, state: State, error: BaseException | None) -> None:
+        if self.state is not State.RUNNING:
+            return
+        self.state = state
+        self.error = error
+        self._on_finish(self)  # synchronously: no new reader may attach to a finished download
+        if state is State.COMMITTED:
+            self._temp.close()
+        else:
+            self._store.discard(self._temp)
+        self._sized.set()
+        if not self._done.done():
+            self._done.set_result(None)
+        self._wake(everyone=True)
+
+
+class DownloadReader:
+    """One client's view of a download in progress, with its own file descriptor."""
+
+    def __init__(self, download: BlobDownload, fd: int) -> None:
+        self._download = download
+        self._fd = fd
+
+    async def chunks(self, start: int, end: int) -> AsyncIterator[bytes]:
+        """Bytes start..end (exclusive) as they land; the last one only once the blob verified."""
+        dl = self._download
+        pos = start
+        try:
+            while pos < end:
+                if dl.state is State.FAILED:
+                    assert dl.error is not None
+                    raise DownloadFailed(dl.error)
+                limit = end if dl.state is State.COMMITTED else min(dl.contiguous, end - 1)
+                if pos < limit:
+                    data = os.pread(self._fd, min(limit - pos, READ_SIZE), pos)
+                    if not data:
+                        raise DownloadFailed(OSError("cache file shorter than expected"))
+                    pos += len(data)
+                    yield data
+                else:
+                    needed = min(pos + WAKE_BATCH, end - 1)
+                    # Only the held-back last byte is missing: nothing but the verdict helps.
+                    await dl._wait_beyond(pos, needed if needed > pos else _UNKNOWN_END)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

@@ -1,0 +1,259 @@
+"""Manifests: immutable by digest; tags revalidated by HEAD after a TTL, served stale on outages."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+from cachetools import LRUCache
+
+from mirror.cache.errors import to_registry_error
+from mirror.cache.singleflight import SingleFlight
+from mirror.config import CacheConfig
+from mirror.metrics import Metrics
+from mirror.oci.digest import Digest, InvalidDigest, parse_digest
+from mirror.oci.errors import ErrorCode, RegistryError
+from mirror.oci.mediatypes import MANIFEST_TYPES, is_acceptable
+from mirror.storage.store import FilesystemStore, TagRecord
+from mirror.upstream.client import FetchedManifest, RegistryClient
+from mirror.upstream.errors import UpstreamError, UpstreamUnavailable
+
+log = structlog.get_logger("mirror.manifests")
+
+_MEMORY_BYTES = 64 * 1024 * 1024
+_MEMORY_TAGS = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    body: bytes
+    media_type: str
+    digest: str  # "sha256:<hex>", always computed by us from the bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestAnswer:
+    manifest: Manifest
+    result: str  # hit | miss | coalesced | revalidated | stale
+
+
+_TagKey = tuple[str, str, str]
+
+
+def _media_type(fetched: FetchedManifest) -> str:
+    """The registry's Content-Type, unless it is generic; then the manifest's own mediaType."""
+    if fetched.media_type in MANIFEST_TYPES or fetched.media_type.startswith("application/vnd."):
+        return fetched.media_type
+    try:
+        declared = json.loads(fetched.body).get("mediaType")
+    except (ValueError, AttributeError):
+        declared = None
+    return declared if isinstance(declared, str) and declared else fetched.media_type
+
+
+class ManifestService:
+    def __init__(
+        self,
+        store: FilesystemStore,
+        client: RegistryClient,
+        config: CacheConfig,
+        metrics: Metrics,
+        clock: Callable[[], float],
+    ) -> None:
+        self._store = store
+        self._client = client
+        self._config = config
+        self._metrics = metrics
+        self._clock = clock
+        self._memory: LRUCache[str, Manifest] = LRUCache(
+            _MEMORY_BYTES, getsizeof=lambda m: len(m.body) + 256
+        )
+        self._tags: LRUCache[_TagKey, TagRecord] = LRUCache(_MEMORY_TAGS)
+        self._by_digest: SingleFlight[Manifest] = SingleFlight()
+        self._by_tag: SingleFlight[ManifestAnswer] = SingleFlight()
+
+    # -- by digest ---------------------------------------------------------------------------
+
+    def local(self, digest: Digest) -> Manifest | None:
+        found = self._memory.get(digest.hex)
+        if found is None:
+            stored = self._store.read_manifest(digest)
+            if stored is None:
+                return None
+            found = Manifest(stored[0], stored[1], str(digest))
+            self._memory[digest.hex] = found
+        return found
+
+    async def by_digest(
+        self, registry: str, name: str, digest: Digest, accepted: frozenset[str] = frozenset()
+    ) -> ManifestAnswer:
+        found = self.local(digest)
+        if found is not None:
+            answer = ManifestAnswer(found, "hit")
+        else:
+            try:
+                manifest, shared = await self._by_digest.do(
+                    digest.hex, lambda: self._fetch_by_digest(registry, name, digest)
+                )
+            except Exception as exc:  # noqa: BLE001 - translated for the client
+                raise to_registry_error(exc, ErrorCode.MANIFEST_UNKNOWN) from exc
+            answer = ManifestAnswer(manifest, "coalesced" if shared else "miss")
+        if not is_acceptable(answer.manifest.media_type, accepted):
+            raise self._not_acceptable(answer.manifest, accepted)  # content by digest is fixed
+        return answer
+
+    async def _fetch_by_digest(self, registry: str, name: str, digest: Digest) -> Manifest:
+        fetched = await self._client.get_manifest(registry, name, str(digest))
+        actual = hashlib.sha256(fetched.body).hexdigest()
+        if actual != digest.hex:
+            self._metrics.digest_mismatches.labels(registry).inc()
+            raise RegistryError(
+                ErrorCode.UPSTREAM_ERROR, "upstream manifest did not match its digest",
+                {"expected": str(digest), "actual": f"sha256:{actual}"},
+            )  # fmt: skip
+        return await self._keep(digest, fetched.body, _media_type(fetched))
+
+    async def _keep(self, digest: Digest, body: bytes, media_type: str) -> Manifest:
+        manifest = Manifest(body, media_type, str(digest))
+        await self._store.write_manifest(digest, body, media_type)
+        self._memory[digest.hex] = manifest
+        return manifest
+
+    # -- by tag ------------------------------------------------------------------------------
+
+    async def by_tag(
+        self, registry: str, name: str, tag: str, accepted: frozenset[str]
+    ) -> ManifestAnswer:
+        key = (registry, name, tag)
+        record = self._record(key)
+        if record is not None and self._clock() - record.fetched_at < self._config.tag_ttl:
+            found = self.local(parse_digest(record.digest))
+            if found is not None:
+                return await self._acceptable(
+                    registry, name, tag, ManifestAnswer(found, "hit"), accepted
+                )
+        answer, shared = await self._by_tag.do(key, lambda: self._resolve(key, record))
+        if shared and answer.result == "miss":
+            answer = ManifestAnswer(answer.manifest, "coalesced")
+        return await self._acceptable(registry, name, tag, answer, accepted)
+
+    def _record(self, key: _TagKey) -> TagRecord | None:
+        record = self._tags.get(key)
+        if record is None:
+            record = self._store.read_tag(*key)
+            if record is not None:
+                self._tags[key] = record
+        return record
+
+    async def _resolve(self, key: _TagKey, record: TagRecord | None) -> ManifestAnswer:
+        registry, name, tag = key
+        try:
+            if record is None:
+                return ManifestAnswer(await self._get_tag(key), "miss")
+            async with asyncio.timeout(self._config.revalidate_timeout):
+                return await self._revalidate(key, record)
+        except (UpstreamUnavailable, TimeoutError) as exc:
+            return self._stale_or_raise(key, record, exc)
+        except UpstreamError as exc:
+            if exc.transient:
+                return self._stale_or_raise(key, record, exc)
+            raise to_registry_error(exc, ErrorCode.MANIFEST_UNKNOWN) from exc
+        except RegistryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - translated for the client
+            raise to_registry_error(exc, ErrorCode.MANIFEST_UNKNOWN) from exc
+
+    async def _revalidate(self, key: _TagKey, record: TagRecord) -> ManifestAnswer:
+        """HEAD is free on Docker Hub; a GET counts as a pull, so GET only unknown digests."""
+        registry, name, tag = key
+        head = await self._client.head_manifest(registry, name, tag)
+        try:
+            digest = parse_digest(head.digest or "")
+        except InvalidDigest:
+            return ManifestAnswer(await self._get_tag(key), "miss")
+        found = self.local(digest)
+        if found is None:
+            found, _ = await self._by_digest.do(
+                digest.hex, lambda: self._fetch_by_digest(registry, name, digest)
+            )
+        await self._save_tag(key, found)
+        return ManifestAnswer(found, "revalidated" if head.digest == record.digest else "miss")
+
+    async def _get_tag(self, key: _TagKey) -> Manifest:
+        registry, name, tag = key
+        fetched = await self._client.get_manifest(registry, name, tag)
+        digest = Digest("sha256", hashlib.sha256(fetched.body).hexdigest())
+        if (
+            fetched.digest
+            and fetched.digest.startswith("sha256:")
+            and fetched.digest != str(digest)
+        ):
+            self._metrics.digest_mismatches.labels(registry).inc()
+            raise RegistryError(
+                ErrorCode.UPSTREAM_ERROR, "upstream manifest did not match its digest header",
+                {"expected": fetched.digest, "actual": str(digest)},
+            )  # fmt: skip
+        manifest = await self._keep(digest, fetched.body, _media_type(fetched))
+        await self._save_tag(key, manifest)
+        return manifest
+
+    async def _save_tag(self, key: _TagKey, manifest: Manifest) -> None:
+        record = TagRecord(manifest.digest, manifest.media_type, len(manifest.body), self._clock())
+        self._tags[key] = record
+        await self._store.write_tag(*key, record)
+
+    def _stale_or_raise(
+        self, key: _TagKey, record: TagRecord | None, exc: BaseException
+    ) -> ManifestAnswer:
+        registry = key[0]
+        if record is not None and self._clock() - record.fetched_at <= self._config.max_stale:
+            found = self.local(parse_digest(record.digest))
+            if found is not None:
+                self._metrics.stale_served.labels(registry).inc()
+                log.warning(
+                    "stale_served", registry=registry, name=key[1], tag=key[2],
+                    age=round(self._clock() - record.fetched_at), reason=type(exc).__name__,
+                )  # fmt: skip
+                return ManifestAnswer(found, "stale")
+        raise to_registry_error(exc, ErrorCode.MANIFEST_UNKNOWN) from exc
+
+    async def _acceptable(
+        self, registry: str, name: str, tag: str, answer: ManifestAnswer, accepted: frozenset[str]
+    ) -> ManifestAnswer:
+        """A manifest of a type the client did not list is not served to it: ask the origin
+        with the client's own Accept (it may hold another form), and cache that by digest only."""
+        if is_acceptable(answer.manifest.media_type, accepted):
+            return answer
+        try:
+            fetched = await self._client.get_manifest(
+                registry, name, tag, ", ".join(sorted(accepted))
+            )
+        except Exception as exc:  # noqa: BLE001
+            raise self._not_acceptable(answer.manifest, accepted) from exc
+        media_type = _media_type(fetched)
+        if not is_acceptable(media_type, accepted):
+            raise self._not_acceptable(answer.manifest, accepted)
+        digest = Digest("sha256", hashlib.sha256(fetched.body).hexdigest())
+        return ManifestAnswer(await self._keep(digest, fetched.body, media_type), "miss")
+
+    @staticmethod
+    def _not_acceptable(manifest: Manifest, accepted: frozenset[str]) -> RegistryError:
+        return RegistryError(
+            ErrorCode.MANIFEST_UNKNOWN,
+            f"manifest is {manifest.media_type}, which the Accept header does not include",
+            {"media_type": manifest.media_type, "accepted": sorted(accepted)},
+        )
+
+    async def tags(self, registry: str, name: str, query: dict[str, str]) -> bytes:
+        try:
+            return await self._client.get_tags(registry, name, query)
+        except Exception as exc:  # noqa: BLE001 - translated for the client
+            raise to_registry_error(exc, ErrorCode.NAME_UNKNOWN) from exc
+
+    async def close(self) -> None:
+        await self._by_digest.close()
+        await self._by_tag.close()

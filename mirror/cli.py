@@ -1,0 +1,83 @@
+"""The `mirror` command: argv -> config -> logging -> run."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from mirror.config import DEFAULT_REGISTRIES, Config, ConfigError, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mirror", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the mirror")
+    _config_args(serve)
+    serve.add_argument("--listen", help="host:port to listen on (default 0.0.0.0:5000)")
+    serve.add_argument("--cache-dir", help="cache directory (default ./mirror-cache)")
+    serve.add_argument("--log-level", default=os.environ.get("MIRROR_LOG_LEVEL", "info"))
+
+    hosts = sub.add_parser(
+        "containerd-config", help="write containerd hosts.toml files that use this mirror"
+    )
+    hosts.add_argument("--mirror", required=True, help="the mirror's URL, e.g. http://mirror:5000")
+    hosts.add_argument(
+        "--registry", action="append", dest="registries",
+        help="registry to configure (repeatable; default: all configured registries)",
+    )  # fmt: skip
+    hosts.add_argument("--out", required=True, type=Path, help="containerd's config_path dir")
+    _config_args(hosts)
+    return parser
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", type=Path, default=os.environ.get("MIRROR_CONFIG") or None,
+        help="TOML config file (default: built-in defaults; env MIRROR_CONFIG)",
+    )  # fmt: skip
+
+
+def _load(args: argparse.Namespace, overrides: dict[str, object] | None = None) -> Config:
+    return load_config(os.environ, args.config, overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            config = _load(args, {"server.listen": args.listen, "cache.dir": args.cache_dir})
+            return _serve(config, args.log_level)
+        if args.command == "containerd-config":
+            from mirror.containerd_config import run_containerd_config
+
+            config = _load(args)
+            origins = {n: DEFAULT_REGISTRIES.get(n, r.url) for n, r in config.registries.items()}
+            return run_containerd_config(args.mirror, args.registries, args.out, origins)
+    except ConfigError as exc:
+        print(f"mirror: {exc}", file=sys.stderr)
+        return 2
+    return 2
+
+
+def _serve(config: Config, log_level: str) -> int:
+    import uvloop
+    from aiohttp import web
+
+    from mirror.app import create_app
+    from mirror.log import configure_logging
+
+    configure_logging(log_level)
+    web.run_app(
+        create_app(config),
+        host=config.server.host,
+        port=config.server.port,
+        loop=uvloop.new_event_loop(),
+        access_log=None,
+        print=None,
+        shutdown_timeout=5.0,
+    )
+    return 0

@@ -1,0 +1,384 @@
+"""Typed configuration: defaults < TOML file < MIRROR_* environment < CLI flags, validated once."""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+DEFAULT_REGISTRIES: Mapping[str, str] = MappingProxyType(
+    {
+        "docker.io": "https://registry-1.docker.io",
+        "ghcr.io": "https://ghcr.io",
+        "quay.io": "https://quay.io",
+        "registry.k8s.io": "https://registry.k8s.io",
+        "public.ecr.aws": "https://public.ecr.aws",
+        "mcr.microsoft.com": "https://mcr.microsoft.com",
+    }
+)
+
+
+class ConfigError(Exception):
+    """Every invalid key found while loading, reported together so one fix-up round suffices."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    name: str
+    url: str
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    # The url is another mirror (a regional tier): forward ?ns=<name> so it can route.
+    is_mirror: bool = False
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 5000
+    admin_token: str | None = field(default=None, repr=False)
+    access_log: bool = True
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    directory: Path = Path("./mirror-cache")
+    max_size: int = 0  # bytes; 0 = unbounded
+    high_watermark: float = 0.90
+    low_watermark: float = 0.80
+    tag_ttl: float = 300.0
+    max_stale: float = 7 * 86400.0
+    # A cached tag waits at most this long for the upstream before it is served stale.
+    revalidate_timeout: float = 3.0
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    connect_timeout: float = 5.0
+    header_timeout: float = 10.0  # deadline for response headers: fail fast, never hang a client
+    read_timeout: float = 30.0  # longest silence inside a body before the stream counts as cut
+    retries: int = 3
+    ranged_threshold: int = 32 * 1024 * 1024
+    ranged_streams: int = 8
+    chunk_size: int = 16 * 1024 * 1024
+    breaker_failures: int = 5
+    breaker_cooldown: float = 30.0
+
+
+@dataclass(frozen=True)
+class WarmConfig:
+    platforms: tuple[str, ...] = ("linux/amd64",)
+    concurrency: int = 4
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = ServerConfig()
+    cache: CacheConfig = CacheConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    warm: WarmConfig = WarmConfig()
+    registries: Mapping[str, RegistryConfig] = field(
+        default_factory=lambda: MappingProxyType(
+            {n: RegistryConfig(n, u) for n, u in DEFAULT_REGISTRIES.items()}
+        )
+    )
+    default_registry: str = "docker.io"
+
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+    "t": 1000**4, "tb": 1000**4,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+}  # fmt: skip
+_DURATION_UNITS = {"": 1, "s": 1, "ms": 0.001, "m": 60, "h": 3600, "d": 86400}
+_NUMBER_WITH_UNIT = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*")
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from 1048576, "512MiB", "100GB"."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("size must not be negative")
+        return value
+    m = _NUMBER_WITH_UNIT.fullmatch(str(value))
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"expected a size like 512MiB or 100GB, got {value!r}")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from 30, 2.5, "500ms", "5m", "7d"."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration")
+    if isinstance(value, int | float):
+        if value < 0 or math.isnan(value):
+            raise ValueError("duration must not be negative")
+        return float(value)
+    m = _NUMBER_WITH_UNIT.fullmatch(str(value))
+    if not m or m.group(2).lower() not in _DURATION_UNITS:
+        raise ValueError(f"expected a duration like 30s, 5m or 7d, got {value!r}")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()]
+
+
+def parse_listen(value: Any) -> tuple[str, int]:
+    """ "0.0.0.0:5000", "[::1]:5000", ":5000" -> (host, port)."""
+    text = str(value)
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected host:port, got {text!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected a whole number")
+    number = int(value)
+    if number < 1:
+        raise ValueError("must be at least 1")
+    return number
+
+
+def _fraction(value: Any) -> float:
+    number = float(value)
+    if not 0.0 < number <= 1.0:
+        raise ValueError("must be a fraction in (0, 1]")
+    return number
+
+
+def _platforms(value: Any) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else list(value)
+    result = tuple(str(p).strip() for p in items if str(p).strip())
+    for p in result:
+        if p.count("/") not in (1, 2):
+            raise ValueError(f"platform {p!r} is not os/arch[/variant]")
+    if not result:
+        raise ValueError("at least one platform is needed")
+    return result
+
+
+def _optional_str(value: Any) -> str | None:
+    text = str(value)
+    return text or None
+
+
+# (section, key in file/env) -> (dataclass field, parser)
+_SCALARS: dict[tuple[str, str], tuple[str, Any]] = {
+    ("server", "admin_token"): ("admin_token", _optional_str),
+    ("server", "access_log"): ("access_log", _parse_bool),
+    ("cache", "dir"): ("directory", lambda v: Path(str(v))),
+    ("cache", "max_size"): ("max_size", parse_size),
+    ("cache", "high_watermark"): ("high_watermark", _fraction),
+    ("cache", "low_watermark"): ("low_watermark", _fraction),
+    ("cache", "tag_ttl"): ("tag_ttl", parse_duration),
+    ("cache", "max_stale"): ("max_stale", parse_duration),
+    ("cache", "revalidate_timeout"): ("revalidate_timeout", parse_duration),
+    ("upstream", "connect_timeout"): ("connect_timeout", parse_duration),
+    ("upstream", "header_timeout"): ("header_timeout", parse_duration),
+    ("upstream", "read_timeout"): ("read_timeout", parse_duration),
+    ("upstream", "retries"): ("retries", lambda v: _positive_int(int(v) + 1) - 1),
+    ("upstream", "ranged_threshold"): ("ranged_threshold", parse_size),
+    ("upstream", "ranged_streams"): ("ranged_streams", _positive_int),
+    ("upstream", "chunk_size"): ("chunk_size", parse_size),
+    ("upstream", "breaker_failures"): ("breaker_failures", _positive_int),
+    ("upstream", "breaker_cooldown"): ("breaker_cooldown", parse_duration),
+    ("warm", "platforms"): ("platforms", _platforms),
+    ("warm", "concurrency"): ("concurrency", _positive_int),
+}
+_SECTIONS = ("server", "cache", "upstream", "warm")
+_REGISTRY_KEYS = {"url", "username", "password", "mirror"}
+
+
+def env_id(registry: str) -> str:
+    """docker.io -> DOCKER_IO, 127.0.0.1:5000 -> 127_0_0_1_5000 (for MIRROR_REGISTRY_<ID>_*)."""
+    return re.sub(r"[^A-Z0-9]", "_", registry.upper())
+
+
+def load_config(
+    environ: Mapping[str, str],
+    path: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the Config; raise ConfigError naming every bad key.
+
+    `overrides` come from CLI flags and use the same "section.key" names as the file.
+    """
+    problems: list[str] = []
+    doc: dict[str, Any] = {}
+    if path is not None:
+        try:
+            doc = tomllib.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError([f"{path}: cannot read ({exc.strerror})"]) from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([f"{path}: not valid TOML ({exc})"]) from exc
+
+    # Flatten every source into "section.key" -> (origin, raw value); later sources win.
+    raw: dict[str, tuple[str, Any]] = {}
+    for key, value in doc.items():
+        if key == "default_registry":
+            raw["default_registry"] = (f"{path}: default_registry", value)
+        elif key in _SECTIONS and isinstance(value, dict):
+            for sub, subvalue in value.items():
+                raw[f"{key}.{sub}"] = (f"{path}: {key}.{sub}", subvalue)
+        elif key == "registries" and isinstance(value, dict):
+            continue
+        elif key == "server" and not isinstance(value, dict):
+            problems.append(f"{path}: server must be a table")
+        else:
+            problems.append(f"{path}: unknown key {key!r}")
+    for name, value in environ.items():
+        if not name.startswith("MIRROR_") or name.startswith("MIRROR_REGISTRY_"):
+            continue
+        rest = name[len("MIRROR_") :].lower()
+        if rest == "config":
+            continue
+        if rest == "default_registry":
+            raw["default_registry"] = (f"${name}", value)
+            continue
+        section, _, key = rest.partition("_")
+        if section in _SECTIONS:
+            raw[f"{section}.{key}"] = (f"${name}", value)
+        else:
+            problems.append(f"${name}: unknown setting")
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            raw[key] = (f"--{key.split('.')[-1].replace('_', '-')}", value)
+
+    sections: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
+    default_registry = "docker.io"
+    for dotted, (origin, value) in raw.items():
+        if dotted == "default_registry":
+            default_registry = str(value)
+            continue
+        section, _, key = dotted.partition(".")
+        if (section, key) == ("server", "listen"):
+            try:
+                host, port = parse_listen(value)
+                sections["server"].update(host=host, port=port)
+            except ValueError as exc:
+                problems.append(f"{origin}: {exc}")
+            continue
+        spec = _SCALARS.get((section, key))
+        if spec is None:
+            problems.append(f"{origin}: unknown setting")
+            continue
+        attr, parser = spec
+        try:
+            sections[section][attr] = parser(value)
+        except (ValueError, TypeError) as exc:
+            problems.append(f"{origin}: {exc}")
+
+    registries = _load_registries(doc.get("registries"), environ, path, problems)
+    if default_registry not in registries:
+        problems.append(
+            f"default_registry: {default_registry!r} is not among the configured registries"
+        )
+
+    server = replace(ServerConfig(), **sections["server"])
+    cache = replace(CacheConfig(), **sections["cache"])
+    upstream = replace(UpstreamConfig(), **sections["upstream"])
+    warm = replace(WarmConfig(), **sections["warm"])
+    if cache.low_watermark > cache.high_watermark:
+        problems.append("cache.low_watermark: must not exceed cache.high_watermark")
+    if upstream.chunk_size < 64 * 1024:
+        problems.append("upstream.chunk_size: must be at least 64KiB")
+    if problems:
+        raise ConfigError(problems)
+    return Config(
+        server=server,
+        cache=cache,
+        upstream=upstream,
+        warm=warm,
+        registries=MappingProxyType(registries),
+        default_registry=default_registry,
+    )
+
+
+def _load_registries(
+    table: Any, environ: Mapping[str, str], path: Path | None, problems: list[str]
+) -> dict[str, RegistryConfig]:
+    """A [registries] table in the file is the complete set; without one the defaults apply."""
+    result: dict[str, RegistryConfig] = {}
+    if table is None:
+        result = {n: RegistryConfig(n, u) for n, u in DEFAULT_REGISTRIES.items()}
+    elif not isinstance(table, dict):
+        problems.append(f"{path}: registries must be a table")
+    else:
+        for name, entry in table.items():
+            where = f"{path}: registries.{name!r}"
+            if not isinstance(entry, dict):
+                problems.append(f"{where}: must be a table with at least url")
+                continue
+            unknown = set(entry) - _REGISTRY_KEYS
+            if unknown:
+                problems.append(f"{where}: unknown keys {sorted(unknown)}")
+            url = entry.get("url")
+            if not isinstance(url, str) or not re.match(r"https?://[^/]+", url):
+                problems.append(f"{where}.url: expected http(s)://host[:port], got {url!r}")
+                continue
+            try:
+                is_mirror = _parse_bool(entry.get("mirror", False))
+            except ValueError as exc:
+                problems.append(f"{where}.mirror: {exc}")
+                continue
+            result[name] = RegistryConfig(
+                name=name,
+                url=url.rstrip("/"),
+                username=_optional_str(entry.get("username", "")),
+                password=_optional_str(entry.get("password", "")),
+                is_mirror=is_mirror,
+            )
+    # Credentials are best kept out of files: MIRROR_REGISTRY_<ID>_USERNAME/_PASSWORD/_URL.
+    by_id = {env_id(n): n for n in result}
+    for var, value in environ.items():
+        if not var.startswith("MIRROR_REGISTRY_"):
+            continue
+        rest = var[len("MIRROR_REGISTRY_") :]
+        for suffix, attr in (("_USERNAME", "username"), ("_PASSWORD", "password"), ("_URL", "url")):
+            if rest.endswith(suffix) and rest[: -len(suffix)] in by_id:
+                name = by_id[rest[: -len(suffix)]]
+                result[name] = replace(result[name], **{attr: value or None})
+                break
+        else:
+            problems.append(f"${var}: names no configured registry (ids: {sorted(by_id)})")
+    return result
+
+
+def describe(config: Config) -> dict[str, Any]:
+    """A loggable view of the config: credentials and tokens are never included."""
+    out: dict[str, Any] = {}
+    for section in ("server", "cache", "upstream", "warm"):
+        obj = getattr(config, section)
+        out[section] = {
+            f.name: str(getattr(obj, f.name)) for f in fields(obj) if f.name not in ("admin_token",)
+        }
+    out["registries"] = {
+        n: {"url": r.url, "auth": bool(r.username), "mirror": r.is_mirror}
+        for n, r in config.registries.items()
+    }
+    out["default_registry"] = config.default_registry
+    return out

@@ -1,0 +1,198 @@
+"""containerd `hosts.toml` files that point each registry at this mirror, falling back to origin.
+
+containerd (1.5+) reads `<config_path>/<namespace>/hosts.toml`, where the namespace is the
+registry host as written in the image reference. For a host with a port it tries, in order:
+
+    <config_path>/
+      myregistry.io_5000_/hosts.toml    first; the only form Windows allows
+      myregistry.io:5000/hosts.toml     then the literal host:port
+      _default/hosts.toml               last, for any registry without its own directory (1.7+)
+
+Hosts listed under `[host."..."]` are tried in order; `server` is the fallback after them all.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TextIO
+from urllib.parse import urlsplit
+
+DEFAULT_NAMESPACE = "_default"
+
+# A host name or IPv4 address with an optional port, or a bracketed IPv6 literal. Anything
+# else is refused because the name becomes a directory: "..", "a/b" or "" must never get there.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_REGISTRY = re.compile(rf"(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{{1,5}})?")
+# Printable ASCII minus the characters that would need escaping inside a TOML basic string.
+_SAFE_URL = re.compile(r"[\x21-\x7e]+")
+
+
+def _check_registry(registry: str) -> None:
+    if registry != DEFAULT_NAMESPACE and not _REGISTRY.fullmatch(registry):
+        raise ValueError(f"not a registry host[:port]: {registry!r}")
+
+
+def _check_url(url: str, what: str) -> str:
+    """The URL without a trailing slash, or ValueError if containerd could not use it."""
+    parts = urlsplit(url)
+    if (
+        not _SAFE_URL.fullmatch(url)
+        or '"' in url
+        or "\\" in url
+        or parts.scheme not in ("http", "https")
+        or not parts.netloc
+        or parts.query
+        or parts.fragment
+    ):
+        raise ValueError(f"{what} must be an http:// or https:// URL, got {url!r}")
+    return url.rstrip("/")
+
+
+def hosts_dir_candidates(registry: str) -> tuple[str, ...]:
+    """Directory names containerd tries for `registry`, in its lookup order."""
+    _check_registry(registry)
+    if registry == DEFAULT_NAMESPACE:
+        return (DEFAULT_NAMESPACE,)
+    underscored = hosts_dir_name(registry)
+    names = (underscored, registry) if underscored != registry else (registry,)
+    return (*names, DEFAULT_NAMESPACE)
+
+
+def hosts_dir_name(registry: str) -> str:
+    """The directory to write for `registry`: "docker.io", "127.0.0.1_5000_", "_default".
+
+    A port is written as `_<port>_` rather than `:<port>`: containerd tries that form first,
+    so it wins over any stale `host:port` directory, and it is safe in every filesystem,
+    volume name and archive that dislikes colons.
+    """
+    _check_registry(registry)
+    host, sep, port = registry.rpartition(":")
+    # "[::1]" splits inside the brackets, but there "1]" is not digits: only ":digits" is a port.
+    if sep and host and port.isdigit():
+        return f"{host}_{port}_"
+    return registry
+
+
+def render_hosts_toml(
+    registry: str,
+    mirror_url: str,
+    origin_url: str | None,
+    *,
+    override_path: bool = False,
+    skip_verify: bool = False,
+) -> str:
+    """hosts.toml text for `registry`: try the mirror first, then `origin_url` (if given).
+
+    With `override_path` the mirror is addressed as `<mirror_url>/v2/<registry>`, so the path
+    names the registry even for clients that drop `?ns=`. `skip_verify` only applies to an
+    https mirror; a plain http mirror has no certificate to check.
+    """
+    _check_registry(registry)
+    mirror = _check_url(mirror_url, "mirror URL")
+    lines = [
+        "# Written by `mirror containerd-config`. Pull through the mirror; if it cannot answer,",
+        "# containerd falls back to the server below.",
+    ]
+    if origin_url:
+        lines.append(f'server = "{_check_url(origin_url, "origin URL")}"')
+    if override_path:
+        if registry == DEFAULT_NAMESPACE:
+            raise ValueError("override_path needs a named registry, not _default")
+        mirror = f"{mirror}/v2/{registry}"
+    lines += ["", f'[host."{mirror}"]', '  capabilities = ["pull", "resolve"]']
+    if override_path:
+        lines.append("  override_path = true")
+    if skip_verify and mirror.startswith("https://"):
+        lines.append("  skip_verify = true")
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Replace `path` in one step so containerd (which rereads on every pull) never sees half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".hosts.toml.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the file holds no secrets
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_hosts_dirs(
+    out_dir: Path,
+    mirror_url: str,
+    registries: Mapping[str, str],
+    *,
+    override_path: bool = False,
+    skip_verify: bool = False,
+) -> list[Path]:
+    """Write `<out_dir>/<hosts_dir_name(registry)>/hosts.toml` for each registry -> origin URL.
+
+    Every file is rendered before any is written, so bad input leaves the directory untouched.
+    An empty origin omits `server`, leaving containerd to use the registry's own host.
+    """
+    rendered = [
+        (
+            out_dir / hosts_dir_name(registry) / "hosts.toml",
+            render_hosts_toml(
+                registry,
+                mirror_url,
+                origin or None,
+                override_path=override_path,
+                skip_verify=skip_verify,
+            ),
+        )
+        for registry, origin in registries.items()
+    ]
+    for path, text in rendered:
+        _write_atomic(path, text)
+    return [path for path, _ in rendered]
+
+
+def run_containerd_config(
+    args_mirror: str,
+    registries: list[str] | None,
+    out: Path,
+    origins: Mapping[str, str],
+    *,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> int:
+    """CLI body: write hosts.toml for `registries` (all of `origins` if None); exit status.
+
+    Only registries the mirror is configured for are accepted (plus `_default`): a hosts.toml
+    for any other would send pulls to a mirror that must refuse them.
+    """
+    stdout = stdout if stdout is not None else sys.stdout
+    stderr = stderr if stderr is not None else sys.stderr
+    names = sorted(origins) if registries is None else registries
+    unknown = [n for n in names if n not in origins and n != DEFAULT_NAMESPACE]
+    if unknown:
+        print(f"mirror: not configured registries: {', '.join(unknown)}", file=stderr)
+        return 2
+    try:
+        written = write_hosts_dirs(out, args_mirror, {n: origins.get(n, "") for n in names})
+    except ValueError as e:
+        print(f"mirror: {e}", file=stderr)
+        return 2
+    except OSError as e:
+        print(f"mirror: cannot write under {out}: {e}", file=stderr)
+        return 1
+    for path in written:
+        print(f"wrote {path}", file=stdout)
+    return 0

@@ -1,0 +1,1 @@
+"""aiohttp glue: parse the request, call one service, build the response."""

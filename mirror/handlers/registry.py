@@ -1,0 +1,157 @@
+"""The OCI distribution pull API: /v2/, manifests, blobs and tags, read-only."""
+
+from __future__ import annotations
+
+import structlog
+from aiohttp import web
+
+from mirror.cache.blobs import CachedBlob, LiveBlob
+from mirror.cache.download import DownloadFailed
+from mirror.keys import blobs_key, config_key, manifests_key, metrics_key
+from mirror.middleware import kind_key, registry_key, result_key
+from mirror.oci.digest import InvalidDigest, parse_digest
+from mirror.oci.errors import ErrorCode, RegistryError
+from mirror.oci.mediatypes import accepted_types
+from mirror.oci.paths import Kind, Target, UnknownRegistry, parse_v2_path, route
+from mirror.oci.ranges import UnsatisfiableRange, parse_range
+from mirror.oci.reference import InvalidName, is_tag
+
+log = structlog.get_logger("mirror.handlers")
+
+_READ_ONLY = RegistryError(
+    ErrorCode.UNSUPPORTED, "the mirror is read-only: push and delete are not supported"
+)
+
+
+async def base(request: web.Request) -> web.Response:
+    """The ping skopeo and podman send first; 200 means "a registry, no auth needed"."""
+    request[kind_key] = "base"
+    return web.json_response({})
+
+
+async def dispatch(request: web.Request) -> web.StreamResponse:
+    path = parse_v2_path(request.match_info["tail"])
+    request[kind_key] = path.kind.value
+    if request.method not in ("GET", "HEAD") or path.kind in (Kind.UPLOAD, Kind.CATALOG):
+        raise _READ_ONLY
+    if path.kind is Kind.BASE:
+        return await base(request)
+    if path.kind in (Kind.UNKNOWN, Kind.REFERRERS):
+        raise RegistryError(ErrorCode.NOT_FOUND, detail={"path": request.path})
+    target = _target(request, path.name)
+    request[registry_key] = target.registry
+    if path.kind is Kind.MANIFEST:
+        return await _manifest(request, target, path.reference)
+    if path.kind is Kind.BLOB:
+        return await _blob(request, target, path.reference)
+    return await _tags(request, target)
+
+
+def _target(request: web.Request, name: str) -> Target:
+    config = request.app[config_key]
+    try:
+        return route(name, request.query.get("ns"), config.registries, config.default_registry)
+    except UnknownRegistry as exc:
+        raise RegistryError(
+            ErrorCode.DENIED,
+            f"registry {exc.registry!r} is not configured on this mirror",
+            {"registry": exc.registry, "configured": sorted(config.registries)},
+        ) from exc
+    except InvalidName as exc:
+        raise RegistryError(ErrorCode.NAME_INVALID, str(exc), {"name": name}) from exc
+
+
+async def _manifest(request: web.Request, target: Target, reference: str) -> web.Response:
+    manifests = request.app[manifests_key]
+    accepted = accepted_types(request.headers.getall("Accept", []))
+    if ":" in reference:
+        try:
+            digest = parse_digest(reference)
+        except InvalidDigest as exc:
+            raise RegistryError(ErrorCode.DIGEST_INVALID, str(exc), {"digest": reference}) from exc
+        answer = await manifests.by_digest(target.registry, target.name, digest, accepted)
+    elif is_tag(reference):
+        answer = await manifests.by_tag(target.registry, target.name, reference, accepted)
+    else:
+        raise RegistryError(ErrorCode.TAG_INVALID, f"invalid tag {reference!r}")
+    request[result_key] = answer.result
+    m = answer.manifest
+    # HEAD gets the same headers, Content-Length included, and aiohttp leaves the body out:
+    # containerd's tag HEAD needs all three of digest, length and type, or it repeats as GET.
+    return web.Response(
+        body=m.body,
+        headers={
+            "Content-Type": m.media_type,
+            "Docker-Content-Digest": m.digest,
+            "ETag": f'"{m.digest}"',
+        },
+    )
+
+
+async def _blob(request: web.Request, target: Target, reference: str) -> web.StreamResponse:
+    try:
+        digest = parse_digest(reference)
+    except InvalidDigest as exc:
+        raise RegistryError(ErrorCode.DIGEST_INVALID, str(exc), {"digest": reference}) from exc
+    blobs = request.app[blobs_key]
+    headers = {
+        "Content-Type": "application/octet-stream",
+        "Docker-Content-Digest": str(digest),
+        "Accept-Ranges": "bytes",
+        "ETag": f'"{digest}"',
+    }
+    if request.method == "HEAD":
+        size, result = await blobs.size(target.registry, target.name, digest)
+        request[result_key] = result
+        return web.Response(headers={**headers, "Content-Length": str(size)})
+    opened = await blobs.open(target.registry, target.name, digest)
+    request[result_key] = opened.result
+    metrics = request.app[metrics_key]
+    if isinstance(opened.source, CachedBlob):
+        # FileResponse does Range, 416 and HEAD itself, with sendfile where the loop has it.
+        response = web.FileResponse(opened.source.path, headers=headers)
+        await response.prepare(request)  # sent here, so the access line sees status and bytes
+        metrics.served_bytes.labels("cache").inc(response.content_length or 0)
+        return response
+    return await _stream_live(request, opened.source, headers)
+
+
+async def _stream_live(
+    request: web.Request, live: LiveBlob, headers: dict[str, str]
+) -> web.StreamResponse:
+    size = live.size
+    try:
+        span = parse_range(request.headers.get("Range"), size)
+    except UnsatisfiableRange as exc:
+        live.reader.close()
+        raise RegistryError(
+            ErrorCode.RANGE_INVALID, headers={"Content-Range": f"bytes */{size}"}
+        ) from exc
+    start, end = span if span else (0, size - 1)
+    response = web.StreamResponse(status=206 if span else 200, headers=headers)
+    if span:
+        response.headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    response.content_length = end - start + 1
+    await response.prepare(request)
+    served = request.app[metrics_key].served_bytes.labels("upstream")
+    try:
+        async for chunk in live.reader.chunks(start, end + 1):
+            await response.write(chunk)
+            served.inc(len(chunk))
+    except DownloadFailed as exc:
+        # Headers are out: the only honest signal left is a body short of Content-Length,
+        # ended with a FIN (containerd retries with Range; a reset would be fatal for it).
+        log.warning("blob_stream_aborted", digest=headers["Docker-Content-Digest"], error=str(exc))
+        request[result_key] = "error"
+        raise
+    finally:
+        live.reader.close()
+    await response.write_eof()
+    return response
+
+
+async def _tags(request: web.Request, target: Target) -> web.Response:
+    query = {k: v for k, v in request.query.items() if k in ("n", "last")}
+    body = await request.app[manifests_key].tags(target.registry, target.name, query)
+    request[result_key] = "miss"
+    return web.Response(body=body, content_type="application/json")

@@ -1,0 +1,17 @@
+"""Typed slots on the application for the long-lived objects create_app builds. No logic."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from mirror.cache.blobs import BlobService
+from mirror.cache.manifests import ManifestService
+from mirror.config import Config
+from mirror.metrics import Metrics
+from mirror.storage.store import FilesystemStore
+
+config_key = web.AppKey("config", Config)
+metrics_key = web.AppKey("metrics", Metrics)
+store_key = web.AppKey("store", FilesystemStore)
+blobs_key = web.AppKey("blobs", BlobService)
+manifests_key = web.AppKey("manifests", ManifestService)

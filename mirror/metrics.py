@@ -1,0 +1,162 @@
+"""Every Prometheus collector the mirror exports, on one injected registry."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+
+# Label values are closed sets so that every series is known up front and cardinality cannot
+# grow with traffic. Repository, tag and digest never become labels.
+REQUEST_KINDS: tuple[str, ...] = ("manifest", "blob", "tags", "other")
+REQUEST_RESULTS: tuple[str, ...] = ("hit", "miss", "coalesced", "stale", "error", "revalidated")
+SERVED_SOURCES: tuple[str, ...] = ("cache", "upstream")
+
+# One histogram covers a cached tag HEAD (well under a millisecond) and a cold multi-GB blob
+# (minutes), so the buckets are roughly logarithmic from 0.5 ms to 10 min.
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)  # fmt: skip
+
+
+def status_class(status: int | None) -> str:
+    """The `status` label for an upstream answer: "2xx".."5xx", "429" apart, "error" for none.
+
+    429 gets its own value because throttling is what operators watch; None (no HTTP answer:
+    timeout, reset, DNS) and nonsense codes are "error".
+    """
+    if status is None or not 100 <= status <= 599:
+        return "error"
+    if status == 429:
+        return "429"
+    return f"{status // 100}xx"
+
+
+class Metrics:
+    """The mirror's collectors. One instance per app: nothing touches the global registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+
+        self.requests = Counter(
+            "mirror_requests_total",
+            "Client requests by kind and how they were answered.",
+            ["kind", "result"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "mirror_request_duration_seconds",
+            "Time to answer a client request, body included.",
+            ["kind"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.served_bytes = Counter(
+            "mirror_served_bytes_total",
+            "Body bytes sent to clients, by where they came from.",
+            ["source"],
+            registry=r,
+        )
+
+        self.upstream_requests = Counter(
+            "mirror_upstream_requests_total",
+            "Requests to origin registries by status class.",
+            ["registry", "kind", "status"],
+            registry=r,
+        )
+        self.upstream_bytes = Counter(
+            "mirror_upstream_bytes_total",
+            "Body bytes received from origin registries.",
+            ["registry"],
+            registry=r,
+        )
+        self.upstream_throttled = Counter(
+            "mirror_upstream_throttled_total",
+            "429 answers from origins absorbed by the mirror.",
+            ["registry"],
+            registry=r,
+        )
+        self.ratelimit_remaining = Gauge(
+            "mirror_upstream_ratelimit_remaining",
+            "Last ratelimit-remaining value an origin reported (Docker Hub pulls left).",
+            ["registry"],
+            registry=r,
+        )
+        self.breaker_open = Gauge(
+            "mirror_upstream_breaker_open",
+            "1 while the circuit breaker for an origin is open.",
+            ["registry"],
+            registry=r,
+        )
+        self.stale_served = Counter(
+            "mirror_stale_served_total",
+            "Tags answered from an expired record because the origin could not be asked.",
+            ["registry"],
+            registry=r,
+        )
+        self.digest_mismatches = Counter(
+            "mirror_digest_mismatches_total",
+            "Downloads discarded because the digest differed.",
+            ["registry"],
+            registry=r,
+        )
+
+        self.cache_bytes = Gauge("mirror_cache_bytes", "Bytes held in the local cache.", registry=r)
+        self.cache_entries = Gauge(
+            "mirror_cache_entries", "Blobs and manifests held in the local cache.", registry=r
+        )
+        self.evictions = Counter(
+            "mirror_cache_evictions_total",
+            "Entries evicted to stay under the size cap.",
+            registry=r,
+        )
+        self.evicted_bytes = Counter(
+            "mirror_cache_evicted_bytes_total",
+            "Bytes evicted to stay under the size cap.",
+            registry=r,
+        )
+        self.cache_write_failures = Counter(
+            "mirror_cache_write_failures_total",
+            "Fills passed through uncached because the cache could not be written.",
+            ["reason"],
+            registry=r,
+        )
+        self.downloads_in_flight = Gauge(
+            "mirror_downloads_in_flight", "Upstream downloads currently running.", registry=r
+        )
+        self.warm_jobs = Counter(
+            "mirror_warm_jobs_total",
+            "Warm jobs by the state they reached.",
+            ["state"],
+            registry=r,
+        )
+
+        # Create the closed-set series at zero so rate() and ratios have data from the first
+        # scrape instead of appearing only after the first event of each kind.
+        for kind in REQUEST_KINDS:
+            self.request_duration.labels(kind=kind)
+            for result in REQUEST_RESULTS:
+                self.requests.labels(kind=kind, result=result)
+        for source in SERVED_SOURCES:
+            self.served_bytes.labels(source=source)
+
+    def track_registries(self, names: Iterable[str]) -> None:
+        """Create each configured registry's series at zero (call once, from the app root).
+
+        The ratelimit gauge is left out on purpose: 0 would read as "exhausted" before the
+        origin has said anything.
+        """
+        for name in names:
+            self.upstream_bytes.labels(registry=name)
+            self.upstream_throttled.labels(registry=name)
+            self.stale_served.labels(registry=name)
+            self.digest_mismatches.labels(registry=name)
+            self.breaker_open.labels(registry=name).set(0)
+
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """The exposition body and its Content-Type; OpenMetrics when `accept` asks for it."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type

@@ -1,0 +1,110 @@
+"""Per request: a request id, the one OCI error renderer, the access line and request metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import time
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from mirror.keys import config_key, metrics_key
+from mirror.oci.errors import ErrorCode, RegistryError, error_body
+
+log = structlog.get_logger("mirror.access")
+
+_QUIET = frozenset({"/healthz", "/readyz", "/metrics"})
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_KINDS = frozenset({"manifest", "blob", "tags"})
+
+request_id_key = "mirror.request_id"
+kind_key = "mirror.kind"
+result_key = "mirror.result"
+registry_key = "mirror.registry"
+
+
+def render_error(error: RegistryError, method: str) -> web.Response:
+    headers = {"Content-Type": "application/json", **error.headers}
+    if method == "HEAD":  # same status and headers, never a body
+        return web.Response(status=error.status, headers=headers)
+    body = error_body(error.code, error.message, error.detail)
+    return web.Response(status=error.status, body=body, headers=headers)
+
+
+def _from_http(exc: web.HTTPException) -> RegistryError:
+    if exc.status == 405:
+        return RegistryError(ErrorCode.UNSUPPORTED, "the mirror is read-only")
+    if exc.status == 404:
+        return RegistryError(ErrorCode.NOT_FOUND)
+    return RegistryError(ErrorCode.UNKNOWN, exc.reason, status=exc.status)
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    supplied = request.headers.get("X-Request-ID", "")
+    rid = supplied if _REQUEST_ID.fullmatch(supplied) else secrets.token_hex(8)
+    request[request_id_key] = rid
+    started = time.perf_counter()
+    status = 500
+    response: web.StreamResponse | None = None
+    with structlog.contextvars.bound_contextvars(request_id=rid):
+        try:
+            try:
+                response = await handler(request)
+            except RegistryError as exc:
+                response = render_error(exc, request.method)
+                request[result_key] = "error"
+            except web.HTTPException as exc:
+                if exc.status < 400:
+                    raise
+                response = render_error(_from_http(exc), request.method)
+            except (asyncio.CancelledError, ConnectionResetError):
+                status = 499  # the client went away; what it shared carries on without it
+                raise
+            except Exception:
+                log.exception("unhandled_error", method=request.method, path=request.path)
+                response = render_error(RegistryError(ErrorCode.UNKNOWN), request.method)
+                request[result_key] = "error"
+            status = response.status
+            return response
+        finally:
+            _account(request, response, status, time.perf_counter() - started)
+
+
+def _account(
+    request: web.Request, response: web.StreamResponse | None, status: int, seconds: float
+) -> None:
+    if request.path in _QUIET:
+        return
+    kind = request.get(kind_key, "other")
+    result = request.get(result_key, "error" if status >= 400 else "none")
+    metrics = request.app[metrics_key]
+    metric_kind = kind if kind in _KINDS else "other"
+    metrics.request_duration.labels(metric_kind).observe(seconds)
+    if result != "none":
+        metrics.requests.labels(metric_kind, result).inc()
+    if not request.app[config_key].server.access_log:
+        return
+    sent = 0
+    if response is not None:
+        if response.prepared:
+            sent = response.body_length
+        elif isinstance(response, web.Response) and request.method != "HEAD":
+            sent = response.content_length or 0
+    log.info(
+        "request", method=request.method, path=request.path, ns=request.query.get("ns"),
+        route=kind, registry=request.get(registry_key), status=status, bytes=sent,
+        ms=round(seconds * 1000, 2), cache=result,
+        client=request.remote, user_agent=request.headers.get("User-Agent"),
+    )  # fmt: skip
+
+
+async def add_common_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: also reaches streamed responses that middleware cannot touch later."""
+    response.headers["Docker-Distribution-API-Version"] = "registry/2.0"
+    rid = request.get(request_id_key)
+    if rid:
+        response.headers["X-Request-ID"] = rid

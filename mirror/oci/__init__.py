@@ -1,0 +1,1 @@
+"""Pure OCI vocabulary: names, digests, references, media types, errors. No I/O."""

@@ -1,0 +1,89 @@
+"""Request paths: /v2/... into (kind, name, reference), and routing to a configured registry."""
+
+from __future__ import annotations
+
+from collections.abc import Container
+from dataclasses import dataclass
+from enum import Enum
+from urllib.parse import unquote
+
+from mirror.oci.reference import (
+    canonical_registry,
+    looks_like_host,
+    normalize_name,
+    validate_name,
+)
+
+
+class Kind(Enum):
+    BASE = "base"
+    MANIFEST = "manifest"
+    BLOB = "blob"
+    TAGS = "tags"
+    REFERRERS = "referrers"
+    UPLOAD = "upload"
+    CATALOG = "catalog"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class V2Path:
+    kind: Kind
+    name: str = ""
+    reference: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    registry: str
+    name: str  # as the registry knows it (library/ added for Docker Hub)
+
+
+class UnknownRegistry(LookupError):
+    """The request names a registry this mirror is not configured for: it is not an open proxy."""
+
+    def __init__(self, registry: str) -> None:
+        self.registry = registry
+        super().__init__(registry)
+
+
+def parse_v2_path(tail: str) -> V2Path:
+    """`tail` is what follows "/v2/" (no query string)."""
+    if tail in ("", "/"):
+        return V2Path(Kind.BASE)
+    if tail.rstrip("/") == "_catalog":
+        return V2Path(Kind.CATALOG)
+    parts = tail.split("/")
+    if len(parts) >= 3 and parts[-2:] == ["tags", "list"]:
+        return V2Path(Kind.TAGS, "/".join(parts[:-2]))
+    for i in range(len(parts) - 1, 0, -1):
+        if parts[i] == "blobs" and i + 1 < len(parts) and parts[i + 1] == "uploads":
+            return V2Path(Kind.UPLOAD, "/".join(parts[:i]))
+    if len(parts) >= 3 and parts[-1]:
+        kinds = {"manifests": Kind.MANIFEST, "blobs": Kind.BLOB, "referrers": Kind.REFERRERS}
+        kind = kinds.get(parts[-2])
+        if kind is not None:
+            return V2Path(kind, "/".join(parts[:-2]), parts[-1])
+    return V2Path(Kind.UNKNOWN, tail)
+
+
+def route(name: str, ns: str | None, registries: Container[str], default_registry: str) -> Target:
+    """Pick the upstream registry for a request, in this order:
+
+    1. a registry host as the first name component (`/v2/ghcr.io/org/app/...`): how
+       skopeo/podman/CRI-O mirrors and containerd's override_path name the registry;
+    2. containerd's `?ns=<registry>` (percent-encoded: `127.0.0.1%3A5000`);
+    3. the default registry (Docker Engine's registry-mirrors, plain clients).
+    Raises UnknownRegistry for a registry that is not configured, InvalidName for a bad name.
+    """
+    first, slash, rest = name.partition("/")
+    if slash and looks_like_host(first):
+        registry = canonical_registry(first)
+        name = rest
+    elif ns:
+        registry = canonical_registry(unquote(ns).strip())
+    else:
+        registry = default_registry
+    if registry not in registries:
+        raise UnknownRegistry(registry)
+    return Target(registry, validate_name(normalize_name(registry, name)))

@@ -1,0 +1,1 @@
+"""Bytes on disk, addressed by digest. Knows nothing of registries over HTTP."""

@@ -1,0 +1,1 @@
+"""Talking to origin registries: HTTP, auth challenges, tokens, resilience. Never touches disk."""

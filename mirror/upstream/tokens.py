@@ -1,0 +1,94 @@
+"""Bearer tokens from a registry's token realm: cached until expiry, one fetch per scope."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+
+from mirror.upstream.auth import Challenge
+from mirror.upstream.errors import UpstreamError, UpstreamUnavailable
+
+# Tokens are used a little before they expire, so a request never leaves with a dead one.
+_EXPIRY_MARGIN = 10.0
+_DEFAULT_LIFETIME = 60.0  # the token spec's default when expires_in is absent
+
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str
+    password: str
+
+    def basic(self) -> str:
+        raw = f"{self.username}:{self.password}".encode()
+        return "Basic " + base64.b64encode(raw).decode()
+
+    def __repr__(self) -> str:  # never let a password reach a log line through a repr
+        return f"Credentials(username={self.username!r}, password=***)"
+
+
+_Key = tuple[str, str, str, str]
+
+
+class TokenCache:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        timeout: aiohttp.ClientTimeout,
+        clock: Callable[[], float],
+    ) -> None:
+        self._session = session
+        self._timeout = timeout
+        self._clock = clock
+        self._tokens: dict[_Key, tuple[str, float]] = {}
+        self._inflight: dict[_Key, asyncio.Future[str]] = {}
+
+    def cached(self, challenge: Challenge, scope: str, creds: Credentials | None) -> str | None:
+        key = (challenge.realm, challenge.service, scope, creds.username if creds else "")
+        hit = self._tokens.get(key)
+        if hit and hit[1] > self._clock():
+            return hit[0]
+        return None
+
+    async def token(self, challenge: Challenge, scope: str, creds: Credentials | None) -> str:
+        key = (challenge.realm, challenge.service, scope, creds.username if creds else "")
+        hit = self._tokens.get(key)
+        if hit and hit[1] > self._clock():
+            return hit[0]
+        pending = self._inflight.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._fetch(challenge, scope, creds))
+            self._inflight[key] = pending
+            pending.add_done_callback(lambda _: self._inflight.pop(key, None))
+        # shield: one waiter hanging up must not cancel the fetch the others wait for
+        token, expires_at = await asyncio.shield(pending)
+        self._tokens[key] = (token, expires_at)
+        return token
+
+    async def _fetch(
+        self, challenge: Challenge, scope: str, creds: Credentials | None
+    ) -> tuple[str, float]:
+        params = {"scope": scope} if scope else {}
+        if challenge.service:
+            params["service"] = challenge.service
+        headers = {"Authorization": creds.basic()} if creds else {}
+        started = self._clock()
+        try:
+            async with self._session.get(
+                challenge.realm, params=params, headers=headers, timeout=self._timeout
+            ) as resp:
+                if resp.status != 200:
+                    raise UpstreamError(resp.status, f"token endpoint answered {resp.status}")
+                doc = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise UpstreamUnavailable(f"token endpoint failed: {type(exc).__name__}") from exc
+        token = doc.get("token") or doc.get("access_token")
+        if not isinstance(token, str) or not token:
+            raise UpstreamError(502, "token endpoint returned no token")
+        lifetime = doc.get("expires_in")
+        if not isinstance(lifetime, int | float) or lifetime <= 0:
+            lifetime = _DEFAULT_LIFETIME
+        return token, started + max(1.0, float(lifetime) - _EXPIRY_MARGIN)

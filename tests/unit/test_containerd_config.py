@@ -1,0 +1,212 @@
+"""containerd hosts.toml rendering, directory naming and the atomic writer."""
+
+from __future__ import annotations
+
+import io
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mirror.containerd_config import (
+    hosts_dir_candidates,
+    hosts_dir_name,
+    render_hosts_toml,
+    run_containerd_config,
+    write_hosts_dirs,
+)
+
+ORIGINS = {"docker.io": "https://registry-1.docker.io", "ghcr.io": "https://ghcr.io"}
+
+
+@pytest.mark.parametrize(
+    ("registry", "expected"),
+    [
+        ("docker.io", "docker.io"),
+        ("ghcr.io", "ghcr.io"),
+        ("registry.k8s.io", "registry.k8s.io"),
+        ("127.0.0.1:5000", "127.0.0.1_5000_"),
+        ("myregistry.io:5000", "myregistry.io_5000_"),
+        ("localhost", "localhost"),
+        ("[::1]:5000", "[::1]_5000_"),
+        ("[::1]", "[::1]"),
+        ("_default", "_default"),
+    ],
+)
+def test_hosts_dir_name(registry: str, expected: str) -> None:
+    assert hosts_dir_name(registry) == expected
+
+
+@pytest.mark.parametrize(
+    ("registry", "expected"),
+    [
+        ("docker.io", ("docker.io", "_default")),
+        ("127.0.0.1:5000", ("127.0.0.1_5000_", "127.0.0.1:5000", "_default")),
+        ("_default", ("_default",)),
+    ],
+)
+def test_hosts_dir_candidates_follow_containerd_lookup_order(
+    registry: str, expected: tuple[str, ...]
+) -> None:
+    assert hosts_dir_candidates(registry) == expected
+
+
+@pytest.mark.parametrize(
+    "registry",
+    ["", "..", ".", "a/b", "../etc", "docker.io/library", "-bad.io", "a..b", "host:port",
+     "host:123456", "_other", "docker.io ", "::1"],
+)  # fmt: skip
+def test_registry_names_that_could_escape_or_mislead_are_refused(registry: str) -> None:
+    with pytest.raises(ValueError):
+        hosts_dir_name(registry)
+    with pytest.raises(ValueError):
+        render_hosts_toml(registry, "http://mirror:5000", None)
+
+
+def _parse(text: str) -> dict[str, Any]:
+    return tomllib.loads(text)
+
+
+@pytest.mark.parametrize(
+    ("registry", "mirror", "origin", "options", "server", "host", "extra"),
+    [
+        ("docker.io", "http://mirror:5000", "https://registry-1.docker.io", {},
+         "https://registry-1.docker.io", "http://mirror:5000", {}),
+        ("ghcr.io", "http://mirror:5000/", "https://ghcr.io", {},
+         "https://ghcr.io", "http://mirror:5000", {}),
+        ("127.0.0.1:5000", "http://10.0.0.1:5000", "http://127.0.0.1:5000", {},
+         "http://127.0.0.1:5000", "http://10.0.0.1:5000", {}),
+        ("quay.io", "https://mirror.internal", "https://quay.io", {"skip_verify": True},
+         "https://quay.io", "https://mirror.internal", {"skip_verify": True}),
+        # plain http has no certificate: skip_verify would be noise
+        ("quay.io", "http://mirror.internal", "https://quay.io", {"skip_verify": True},
+         "https://quay.io", "http://mirror.internal", {}),
+        ("ghcr.io", "http://mirror:5000", "https://ghcr.io", {"override_path": True},
+         "https://ghcr.io", "http://mirror:5000/v2/ghcr.io", {"override_path": True}),
+        ("_default", "http://mirror:5000", None, {}, None, "http://mirror:5000", {}),
+        ("docker.io", "http://mirror:5000", None, {}, None, "http://mirror:5000", {}),
+    ],
+)  # fmt: skip
+def test_render_hosts_toml(
+    registry: str,
+    mirror: str,
+    origin: str | None,
+    options: dict[str, bool],
+    server: str | None,
+    host: str,
+    extra: dict[str, bool],
+) -> None:
+    doc = _parse(render_hosts_toml(registry, mirror, origin, **options))
+    assert doc.get("server") == server
+    assert list(doc["host"]) == [host]
+    assert doc["host"][host] == {"capabilities": ["pull", "resolve"], **extra}
+    assert set(doc) <= {"server", "host"}
+
+
+def test_render_matches_the_documented_shape() -> None:
+    text = render_hosts_toml("docker.io", "http://mirror:5000", "https://registry-1.docker.io")
+    body = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert body == [
+        'server = "https://registry-1.docker.io"',
+        '[host."http://mirror:5000"]',
+        '  capabilities = ["pull", "resolve"]',
+    ]
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["mirror:5000", "ftp://mirror", "http://", "http://mirror:5000?x=1", "http://mirror#f",
+     'http://mi"rror', "http://mirror\n[host]", "http://mi rror", "http://mi\\rror"],
+)  # fmt: skip
+def test_bad_urls_are_refused(url: str) -> None:
+    with pytest.raises(ValueError):
+        render_hosts_toml("docker.io", url, None)
+    with pytest.raises(ValueError):
+        render_hosts_toml("docker.io", "http://mirror:5000", url)
+
+
+def test_override_path_needs_a_named_registry() -> None:
+    with pytest.raises(ValueError):
+        render_hosts_toml("_default", "http://mirror:5000", None, override_path=True)
+
+
+def test_write_hosts_dirs(tmp_path: Path) -> None:
+    origins = {**ORIGINS, "127.0.0.1:5000": "http://127.0.0.1:5000"}
+    paths = write_hosts_dirs(tmp_path, "http://mirror:5000", origins)
+    assert paths == [
+        tmp_path / "docker.io" / "hosts.toml",
+        tmp_path / "ghcr.io" / "hosts.toml",
+        tmp_path / "127.0.0.1_5000_" / "hosts.toml",
+    ]
+    for path, origin in zip(paths, origins.values(), strict=True):
+        assert _parse(path.read_text())["server"] == origin
+        assert path.stat().st_mode & 0o777 == 0o644
+    # nothing but the three hosts.toml files: no temporary files left behind
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "127.0.0.1_5000_", "127.0.0.1_5000_/hosts.toml", "docker.io", "docker.io/hosts.toml",
+        "ghcr.io", "ghcr.io/hosts.toml",
+    ]  # fmt: skip
+
+
+def test_write_hosts_dirs_replaces_existing_files(tmp_path: Path) -> None:
+    write_hosts_dirs(tmp_path, "http://old:5000", ORIGINS)
+    write_hosts_dirs(tmp_path, "http://new:5000", ORIGINS)
+    doc = _parse((tmp_path / "docker.io" / "hosts.toml").read_text())
+    assert list(doc["host"]) == ["http://new:5000"]
+    assert sorted(os.listdir(tmp_path / "docker.io")) == ["hosts.toml"]
+
+
+def test_write_hosts_dirs_writes_nothing_when_any_entry_is_bad(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        write_hosts_dirs(tmp_path, "http://mirror:5000", {"docker.io": "https://x", "../x": ""})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_containerd_config_writes_every_configured_registry(tmp_path: Path) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    status = run_containerd_config(
+        "http://mirror:5000", None, tmp_path, ORIGINS, stdout=out, stderr=err
+    )
+    assert status == 0
+    assert err.getvalue() == ""
+    assert out.getvalue().splitlines() == [
+        f"wrote {tmp_path / 'docker.io' / 'hosts.toml'}",
+        f"wrote {tmp_path / 'ghcr.io' / 'hosts.toml'}",
+    ]
+
+
+def test_run_containerd_config_selected_and_default(tmp_path: Path) -> None:
+    out = io.StringIO()
+    status = run_containerd_config(
+        "http://mirror:5000", ["ghcr.io", "_default"], tmp_path, ORIGINS, stdout=out
+    )
+    assert status == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["_default", "ghcr.io"]
+    assert "server" not in _parse((tmp_path / "_default" / "hosts.toml").read_text())
+
+
+@pytest.mark.parametrize(
+    ("mirror", "registries", "status", "message"),
+    [
+        ("http://mirror:5000", ["quay.io"], 2, "not configured registries: quay.io"),
+        ("mirror:5000", None, 2, "mirror URL must be"),
+    ],
+)
+def test_run_containerd_config_refuses_bad_input(
+    tmp_path: Path, mirror: str, registries: list[str] | None, status: int, message: str
+) -> None:
+    err = io.StringIO()
+    assert run_containerd_config(mirror, registries, tmp_path, ORIGINS, stderr=err) == status
+    assert message in err.getvalue()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_containerd_config_reports_unwritable_output(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    err = io.StringIO()
+    status = run_containerd_config("http://mirror:5000", None, blocker, ORIGINS, stderr=err)
+    assert status == 1
+    assert "cannot write" in err.getvalue()

@@ -1,0 +1,160 @@
+"""The Grafana dashboard is valid JSON whose PromQL names only series the mirror exports."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.metrics import MetricWrapperBase
+
+from mirror.metrics import REQUEST_KINDS, REQUEST_RESULTS, SERVED_SOURCES, Metrics
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana-dashboard.json"
+DATASOURCE_UID = "${DS_PROMETHEUS}"
+# Labels Prometheus adds at scrape time, and the bucket bound of a histogram.
+SCRAPE_LABELS = {"instance", "job"}
+CLOSED_VALUES = {"kind": REQUEST_KINDS, "result": REQUEST_RESULTS, "source": SERVED_SOURCES}
+
+_METRIC = re.compile(r"\bmirror_[a-z0-9_]+\b")
+_SELECTOR = re.compile(r"\b(mirror_[a-z0-9_]+)\{([^}]*)\}")
+_MATCHER = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"([^"]*)"')
+_GROUPING = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
+_RANGE_FN = re.compile(r"\b(rate|increase|irate)\(\s*(mirror_[a-z0-9_]+)")
+_VARIABLE = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)")
+_BUILTINS = {"__rate_interval", "__range", "__interval"}
+
+
+def exported_series() -> dict[str, tuple[str, set[str]]]:
+    """Every series name the mirror can expose -> (type, label names)."""
+    metrics = Metrics()
+    series: dict[str, tuple[str, set[str]]] = {}
+    for collector in vars(metrics).values():
+        if not isinstance(collector, MetricWrapperBase):
+            continue
+        (family,) = collector.describe()
+        # prometheus_client has no public accessor for a parent's label names.
+        labels = set(collector._labelnames)
+        if family.type == "counter":
+            series[family.name + "_total"] = ("counter", labels)
+        elif family.type == "histogram":
+            series[family.name + "_bucket"] = ("histogram", labels | {"le"})
+            series[family.name + "_sum"] = ("counter", labels)
+            series[family.name + "_count"] = ("counter", labels)
+        else:
+            series[family.name] = (family.type, labels)
+    return series
+
+
+def all_panels(panels: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    found = []
+    for panel in panels:
+        found.append(panel)
+        found.extend(all_panels(panel.get("panels", [])))
+    return found
+
+
+@pytest.fixture(scope="module")
+def dashboard() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return loaded
+
+
+def expressions(dashboard: dict[str, Any]) -> list[str]:
+    exprs = [
+        target["expr"]
+        for panel in all_panels(dashboard["panels"])
+        for target in panel.get("targets", [])
+    ]
+    exprs += [v["definition"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
+    return exprs
+
+
+def test_dashboard_shape(dashboard: dict[str, Any]) -> None:
+    assert 36 <= dashboard["schemaVersion"] <= 41
+    assert dashboard["uid"] and dashboard["title"]
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["DS_PROMETHEUS"]["type"] == "datasource"
+    assert variables["DS_PROMETHEUS"]["query"] == "prometheus"
+    assert [i["name"] for i in dashboard["__inputs"]] == ["DS_PROMETHEUS"]
+
+    panels = all_panels(dashboard["panels"])
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids))
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert grid["x"] >= 0 and grid["w"] > 0 and grid["x"] + grid["w"] <= 24
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"]["uid"] == DATASOURCE_UID
+        assert panel["targets"]
+        ref_ids = [t["refId"] for t in panel["targets"]]
+        assert len(ref_ids) == len(set(ref_ids))
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == DATASOURCE_UID
+
+
+def test_dashboard_covers_the_promised_panels(dashboard: dict[str, Any]) -> None:
+    used = {m for expr in expressions(dashboard) for m in _METRIC.findall(expr)}
+    assert {
+        "mirror_requests_total",
+        "mirror_request_duration_seconds_bucket",
+        "mirror_served_bytes_total",
+        "mirror_upstream_bytes_total",
+        "mirror_upstream_requests_total",
+        "mirror_upstream_throttled_total",
+        "mirror_upstream_ratelimit_remaining",
+        "mirror_stale_served_total",
+        "mirror_upstream_breaker_open",
+        "mirror_cache_bytes",
+        "mirror_cache_entries",
+        "mirror_cache_evictions_total",
+        "mirror_cache_evicted_bytes_total",
+        "mirror_downloads_in_flight",
+    } <= used
+    exprs = " ".join(expressions(dashboard))
+    assert "histogram_quantile(0.5," in exprs and "histogram_quantile(0.99," in exprs
+
+
+def test_every_referenced_series_is_exported(dashboard: dict[str, Any]) -> None:
+    series = exported_series()
+    for expr in expressions(dashboard):
+        for name in _METRIC.findall(expr):
+            assert name in series, f"{name} in {expr!r} is not exported"
+
+
+def test_label_names_and_values_exist(dashboard: dict[str, Any]) -> None:
+    series = exported_series()
+    for expr in expressions(dashboard):
+        in_expr: set[str] = set(SCRAPE_LABELS)
+        for name, matchers in _SELECTOR.findall(expr):
+            labels = series[name][1] | SCRAPE_LABELS
+            in_expr |= labels
+            for label, _, value in _MATCHER.findall(matchers):
+                assert label in labels, f"{name} has no label {label!r}: {expr!r}"
+                if label in CLOSED_VALUES and not value.startswith("$"):
+                    assert set(value.split("|")) <= set(CLOSED_VALUES[label]), expr
+        for name in _METRIC.findall(expr):
+            in_expr |= series[name][1]
+        for group in _GROUPING.findall(expr):
+            for label in (g.strip() for g in group.split(",")):
+                assert label in in_expr, f"grouping by unknown label {label!r}: {expr!r}"
+        if expr.startswith("label_values("):
+            label = expr.rstrip(")").rsplit(",", 1)[1].strip()
+            assert label in in_expr, expr
+
+
+def test_rate_and_increase_only_see_counters(dashboard: dict[str, Any]) -> None:
+    series = exported_series()
+    for expr in expressions(dashboard):
+        for fn, name in _RANGE_FN.findall(expr):
+            assert series[name][0] in ("counter", "histogram"), f"{fn}() of a gauge: {expr!r}"
+
+
+def test_every_variable_is_defined(dashboard: dict[str, Any]) -> None:
+    defined = {v["name"] for v in dashboard["templating"]["list"]} | _BUILTINS
+    text = json.dumps(dashboard["panels"])
+    for name in _VARIABLE.findall(text):
+        assert name in defined, f"${name} is not a dashboard variable"

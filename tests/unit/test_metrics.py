@@ -1,0 +1,189 @@
+"""The mirror's collectors: names, labels, values moving, and no shared state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import prometheus_client
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+from mirror.metrics import (
+    REQUEST_KINDS,
+    REQUEST_RESULTS,
+    SERVED_SOURCES,
+    Metrics,
+    status_class,
+)
+
+# attribute, family name in the exposition, type, labels used to touch it
+COLLECTORS: list[tuple[str, str, str, dict[str, str]]] = [
+    ("requests", "mirror_requests", "counter", {"kind": "manifest", "result": "hit"}),
+    ("request_duration", "mirror_request_duration_seconds", "histogram", {"kind": "blob"}),
+    ("served_bytes", "mirror_served_bytes", "counter", {"source": "cache"}),
+    ("upstream_requests", "mirror_upstream_requests", "counter",
+     {"registry": "docker.io", "kind": "blob", "status": "2xx"}),
+    ("upstream_bytes", "mirror_upstream_bytes", "counter", {"registry": "docker.io"}),
+    ("upstream_throttled", "mirror_upstream_throttled", "counter", {"registry": "docker.io"}),
+    ("ratelimit_remaining", "mirror_upstream_ratelimit_remaining", "gauge",
+     {"registry": "docker.io"}),
+    ("breaker_open", "mirror_upstream_breaker_open", "gauge", {"registry": "docker.io"}),
+    ("stale_served", "mirror_stale_served", "counter", {"registry": "docker.io"}),
+    ("cache_bytes", "mirror_cache_bytes", "gauge", {}),
+    ("cache_entries", "mirror_cache_entries", "gauge", {}),
+    ("evictions", "mirror_cache_evictions", "counter", {}),
+    ("evicted_bytes", "mirror_cache_evicted_bytes", "counter", {}),
+    ("downloads_in_flight", "mirror_downloads_in_flight", "gauge", {}),
+    ("digest_mismatches", "mirror_digest_mismatches", "counter", {"registry": "docker.io"}),
+    ("cache_write_failures", "mirror_cache_write_failures", "counter", {"reason": "enospc"}),
+    ("warm_jobs", "mirror_warm_jobs", "counter", {"state": "done"}),
+]  # fmt: skip
+
+
+def families(metrics: Metrics, accept: str = "") -> dict[str, Metric]:
+    body, _ = metrics.render(accept)
+    return {f.name: f for f in text_string_to_metric_families(body.decode())}
+
+
+def value(metrics: Metrics, sample: str, **labels: str) -> float | None:
+    for family in families(metrics).values():
+        for s in family.samples:
+            if s.name == sample and s.labels == labels:
+                return float(s.value)
+    return None
+
+
+def touch(metric: Any, labels: dict[str, str], amount: float) -> None:
+    child = metric.labels(**labels) if labels else metric
+    if hasattr(child, "observe"):
+        child.observe(amount)
+    elif hasattr(child, "set"):
+        child.set(amount)
+    else:
+        child.inc(amount)
+
+
+@pytest.mark.parametrize(("attr", "name", "kind", "labels"), COLLECTORS)
+def test_each_collector_is_exposed_with_its_name_type_and_labels(
+    attr: str, name: str, kind: str, labels: dict[str, str]
+) -> None:
+    m = Metrics()
+    touch(getattr(m, attr), labels, 3)
+    family = families(m)[name]
+    assert family.type == kind
+    assert any(s.labels == labels for s in family.samples if not s.name.endswith("_bucket"))
+
+
+def test_the_table_covers_every_collector() -> None:
+    m = Metrics()
+    exposed = {f.name for f in m.registry.collect()}
+    assert exposed == {name for _, name, _, _ in COLLECTORS}
+    assert all(name.startswith("mirror_") for name in exposed)
+
+
+def test_counters_and_gauges_move() -> None:
+    m = Metrics()
+    m.requests.labels(kind="blob", result="miss").inc()
+    m.requests.labels(kind="blob", result="miss").inc()
+    m.served_bytes.labels(source="upstream").inc(1024)
+    m.upstream_requests.labels(registry="ghcr.io", kind="manifest", status=status_class(429)).inc()
+    m.ratelimit_remaining.labels(registry="docker.io").set(76)
+    m.downloads_in_flight.inc()
+    m.downloads_in_flight.inc()
+    m.downloads_in_flight.dec()
+    m.cache_bytes.set(5e9)
+    m.evicted_bytes.inc(123)
+
+    assert value(m, "mirror_requests_total", kind="blob", result="miss") == 2
+    assert value(m, "mirror_served_bytes_total", source="upstream") == 1024
+    assert (
+        value(
+            m, "mirror_upstream_requests_total", registry="ghcr.io", kind="manifest", status="429"
+        )
+        == 1
+    )
+    assert value(m, "mirror_upstream_ratelimit_remaining", registry="docker.io") == 76
+    assert value(m, "mirror_downloads_in_flight") == 1
+    assert value(m, "mirror_cache_bytes") == 5e9
+    assert value(m, "mirror_cache_evicted_bytes_total") == 123
+
+
+def test_histogram_buckets_span_fast_hits_and_long_blobs() -> None:
+    m = Metrics()
+    m.request_duration.labels(kind="manifest").observe(0.0004)
+    m.request_duration.labels(kind="blob").observe(450.0)
+
+    assert value(m, "mirror_request_duration_seconds_bucket", kind="manifest", le="0.0005") == 1
+    assert value(m, "mirror_request_duration_seconds_bucket", kind="blob", le="300.0") == 0
+    assert value(m, "mirror_request_duration_seconds_bucket", kind="blob", le="600.0") == 1
+    assert value(m, "mirror_request_duration_seconds_count", kind="blob") == 1
+
+
+def test_closed_label_sets_exist_at_zero_before_any_event() -> None:
+    m = Metrics()
+    for kind in REQUEST_KINDS:
+        for result in REQUEST_RESULTS:
+            assert value(m, "mirror_requests_total", kind=kind, result=result) == 0
+        assert value(m, "mirror_request_duration_seconds_count", kind=kind) == 0
+    for source in SERVED_SOURCES:
+        assert value(m, "mirror_served_bytes_total", source=source) == 0
+
+
+def test_track_registries_creates_per_registry_series() -> None:
+    m = Metrics()
+    m.track_registries(["docker.io", "ghcr.io"])
+    for registry in ("docker.io", "ghcr.io"):
+        assert value(m, "mirror_upstream_bytes_total", registry=registry) == 0
+        assert value(m, "mirror_upstream_throttled_total", registry=registry) == 0
+        assert value(m, "mirror_stale_served_total", registry=registry) == 0
+        assert value(m, "mirror_digest_mismatches_total", registry=registry) == 0
+        assert value(m, "mirror_upstream_breaker_open", registry=registry) == 0
+        # 0 would claim the origin's limit is exhausted before it said anything
+        assert value(m, "mirror_upstream_ratelimit_remaining", registry=registry) is None
+
+
+def test_two_instances_share_no_state() -> None:
+    a, b = Metrics(), Metrics()
+    a.requests.labels(kind="tags", result="hit").inc(5)
+    a.cache_entries.set(9)
+    assert value(a, "mirror_requests_total", kind="tags", result="hit") == 5
+    assert value(b, "mirror_requests_total", kind="tags", result="hit") == 0
+    assert value(b, "mirror_cache_entries") == 0
+    assert a.registry is not b.registry
+
+
+def test_the_global_default_registry_is_never_used() -> None:
+    Metrics()
+    names = {f.name for f in prometheus_client.REGISTRY.collect()}
+    assert not any(n.startswith("mirror_") for n in names)
+
+
+def test_an_injected_registry_is_used() -> None:
+    registry = CollectorRegistry()
+    m = Metrics(registry)
+    m.evictions.inc()
+    assert m.registry is registry
+    assert registry.get_sample_value("mirror_cache_evictions_total") == 1
+
+
+def test_render_content_types() -> None:
+    m = Metrics()
+    body, content_type = m.render()
+    assert content_type.startswith("text/plain")
+    assert b"mirror_requests_total" in body
+    body, content_type = m.render("application/openmetrics-text; version=1.0.0")
+    assert content_type.startswith("application/openmetrics-text")
+    assert body.endswith(b"# EOF\n")
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        (200, "2xx"), (206, "2xx"), (307, "3xx"), (401, "4xx"), (404, "4xx"), (429, "429"),
+        (500, "5xx"), (503, "5xx"), (None, "error"), (0, "error"), (99, "error"), (600, "error"),
+    ],
+)  # fmt: skip
+def test_status_class(status: int | None, expected: str) -> None:
+    assert status_class(status) == expected
