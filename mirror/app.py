@@ -10,12 +10,21 @@ import structlog
 from aiohttp import web
 
 from mirror.cache.blobs import BlobService
+from mirror.cache.janitor import CacheJanitor
 from mirror.cache.manifests import ManifestService
 from mirror.config import Config, describe
 from mirror.handlers import ops, registry
-from mirror.keys import blobs_key, config_key, manifests_key, metrics_key, store_key
+from mirror.keys import (
+    blobs_key,
+    config_key,
+    janitor_key,
+    manifests_key,
+    metrics_key,
+    store_key,
+)
 from mirror.metrics import Metrics
 from mirror.middleware import add_common_headers, observe
+from mirror.storage.index import AccessIndex
 from mirror.storage.store import FilesystemStore
 from mirror.upstream.breaker import CircuitBreaker
 from mirror.upstream.client import RegistryClient
@@ -64,9 +73,12 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         on_change=lambda reg, is_open: metrics.breaker_open.labels(reg).set(int(is_open)),
     )
     client = RegistryClient(session, config.registries, up, tokens, breaker, metrics)
-    blobs = BlobService(store, client, up, metrics)
-    manifests = ManifestService(store, client, config.cache, metrics, time.time)
+    janitor = CacheJanitor(store, AccessIndex(store.layout), config.cache, metrics)
+    await janitor.start()
+    blobs = BlobService(store, client, up, metrics, janitor)
+    manifests = ManifestService(store, client, config.cache, metrics, janitor, time.time)
     app[blobs_key] = blobs
+    app[janitor_key] = janitor
     app[manifests_key] = manifests
     log.info("mirror_started", swept_temp_files=swept, config=describe(config))
     try:
@@ -74,4 +86,5 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     finally:
         await blobs.close()
         await manifests.close()
+        await janitor.close()
         await session.close()

@@ -21,6 +21,17 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--cache-dir", help="cache directory (default ./mirror-cache)")
     serve.add_argument("--log-level", default=os.environ.get("MIRROR_LOG_LEVEL", "info"))
 
+    cache = sub.add_parser("cache", help="inspect or trim the cache directory")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    status = cache_sub.add_parser("status", help="print size, entries and oldest access")
+    gc = cache_sub.add_parser("gc", help="evict least recently used blobs down to a size")
+    gc.add_argument(
+        "--target", help="size to evict down to (default: the low watermark of max_size)"
+    )
+    for p in (status, gc):
+        _config_args(p)
+        p.add_argument("--cache-dir", help="cache directory (default from config)")
+
     hosts = sub.add_parser(
         "containerd-config", help="write containerd hosts.toml files that use this mirror"
     )
@@ -51,6 +62,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             config = _load(args, {"server.listen": args.listen, "cache.dir": args.cache_dir})
             return _serve(config, args.log_level)
+        if args.command == "cache":
+            from mirror.cache_cli import run_cache
+
+            config = _load(args, {"cache.dir": args.cache_dir})
+            return run_cache(config.cache, args.cache_command, getattr(args, "target", None))
         if args.command == "containerd-config":
             from mirror.containerd_config import run_containerd_config
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from mirror.cache.blobs import BlobService
+from mirror.cache.janitor import CacheJanitor
 from mirror.cache.manifests import ManifestService
 from mirror.config import Config
 from mirror.metrics import Metrics
@@ -15,3 +16,4 @@ metrics_key = web.AppKey("metrics", Metrics)
 store_key = web.AppKey("store", FilesystemStore)
 blobs_key = web.AppKey("blobs", BlobService)
 manifests_key = web.AppKey("manifests", ManifestService)
+janitor_key = web.AppKey("janitor", CacheJanitor)

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 from dataclasses import dataclass
 from pathlib import Path
 
-from mirror.cache.download import BlobDownload, DigestMismatch, DownloadFailed, DownloadReader
+from mirror.cache.download import (
+    BlobDownload,
+    DigestMismatch,
+    DownloadFailed,
+    DownloadReader,
+    State,
+)
 from mirror.cache.errors import to_registry_error
+from mirror.cache.janitor import CacheJanitor
 from mirror.config import UpstreamConfig
 from mirror.metrics import Metrics
 from mirror.oci.digest import Digest
@@ -44,7 +52,9 @@ class BlobService:
         client: RegistryClient,
         config: UpstreamConfig,
         metrics: Metrics,
+        janitor: CacheJanitor,
     ) -> None:
+        self._janitor = janitor
         self._store = store
         self._client = client
         self._config = config
@@ -59,8 +69,14 @@ class BlobService:
     def cached(self, digest: Digest) -> CachedBlob | None:
         size = self._store.blob_size(digest)
         if size is None:
+            self._janitor.missing(digest)
             return None
+        self._janitor.accessed(digest, size)
         return CachedBlob(self._store.blob_path(digest), size)
+
+    def serving(self, digest: Digest) -> contextlib.AbstractContextManager[None]:
+        """Hold while sending a cached blob: eviction passes it over."""
+        return self._janitor.pinned(digest)
 
     async def open(self, registry: str, name: str, digest: Digest) -> Opened:
         """The bytes of a blob: from disk, or following its download (started if need be)."""
@@ -136,6 +152,8 @@ class BlobService:
         if self._downloads.get(download.digest.hex) is download:
             del self._downloads[download.digest.hex]
             self._metrics.downloads_in_flight.dec()
+        if download.state is State.COMMITTED and download.size is not None:
+            self._janitor.stored(download.digest, download.size)
         if isinstance(download.error, DigestMismatch):
             self._metrics.digest_mismatches.labels(download.registry).inc()
 

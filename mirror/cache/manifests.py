@@ -12,6 +12,7 @@ import structlog
 from cachetools import LRUCache
 
 from mirror.cache.errors import to_registry_error
+from mirror.cache.janitor import CacheJanitor
 from mirror.cache.singleflight import SingleFlight
 from mirror.config import CacheConfig
 from mirror.metrics import Metrics
@@ -62,8 +63,10 @@ class ManifestService:
         client: RegistryClient,
         config: CacheConfig,
         metrics: Metrics,
+        janitor: CacheJanitor,
         clock: Callable[[], float],
     ) -> None:
+        self._janitor = janitor
         self._store = store
         self._client = client
         self._config = config
@@ -86,6 +89,7 @@ class ManifestService:
                 return None
             found = Manifest(stored[0], stored[1], str(digest))
             self._memory[digest.hex] = found
+        self._janitor.accessed(digest, len(found.body))
         return found
 
     async def by_digest(
@@ -120,6 +124,7 @@ class ManifestService:
     async def _keep(self, digest: Digest, body: bytes, media_type: str) -> Manifest:
         manifest = Manifest(body, media_type, str(digest))
         await self._store.write_manifest(digest, body, media_type)
+        self._janitor.stored(digest, len(body))
         self._memory[digest.hex] = manifest
         return manifest
 

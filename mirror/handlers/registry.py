@@ -110,7 +110,8 @@ async def _blob(request: web.Request, target: Target, reference: str) -> web.Str
     if isinstance(opened.source, CachedBlob):
         # FileResponse does Range, 416 and HEAD itself, with sendfile where the loop has it.
         response = web.FileResponse(opened.source.path, headers=headers)
-        await response.prepare(request)  # sent here, so the access line sees status and bytes
+        with blobs.serving(digest):  # sent here, so the access line sees status and bytes
+            await response.prepare(request)
         metrics.served_bytes.labels("cache").inc(response.content_length or 0)
         return response
     return await _stream_live(request, opened.source, headers)

@@ -5,7 +5,7 @@
       manifests/sha256/<2 hex>/<64 hex>     media type of a manifest stored under blobs/
       tags/<registry>/<name...>/_tags/<tag> {"digest", "media_type", "size", "fetched_at"}
       tmp/                                  writes in progress; swept at start, never served
-      index.json                            last access and size per blob (rebuilt if lost)
+      index.sqlite                          last access per blob (rebuilt from the tree if lost)
 
 Every component is validated before it gets here: digests are 64 lowercase hex, names follow the
 distribution grammar (no "..", no leading "_" so "_tags" cannot collide), tags cannot start
@@ -31,10 +31,6 @@ class Layout:
     @property
     def tmp(self) -> Path:
         return self.root / "tmp"
-
-    @property
-    def index(self) -> Path:
-        return self.root / "index.json"
 
     def blob(self, digest: Digest) -> Path:
         return self.root / "blobs" / digest.algorithm / digest.hex[:2] / digest.hex

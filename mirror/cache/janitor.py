@@ -1,0 +1,122 @@
+"""Keeps the cache within its size cap: access tracking, LRU eviction, index persistence."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import structlog
+
+from mirror.config import CacheConfig
+from mirror.metrics import Metrics
+from mirror.oci.digest import Digest
+from mirror.storage.eviction import choose_victims, eviction_target
+from mirror.storage.index import AccessIndex
+from mirror.storage.store import FilesystemStore
+
+log = structlog.get_logger("mirror.janitor")
+
+
+class CacheJanitor:
+    def __init__(
+        self,
+        store: FilesystemStore,
+        index: AccessIndex,
+        config: CacheConfig,
+        metrics: Metrics,
+        interval: float = 10.0,
+    ) -> None:
+        self._store = store
+        self._index = index
+        self._config = config
+        self._metrics = metrics
+        self._interval = interval
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._index.load)
+        self._gauges()
+        log.info("cache_loaded", entries=len(self._index), bytes=self._index.total)
+        self._task = asyncio.create_task(self._loop(), name="cache janitor")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await asyncio.to_thread(self._index.flush)
+
+    # -- what the services report ------------------------------------------------------------
+
+    def stored(self, digest: Digest, size: int) -> None:
+        self._index.add(digest.hex, size)
+        self._gauges()
+        cfg = self._config
+        total = self._index.total
+        if eviction_target(total, cfg.max_size, cfg.high_watermark, cfg.low_watermark) is not None:
+            self._wake.set()
+
+    def accessed(self, digest: Digest, size: int) -> None:
+        if digest.hex in self._index:
+            self._index.touch(digest.hex)
+        else:  # put there by another process (a CLI warm-up, a restore): adopt it
+            self.stored(digest, size)
+
+    def missing(self, digest: Digest) -> None:
+        """A blob the index knew is gone from disk (evicted by `mirror cache gc`, say)."""
+        if digest.hex in self._index:
+            self._index.discard(digest.hex)
+            self._gauges()
+
+    def pinned(self, digest: Digest) -> contextlib.AbstractContextManager[None]:
+        return self._index.pinned(digest.hex)
+
+    # -- eviction ----------------------------------------------------------------------------
+
+    async def collect(self, target: int | None = None) -> tuple[int, int]:
+        """Evict least recently used blobs down to `target` bytes (default: the low watermark
+        when above the high one). Returns (blobs, bytes) evicted."""
+        async with self._lock:
+            if target is None:
+                cfg = self._config
+                target = eviction_target(
+                    self._index.total, cfg.max_size, cfg.high_watermark, cfg.low_watermark
+                )
+                if target is None:
+                    return 0, 0
+            victims = choose_victims(
+                self._index.rows(), self._index.total, target, self._index.in_use
+            )
+            freed = 0
+            for key, _ in victims:
+                self._index.discard(key)
+                freed += await asyncio.to_thread(self._store.remove_blob, Digest("sha256", key))
+            if victims:
+                self._metrics.evictions.inc(len(victims))
+                self._metrics.evicted_bytes.inc(freed)
+                self._gauges()
+                log.info("cache_evicted", blobs=len(victims), bytes=freed, total=self._index.total)
+            return len(victims), freed
+
+    async def make_room(self, needed: int) -> bool:
+        """The disk is full mid-write: free at least `needed` bytes if the cache holds them."""
+        count, freed = await self.collect(max(0, self._index.total - max(needed, 64 << 20)))
+        return freed > 0
+
+    async def _loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._interval):
+                    await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.collect()
+                await asyncio.to_thread(self._index.flush)
+            except Exception:  # noqa: BLE001 - the janitor must outlive one bad round
+                log.exception("janitor_failed")
+
+    def _gauges(self) -> None:
+        self._metrics.cache_bytes.set(self._index.total)
+        self._metrics.cache_entries.set(len(self._index))
