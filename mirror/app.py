@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
 import structlog
@@ -20,6 +21,7 @@ from mirror.keys import (
     janitor_key,
     manifests_key,
     metrics_key,
+    sendfile_pool_key,
     store_key,
 )
 from mirror.metrics import Metrics
@@ -31,6 +33,10 @@ from mirror.upstream.client import RegistryClient
 from mirror.upstream.tokens import TokenCache
 
 log = structlog.get_logger("mirror.app")
+
+# Each cached-blob transfer holds one thread while the kernel copies (they wait in poll, off
+# the GIL); past this many at once, transfers queue for a thread rather than fail.
+_SENDFILE_THREADS = 256
 
 
 def create_app(config: Config, metrics: Metrics | None = None) -> web.Application:
@@ -77,6 +83,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     await janitor.start()
     blobs = BlobService(store, client, up, metrics, janitor)
     manifests = ManifestService(store, client, config.cache, metrics, janitor, time.time)
+    pool = ThreadPoolExecutor(max_workers=_SENDFILE_THREADS, thread_name_prefix="sendfile")
+    app[sendfile_pool_key] = pool
     app[blobs_key] = blobs
     app[janitor_key] = janitor
     app[manifests_key] = manifests
@@ -88,3 +96,4 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         await manifests.close()
         await janitor.close()
         await session.close()
+        pool.shutdown(wait=False, cancel_futures=True)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 from aiohttp import web
 
 from mirror.cache.blobs import BlobService
 from mirror.cache.janitor import CacheJanitor
 from mirror.cache.manifests import ManifestService
+from mirror.cache.warming import WarmService
 from mirror.config import Config
 from mirror.metrics import Metrics
 from mirror.storage.store import FilesystemStore
@@ -17,3 +20,6 @@ store_key = web.AppKey("store", FilesystemStore)
 blobs_key = web.AppKey("blobs", BlobService)
 manifests_key = web.AppKey("manifests", ManifestService)
 janitor_key = web.AppKey("janitor", CacheJanitor)
+# Threads that run sendfile for cached blobs (one per transfer in progress).
+sendfile_pool_key = web.AppKey("sendfile_pool", ThreadPoolExecutor)
+warm_key = web.AppKey("warm", WarmService)

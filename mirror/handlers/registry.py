@@ -7,9 +7,10 @@ from aiohttp import web
 
 from mirror.cache.blobs import CachedBlob, LiveBlob
 from mirror.cache.download import DownloadFailed
-from mirror.keys import blobs_key, config_key, manifests_key, metrics_key
+from mirror.handlers.filesend import send_file
+from mirror.keys import blobs_key, config_key, manifests_key, metrics_key, sendfile_pool_key
 from mirror.middleware import kind_key, registry_key, result_key
-from mirror.oci.digest import InvalidDigest, parse_digest
+from mirror.oci.digest import Digest, InvalidDigest, parse_digest
 from mirror.oci.errors import ErrorCode, RegistryError
 from mirror.oci.mediatypes import accepted_types
 from mirror.oci.paths import Kind, Target, UnknownRegistry, parse_v2_path, route
@@ -106,33 +107,54 @@ async def _blob(request: web.Request, target: Target, reference: str) -> web.Str
         return web.Response(headers={**headers, "Content-Length": str(size)})
     opened = await blobs.open(target.registry, target.name, digest)
     request[result_key] = opened.result
-    metrics = request.app[metrics_key]
     if isinstance(opened.source, CachedBlob):
-        # FileResponse does Range, 416 and HEAD itself, with sendfile where the loop has it.
-        response = web.FileResponse(opened.source.path, headers=headers)
-        with blobs.serving(digest):  # sent here, so the access line sees status and bytes
-            await response.prepare(request)
-        metrics.served_bytes.labels("cache").inc(response.content_length or 0)
-        return response
+        return await _send_cached(request, opened.source, digest, headers)
     return await _stream_live(request, opened.source, headers)
+
+
+def _span(request: web.Request, size: int) -> tuple[int, int, bool]:
+    """(start, end inclusive, partial) for the request's Range against a blob of `size`."""
+    try:
+        span = parse_range(request.headers.get("Range"), size)
+    except UnsatisfiableRange as exc:
+        raise RegistryError(
+            ErrorCode.RANGE_INVALID, headers={"Content-Range": f"bytes */{size}"}
+        ) from exc
+    return (span[0], span[1], True) if span else (0, size - 1, False)
+
+
+def _start_response(
+    headers: dict[str, str], start: int, end: int, size: int, partial: bool
+) -> web.StreamResponse:
+    response = web.StreamResponse(status=206 if partial else 200, headers=headers)
+    if partial:
+        response.headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    response.content_length = end - start + 1
+    return response
+
+
+async def _send_cached(
+    request: web.Request, blob: CachedBlob, digest: Digest, headers: dict[str, str]
+) -> web.StreamResponse:
+    start, end, partial = _span(request, blob.size)
+    response = _start_response(headers, start, end, blob.size, partial)
+    with request.app[blobs_key].serving(digest):  # pinned: eviction passes it over
+        sent = await send_file(
+            request, blob.path, start, end, response, request.app[sendfile_pool_key]
+        )
+    request.app[metrics_key].served_bytes.labels("cache").inc(sent)
+    return response
 
 
 async def _stream_live(
     request: web.Request, live: LiveBlob, headers: dict[str, str]
 ) -> web.StreamResponse:
-    size = live.size
     try:
-        span = parse_range(request.headers.get("Range"), size)
-    except UnsatisfiableRange as exc:
+        start, end, partial = _span(request, live.size)
+    except RegistryError:
         live.reader.close()
-        raise RegistryError(
-            ErrorCode.RANGE_INVALID, headers={"Content-Range": f"bytes */{size}"}
-        ) from exc
-    start, end = span if span else (0, size - 1)
-    response = web.StreamResponse(status=206 if span else 200, headers=headers)
-    if span:
-        response.headers["Content-Range"] = f"bytes {start}-{end}/{size}"
-    response.content_length = end - start + 1
+        raise
+    response = _start_response(headers, start, end, live.size, partial)
     await response.prepare(request)
     served = request.app[metrics_key].served_bytes.labels("upstream")
     try:
