@@ -135,8 +135,9 @@ class BlobService:
         if download is not None:
             return download, "coalesced"
         download = BlobDownload(
-            digest, registry, name, self._client, self._store, self._config, self._finished
-        )
+            digest, registry, name, self._client, self._store, self._config,
+            self._finished, self._janitor.make_room,
+        )  # fmt: skip
         self._downloads[digest.hex] = download
         self._metrics.downloads_in_flight.inc()
         # A fresh context: the download is the service's, not the request's that started it,
@@ -154,6 +155,8 @@ class BlobService:
             self._metrics.downloads_in_flight.dec()
         if download.state is State.COMMITTED and download.size is not None:
             self._janitor.stored(download.digest, download.size)
+        if download.passed_through and download.state is State.RUNNING:
+            self._metrics.cache_write_failures.labels("enospc").inc()
         if isinstance(download.error, DigestMismatch):
             self._metrics.digest_mismatches.labels(download.registry).inc()
 

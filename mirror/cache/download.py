@@ -10,7 +10,9 @@ the whole blob has been verified and committed, so a wrong blob is never a compl
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
+import errno
 import hashlib
 import os
 import random
@@ -38,8 +40,13 @@ _UNKNOWN_END = sys.maxsize
 
 class State(enum.Enum):
     RUNNING = "running"
-    COMMITTED = "committed"
+    COMMITTED = "committed"  # verified and in the cache
+    PASSED = "passed"  # verified and served, but not cached (the disk was full)
     FAILED = "failed"
+
+
+_VERIFIED = (State.COMMITTED, State.PASSED)
+RELAY_BUFFER = 4 * 1024 * 1024  # per reader, while passing bytes through without a cache file
 
 
 class DigestMismatch(Exception):
@@ -49,12 +56,21 @@ class DigestMismatch(Exception):
         super().__init__(f"upstream bytes hash to sha256:{actual}, expected {expected}")
 
 
+class _NoSpace(StoreError):
+    """The cache file cannot grow: the disk (or quota) is full even after evicting."""
+
+
 class DownloadFailed(Exception):
     """Raised to readers whose download failed; `cause` says why."""
 
     def __init__(self, cause: BaseException) -> None:
         self.cause = cause
         super().__init__(str(cause))
+
+
+def _first_cause(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_cause(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 @dataclass(slots=True)
@@ -84,6 +100,7 @@ class BlobDownload:
         store: FilesystemStore,
         config: UpstreamConfig,
         on_finish: Callable[[BlobDownload], None],
+        make_room: Callable[[int], Awaitable[bool]],
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.digest = digest
@@ -93,7 +110,10 @@ class BlobDownload:
         self._store = store
         self._config = config
         self._on_finish = on_finish
+        self._make_room = make_room
         self._sleep = sleep
+        self._readers: set[DownloadReader] = set()
+        self.passed_through = False
         self.state = State.RUNNING
         self.error: BaseException | None = None
         self.size: int | None = None
@@ -123,6 +143,8 @@ class BlobDownload:
     async def wait_done(self) -> None:
         """Until committed (returns) or failed (raises DownloadFailed)."""
         await asyncio.shield(self._done)
+        if self.state is State.PASSED:
+            raise DownloadFailed(StoreError("the cache disk is full: served, not cached"))
         if self.state is State.FAILED:
             assert self.error is not None
             raise DownloadFailed(self.error)
@@ -130,7 +152,9 @@ class BlobDownload:
     def reader(self) -> DownloadReader:
         """Call without awaiting in between lookup and here: it takes its own fd, so the temp file
         stays readable whatever the download does next (rename on commit, unlink on failure)."""
-        return DownloadReader(self, os.dup(self._temp.fd))
+        reader = DownloadReader(self, os.dup(self._temp.fd))
+        self._readers.add(reader)
+        return reader
 
     async def _wait_beyond(self, pos: int, needed: int) -> None:
         if self.state is not State.RUNNING or self.contiguous >= needed:
@@ -163,7 +187,11 @@ class BlobDownload:
     async def run(self) -> None:
         started = time.monotonic()
         try:
-            await self._fetch()
+            try:
+                await self._fetch()
+            except _NoSpace as exc:
+                await self._pass_through(exc)
+                return
             await self._commit()
             log.info(
                 "blob_committed", digest=str(self.digest), registry=self.registry,
@@ -198,10 +226,13 @@ class BlobDownload:
             workers = min(len(rest), max(1, cfg.ranged_streams - 1))
             self.streams += workers
             queue = list(reversed(rest))  # pop() from the end takes the lowest offset first
-            async with asyncio.TaskGroup() as group:
-                group.create_task(self._fetch_piece(head, first))
-                for _ in range(workers):
-                    group.create_task(self._worker(queue))
+            try:
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(self._fetch_piece(head, first))
+                    for _ in range(workers):
+                        group.create_task(self._worker(queue))
+            except ExceptionGroup as group:
+                raise _first_cause(group) from None  # the failure that stopped the others
             return
         if first.ranged:
             first.close()
@@ -232,7 +263,7 @@ class BlobDownload:
                         raise UpstreamBodyError("upstream stopped honouring Range")
                 async for data in body.response.content.iter_any():
                     room = piece.end - piece.pos
-                    self._write(piece, data if len(data) <= room else data[:room])
+                    await self._sink(piece, data if len(data) <= room else data[:room])
                     failures = 0
                     if piece.pos >= piece.end:
                         break
@@ -259,12 +290,25 @@ class BlobDownload:
         delay = retry_after if retry_after is not None else 0.1 * 2 ** (failures - 1)
         await self._sleep(min(delay, 5.0) * (0.5 + random.random()))
 
-    def _write(self, piece: _Piece, data: bytes) -> None:
+    async def _sink(self, piece: _Piece, data: bytes) -> None:
+        if self.passed_through:
+            await self._relay(piece, data)
+        else:
+            await self._write(piece, data)
+
+    async def _write(self, piece: _Piece, data: bytes) -> None:
         offset = piece.pos
         try:
             self._temp.pwrite(data, offset)
         except OSError as exc:  # disk full or failing: not the upstream's fault, never retried
-            raise StoreError(f"cannot write the cache file: {exc.strerror}") from exc
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreError(f"cannot write the cache file: {exc.strerror}") from exc
+            if not await self._make_room(self._remaining()):
+                raise _NoSpace("the cache disk is full") from exc
+            try:
+                self._temp.pwrite(data, offset)
+            except OSError as again:
+                raise _NoSpace("the cache disk is full") from again
         piece.pos += len(data)
         self._client.record_bytes(self.registry, len(data))
         before = self.contiguous
@@ -291,6 +335,43 @@ class BlobDownload:
             self._hasher.update(chunk)
             self._hashed += len(chunk)
 
+    def _remaining(self) -> int:
+        return max(0, (self.size or 0) - sum(p.pos - p.start for p in self._pieces))
+
+    async def _pass_through(self, cause: _NoSpace) -> None:
+        """No room for the cache file: finish the readers we have from memory instead.
+
+        The written prefix stays readable in the temp file; from there one sequential stream
+        goes on, still hashed, into a bounded buffer per reader (the slowest reader paces it:
+        a degraded mode that keeps its clients served rather than fast). The download leaves
+        the service at once, so the next request tries caching again.
+        """
+        self.passed_through = True
+        self._on_finish(self)
+        log.warning(
+            "cache_full_passthrough", digest=str(self.digest), registry=self.registry,
+            cached_prefix=self.contiguous, readers=len(self._readers), error=str(cause),
+        )  # fmt: skip
+        start = self.contiguous
+        for reader in self._readers:
+            reader.relay_from(start)
+        self._wake(everyone=True)
+        if self.size is None:
+            raise cause  # a size-less stream cannot be followed past the file; rare enough
+        piece = _Piece(start, self.size, start)
+        await self._fetch_piece(piece, None)
+        if self._hasher.hexdigest() != self.digest.hex:
+            raise DigestMismatch(self.digest, self._hasher.hexdigest())
+        self._finish(State.PASSED, None)
+
+    async def _relay(self, piece: _Piece, data: bytes) -> None:
+        offset = piece.pos
+        piece.pos += len(data)
+        self._client.record_bytes(self.registry, len(data))
+        self._hasher.update(data)  # one sequential stream: always in order
+        for reader in list(self._readers):
+            await reader.offer(offset, data)
+
     def _set_size(self, size: int) -> None:
         self.size = size
         self._sized.set()
@@ -308,7 +389,8 @@ class BlobDownload:
             return
         self.state = state
         self.error = error
-        self._on_finish(self)  # synchronously: no new reader may attach to a finished download
+        if not self.passed_through:
+            self._on_finish(self)  # synchronously: no reader may attach to a finished download
         if state is State.COMMITTED:
             self._temp.close()
         else:
@@ -317,6 +399,46 @@ class BlobDownload:
         if not self._done.done():
             self._done.set_result(None)
         self._wake(everyone=True)
+        for reader in self._readers:
+            reader.end_relay()
+
+
+class _Relay:
+    """Bytes passed through to one reader when there is no cache file to read them from."""
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+        self._items: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._bytes = 0
+        self._ended = False
+        self._changed = asyncio.Condition()
+
+    async def put(self, offset: int, data: bytes) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._ended or self._bytes < RELAY_BUFFER)
+            if not self._ended:
+                self._items.append((offset, data))
+                self._bytes += len(data)
+                self._changed.notify_all()
+
+    async def get(self) -> tuple[int, bytes] | None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._items or self._ended)
+            if not self._items:
+                return None
+            offset, data = self._items.popleft()
+            self._bytes -= len(data)
+            self._changed.notify_all()
+            return offset, data
+
+    def end(self) -> None:
+        self._ended = True
+
+        async def notify() -> None:
+            async with self._changed:
+                self._changed.notify_all()
+
+        asyncio.get_running_loop().create_task(notify())
 
 
 class DownloadReader:
@@ -325,6 +447,47 @@ class DownloadReader:
     def __init__(self, download: BlobDownload, fd: int) -> None:
         self._download = download
         self._fd = fd
+        self._relay: _Relay | None = None
+        self._pending: tuple[int, bytes] | None = None
+        self._held_back: bytes | None = None
+
+    def relay_from(self, start: int) -> None:
+        self._relay = _Relay(start)
+
+    async def offer(self, offset: int, data: bytes) -> None:
+        if self._relay is not None and self._fd >= 0:
+            await self._relay.put(offset, data)
+
+    def end_relay(self) -> None:
+        if self._relay is not None:
+            self._relay.end()
+
+    async def _relayed(self, relay: _Relay, pos: int, end: int) -> bytes:
+        """The next bytes at `pos` from the relay (never past end - 1 before the verdict)."""
+        dl = self._download
+        while True:
+            if self._pending is None:
+                self._pending = await relay.get()
+                if self._pending is None:  # the relay ended: verdict in, or failed
+                    if dl.state in _VERIFIED and self._held_back is not None:
+                        return self._held_back
+                    raise DownloadFailed(dl.error or RuntimeError("pass-through ended early"))
+            offset, data = self._pending
+            if self._held_back is not None or offset + len(data) <= pos:
+                self._pending = None  # behind us, or past our end while we await the verdict
+                continue
+            if offset > pos:
+                raise DownloadFailed(RuntimeError("pass-through skipped bytes"))
+            piece = data[pos - offset : end - offset]
+            if offset + len(data) >= end:  # holds our last byte: keep it until verified
+                self._held_back = piece[-1:]
+                piece = piece[:-1]
+                self._pending = None
+                if piece:
+                    return piece
+                continue
+            self._pending = None
+            return piece
 
     async def chunks(self, start: int, end: int) -> AsyncIterator[bytes]:
         """Bytes start..end (exclusive) as they land; the last one only once the blob verified."""
@@ -335,7 +498,15 @@ class DownloadReader:
                 if dl.state is State.FAILED:
                     assert dl.error is not None
                     raise DownloadFailed(dl.error)
-                limit = end if dl.state is State.COMMITTED else min(dl.contiguous, end - 1)
+                relay = self._relay
+                if relay is not None and pos >= relay.start:
+                    data = await self._relayed(relay, pos, end)
+                    pos += len(data)
+                    yield data
+                    continue
+                limit = end if dl.state in _VERIFIED else min(dl.contiguous, end - 1)
+                if relay is not None:
+                    limit = min(limit, relay.start)
                 if pos < limit:
                     data = os.pread(self._fd, min(limit - pos, READ_SIZE), pos)
                     if not data:
@@ -353,3 +524,6 @@ class DownloadReader:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+            self._download._readers.discard(self)
+            if self._relay is not None:
+                self._relay.end()  # a departed reader must never hold the relay up

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mirror.cache.download import DigestMismatch, DownloadFailed
 from mirror.oci.errors import ErrorCode, RegistryError
+from mirror.storage.store import StoreError
 from mirror.upstream.errors import UpstreamError, UpstreamUnavailable
 
 
@@ -41,6 +42,8 @@ def to_registry_error(exc: BaseException, unknown: ErrorCode) -> RegistryError:
             ErrorCode.UPSTREAM_ERROR, f"upstream registry answered {exc.status}",
             {"upstream_status": exc.status, "upstream_message": str(exc)},
         )  # fmt: skip
+    if isinstance(exc, StoreError):
+        return RegistryError(ErrorCode.UNAVAILABLE, f"cache storage failed: {exc}")
     if isinstance(exc, UpstreamUnavailable):
         return RegistryError(ErrorCode.UNAVAILABLE, str(exc))
     return RegistryError(ErrorCode.UNKNOWN, f"{type(exc).__name__}")
