@@ -136,8 +136,10 @@ def parse_listen(value: Any) -> tuple[str, int]:
     """ "0.0.0.0:5000", "[::1]:5000", ":5000" -> (host, port)."""
     text = str(value)
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"expected host:port, got {text!r}")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise ValueError(f"an IPv6 address needs brackets: [{host}]:{port}, got {text!r}")
     host = host.strip("[]") or "0.0.0.0"
     return host, int(port)
 
@@ -159,6 +161,15 @@ def _positive_int(value: Any) -> int:
     number = int(value)
     if number < 1:
         raise ValueError("must be at least 1")
+    return number
+
+
+def _non_negative_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected a whole number")
+    number = int(value)
+    if number < 0:
+        raise ValueError("must be 0 or more")
     return number
 
 
@@ -199,7 +210,7 @@ _SCALARS: dict[tuple[str, str], tuple[str, Any]] = {
     ("upstream", "connect_timeout"): ("connect_timeout", parse_duration),
     ("upstream", "header_timeout"): ("header_timeout", parse_duration),
     ("upstream", "read_timeout"): ("read_timeout", parse_duration),
-    ("upstream", "retries"): ("retries", lambda v: _positive_int(int(v) + 1) - 1),
+    ("upstream", "retries"): ("retries", lambda v: _non_negative_int(v)),
     ("upstream", "ranged_threshold"): ("ranged_threshold", parse_size),
     ("upstream", "ranged_streams"): ("ranged_streams", _positive_int),
     ("upstream", "chunk_size"): ("chunk_size", parse_size),
@@ -209,7 +220,11 @@ _SCALARS: dict[tuple[str, str], tuple[str, Any]] = {
     ("warm", "concurrency"): ("concurrency", _positive_int),
 }
 _SECTIONS = ("server", "cache", "upstream", "warm")
+# No user info in URLs: credentials belong in username/password, which are never logged.
+_URL = re.compile(r"https?://[^/@\s]+(?:/|$)")
 _REGISTRY_KEYS = {"url", "username", "password", "mirror"}
+# Registry names become cache directory names: hosts only, never "..", "/" or spaces.
+_REGISTRY_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::[0-9]{1,5})?")
 
 
 def env_id(registry: str) -> str:
@@ -246,15 +261,15 @@ def load_config(
                 raw[f"{key}.{sub}"] = (f"{path}: {key}.{sub}", subvalue)
         elif key == "registries" and isinstance(value, dict):
             continue
-        elif key == "server" and not isinstance(value, dict):
-            problems.append(f"{path}: server must be a table")
+        elif key in _SECTIONS:
+            problems.append(f"{path}: {key} must be a table")
         else:
             problems.append(f"{path}: unknown key {key!r}")
     for name, value in environ.items():
         if not name.startswith("MIRROR_") or name.startswith("MIRROR_REGISTRY_"):
             continue
         rest = name[len("MIRROR_") :].lower()
-        if rest == "config":
+        if rest in ("config", "log_level"):  # read by the CLI itself
             continue
         if rest == "default_registry":
             raw["default_registry"] = (f"${name}", value)
@@ -266,7 +281,8 @@ def load_config(
             problems.append(f"${name}: unknown setting")
     for key, value in (overrides or {}).items():
         if value is not None:
-            raw[key] = (f"--{key.split('.')[-1].replace('_', '-')}", value)
+            flag = {"server.listen": "--listen", "cache.dir": "--cache-dir"}.get(key, key)
+            raw[key] = (flag, value)
 
     sections: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
     default_registry = "docker.io"
@@ -330,6 +346,9 @@ def _load_registries(
     else:
         for name, entry in table.items():
             where = f"{path}: registries.{name!r}"
+            if not _REGISTRY_NAME.fullmatch(name):
+                problems.append(f"{where}: a registry is named by its host[:port]")
+                continue
             if not isinstance(entry, dict):
                 problems.append(f"{where}: must be a table with at least url")
                 continue
@@ -337,8 +356,9 @@ def _load_registries(
             if unknown:
                 problems.append(f"{where}: unknown keys {sorted(unknown)}")
             url = entry.get("url")
-            if not isinstance(url, str) or not re.match(r"https?://[^/]+", url):
-                problems.append(f"{where}.url: expected http(s)://host[:port], got {url!r}")
+            if not isinstance(url, str) or not _URL.match(url):
+                shown = url if isinstance(url, str) and "@" not in url else "<a url with user info>"
+                problems.append(f"{where}.url: expected http(s)://host[:port], got {shown!r}")
                 continue
             try:
                 is_mirror = _parse_bool(entry.get("mirror", False))
@@ -361,7 +381,13 @@ def _load_registries(
         for suffix, attr in (("_USERNAME", "username"), ("_PASSWORD", "password"), ("_URL", "url")):
             if rest.endswith(suffix) and rest[: -len(suffix)] in by_id:
                 name = by_id[rest[: -len(suffix)]]
-                result[name] = replace(result[name], **{attr: value or None})
+                if attr == "url":
+                    if not _URL.match(value):
+                        problems.append(f"${var}: expected http(s)://host[:port], got {value!r}")
+                        break
+                    result[name] = replace(result[name], url=value.rstrip("/"))
+                else:
+                    result[name] = replace(result[name], **{attr: value or None})
                 break
         else:
             problems.append(f"${var}: names no configured registry (ids: {sorted(by_id)})")

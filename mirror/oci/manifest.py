@@ -37,7 +37,7 @@ def _descriptor(raw: Any) -> Descriptor:
     except InvalidDigest as exc:
         raise InvalidManifest(str(exc)) from exc
     size = raw.get("size")
-    if not isinstance(size, int) or size < 0:
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise InvalidManifest(f"descriptor {digest} has no valid size")
     platform = None
     p = raw.get("platform")
@@ -58,11 +58,14 @@ def parse_manifest(body: bytes, media_type: str) -> ParsedManifest:
     media_type = media_type or str(doc.get("mediaType", ""))
     if media_type in (DOCKER_V1, DOCKER_V1_SIGNED):
         layers = doc.get("fsLayers") or []
-        children = tuple(
-            Descriptor("", parse_digest(layer["blobSum"]), -1)
-            for layer in layers
-            if isinstance(layer, dict) and "blobSum" in layer
-        )
+        try:
+            children = tuple(
+                Descriptor("", parse_digest(str(layer["blobSum"])), -1)
+                for layer in layers
+                if isinstance(layer, dict) and "blobSum" in layer
+            )
+        except InvalidDigest as exc:
+            raise InvalidManifest(str(exc)) from exc
         return ParsedManifest(media_type, False, children)
     if media_type in INDEX_TYPES or "manifests" in doc:
         entries = doc.get("manifests")
@@ -87,4 +90,8 @@ def platform_matches(wanted: str, actual: str | None) -> bool:
     a = actual.split("/")
     if w[:2] != a[:2]:
         return False
-    return len(w) < 3 or (len(a) >= 3 and w[2] == a[2])
+    if len(w) < 3:
+        return True
+    # containerd's normalisation: arm64 without a variant is v8
+    variant = a[2] if len(a) >= 3 else ("v8" if a[1] == "arm64" else "")
+    return w[2] == variant

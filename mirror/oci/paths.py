@@ -56,8 +56,11 @@ def parse_v2_path(tail: str) -> V2Path:
     parts = tail.split("/")
     if len(parts) >= 3 and parts[-2:] == ["tags", "list"]:
         return V2Path(Kind.TAGS, "/".join(parts[:-2]))
-    for i in range(len(parts) - 1, 0, -1):
-        if parts[i] == "blobs" and i + 1 < len(parts) and parts[i + 1] == "uploads":
+    # .../blobs/uploads/ or .../blobs/uploads/<id>: an upload id never contains "/", so a
+    # repository that is itself named org/blobs/uploads still routes by its trailing verb.
+    for tail_len in (2, 3):
+        i = len(parts) - tail_len
+        if i > 0 and parts[i : i + 2] == ["blobs", "uploads"]:
             return V2Path(Kind.UPLOAD, "/".join(parts[:i]))
     if len(parts) >= 3 and parts[-1]:
         kinds = {"manifests": Kind.MANIFEST, "blobs": Kind.BLOB, "referrers": Kind.REFERRERS}

@@ -21,16 +21,20 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     first, dash, last = spec.strip().partition("-")
     if not dash:
         return None
-    try:
-        if first == "":
-            suffix = int(last)
-            if suffix <= 0:
-                raise UnsatisfiableRange(header)
-            return max(0, size - suffix), size - 1
-        start = int(first)
-        end = int(last) if last else size - 1
-    except ValueError:
+    first, last = first.strip(), last.strip()
+    if not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
+        return None  # signs, spaces inside numbers, garbage: not a range we answer
+    if first == "" and last == "":
         return None
+    suffix = int(last) if first == "" else None
+    start = int(first) if first else 0
+    end = int(last) if last and first else size - 1
+    if suffix is not None:
+        if suffix <= 0:
+            raise UnsatisfiableRange(header)
+        if size == 0:
+            return None  # nothing to take a suffix of: the (empty) whole body answers it
+        return max(0, size - suffix), size - 1
     if start >= size:
         raise UnsatisfiableRange(header)
     if start < 0 or end < start:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mirror.oci.digest import Digest
+from mirror.oci.digest import Digest, InvalidDigest, parse_digest
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,9 @@ class Layout:
             rel = path.relative_to(self.blobs).parts
         except ValueError:
             return None
-        if len(rel) == 3 and len(rel[2]) == 64 and rel[1] == rel[2][:2]:
-            return Digest(rel[0], rel[2])
-        return None
+        if len(rel) != 3 or rel[1] != rel[2][:2]:
+            return None
+        try:
+            return parse_digest(f"{rel[0]}:{rel[2]}")
+        except InvalidDigest:
+            return None

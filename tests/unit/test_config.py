@@ -1,0 +1,564 @@
+"""Config loading: defaults < TOML file < MIRROR_* env < CLI overrides, every bad key at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mirror.config import (
+    DEFAULT_REGISTRIES,
+    CacheConfig,
+    Config,
+    ConfigError,
+    RegistryConfig,
+    ServerConfig,
+    UpstreamConfig,
+    WarmConfig,
+    describe,
+    env_id,
+    load_config,
+    parse_duration,
+    parse_listen,
+    parse_size,
+)
+
+PROJECT = Path(__file__).resolve().parents[2]
+
+
+def _toml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "mirror.toml"
+    path.write_text(text)
+    return path
+
+
+def _problems(environ: dict[str, str], path: Path | None = None,
+              overrides: dict[str, Any] | None = None) -> list[str]:  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        load_config(environ, path, overrides)
+    return info.value.problems
+
+
+# ---------------------------------------------------------------- scalar parsers
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (0, 0),
+        (1048576, 1048576),
+        ("0", 0),
+        ("100", 100),
+        ("100b", 100),
+        ("512MiB", 512 * 1024**2),
+        ("512mib", 512 * 1024**2),
+        ("100GB", 100 * 1000**3),
+        ("100G", 100 * 1000**3),
+        ("1.5KiB", 1536),
+        (" 10 kb ", 10_000),
+        ("2TiB", 2 * 1024**4),
+        ("1tb", 1000**4),
+        ("64k", 64_000),
+    ],
+)
+def test_parse_size(value: Any, expected: int) -> None:
+    assert parse_size(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value", [-1, True, "", "-5MB", "MiB", "5 PB", "5 MiBs", "five", "1e6", "0x10", None]
+)
+def test_parse_size_rejects(value: Any) -> None:
+    with pytest.raises(ValueError):
+        parse_size(value)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (0, 0.0),
+        (30, 30.0),
+        (2.5, 2.5),
+        ("30", 30.0),
+        ("30s", 30.0),
+        ("500ms", 0.5),
+        ("5m", 300.0),
+        ("1.5h", 5400.0),
+        ("7d", 604800.0),
+        ("7D", 604800.0),
+        (" 2 h ", 7200.0),
+    ],
+)
+def test_parse_duration(value: Any, expected: float) -> None:
+    assert parse_duration(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value", [-1, -0.5, float("nan"), True, "", "m", "5 minutes", "5w", "-5m", "1h30m", None]
+)
+def test_parse_duration_rejects(value: Any) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(value)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("0.0.0.0:5000", ("0.0.0.0", 5000)),
+        ("127.0.0.1:8080", ("127.0.0.1", 8080)),
+        (":5000", ("0.0.0.0", 5000)),
+        ("[::1]:5000", ("::1", 5000)),
+        ("[::]:443", ("::", 443)),
+        ("mirror.internal:65535", ("mirror.internal", 65535)),
+    ],
+)
+def test_parse_listen(value: str, expected: tuple[str, int]) -> None:
+    assert parse_listen(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value", ["5000", "host", "host:", "host:http", "host:65536", "host:-1", "[::1]", ""]
+)
+def test_parse_listen_rejects(value: str) -> None:
+    with pytest.raises(ValueError):
+        parse_listen(value)
+
+
+def test_parse_listen_rejects_bare_ipv6() -> None:
+    with pytest.raises(ValueError):
+        parse_listen("::1")
+
+
+@pytest.mark.parametrize(
+    ("registry", "expected"),
+    [
+        ("docker.io", "DOCKER_IO"),
+        ("registry.k8s.io", "REGISTRY_K8S_IO"),
+        ("public.ecr.aws", "PUBLIC_ECR_AWS"),
+        ("127.0.0.1:5000", "127_0_0_1_5000"),
+        ("my-registry.example.com", "MY_REGISTRY_EXAMPLE_COM"),
+    ],
+)
+def test_env_id(registry: str, expected: str) -> None:
+    assert env_id(registry) == expected
+
+
+# ---------------------------------------------------------------- sources and precedence
+
+
+def test_defaults() -> None:
+    config = load_config({})
+    assert config == Config()
+    assert config.server == ServerConfig()
+    assert (config.server.host, config.server.port) == ("0.0.0.0", 5000)
+    assert config.default_registry == "docker.io"
+    assert dict(config.registries) == {
+        n: RegistryConfig(n, u) for n, u in DEFAULT_REGISTRIES.items()
+    }
+
+
+def test_unrelated_environment_is_ignored() -> None:
+    assert load_config({"HOME": "/root", "MIRRORS": "x", "PATH": "/bin"}) == Config()
+
+
+def test_toml_file(tmp_path: Path) -> None:
+    path = _toml(
+        tmp_path,
+        """
+default_registry = "ghcr.io"
+
+[server]
+listen = "127.0.0.1:6000"
+admin_token = "t0k"
+access_log = false
+
+[cache]
+dir = "/srv/cache"
+max_size = "100GB"
+high_watermark = 0.95
+low_watermark = 0.5
+tag_ttl = "5m"
+max_stale = "7d"
+revalidate_timeout = 1.5
+
+[upstream]
+connect_timeout = 2
+retries = 0
+ranged_threshold = "64MiB"
+ranged_streams = 4
+chunk_size = "8MiB"
+breaker_failures = 2
+breaker_cooldown = "1m"
+
+[warm]
+platforms = ["linux/amd64", "linux/arm64/v8"]
+concurrency = 2
+""",
+    )
+    config = load_config({}, path)
+    assert config.server == ServerConfig("127.0.0.1", 6000, "t0k", False)
+    assert config.cache == CacheConfig(
+        directory=Path("/srv/cache"), max_size=100 * 1000**3, high_watermark=0.95,
+        low_watermark=0.5, tag_ttl=300.0, max_stale=604800.0, revalidate_timeout=1.5,
+    )  # fmt: skip
+    assert config.upstream == UpstreamConfig(
+        connect_timeout=2.0, retries=0, ranged_threshold=64 * 1024**2, ranged_streams=4,
+        chunk_size=8 * 1024**2, breaker_failures=2, breaker_cooldown=60.0,
+    )  # fmt: skip
+    assert config.warm == WarmConfig(("linux/amd64", "linux/arm64/v8"), 2)
+    assert config.default_registry == "ghcr.io"
+    assert set(config.registries) == set(DEFAULT_REGISTRIES)  # no [registries]: defaults
+
+
+@pytest.mark.parametrize(
+    ("environ", "section", "attr", "expected"),
+    [
+        ({"MIRROR_SERVER_LISTEN": "127.0.0.1:7000"}, "server", "port", 7000),
+        ({"MIRROR_SERVER_LISTEN": "127.0.0.1:7000"}, "server", "host", "127.0.0.1"),
+        ({"MIRROR_SERVER_ADMIN_TOKEN": "abc"}, "server", "admin_token", "abc"),
+        ({"MIRROR_SERVER_ADMIN_TOKEN": ""}, "server", "admin_token", None),
+        ({"MIRROR_SERVER_ACCESS_LOG": "off"}, "server", "access_log", False),
+        ({"MIRROR_SERVER_ACCESS_LOG": "YES"}, "server", "access_log", True),
+        ({"MIRROR_CACHE_DIR": "/data"}, "cache", "directory", Path("/data")),
+        ({"MIRROR_CACHE_MAX_SIZE": "512MiB"}, "cache", "max_size", 512 * 1024**2),
+        ({"MIRROR_CACHE_MAX_SIZE": "100GB"}, "cache", "max_size", 100 * 1000**3),
+        ({"MIRROR_CACHE_TAG_TTL": "5m"}, "cache", "tag_ttl", 300.0),
+        ({"MIRROR_CACHE_MAX_STALE": "7d"}, "cache", "max_stale", 604800.0),
+        ({"MIRROR_CACHE_LOW_WATERMARK": "0.1"}, "cache", "low_watermark", 0.1),
+        ({"MIRROR_UPSTREAM_RETRIES": "0"}, "upstream", "retries", 0),
+        ({"MIRROR_UPSTREAM_READ_TIMEOUT": "500ms"}, "upstream", "read_timeout", 0.5),
+        ({"MIRROR_UPSTREAM_BREAKER_FAILURES": "9"}, "upstream", "breaker_failures", 9),
+        ({"MIRROR_WARM_PLATFORMS": "linux/amd64, linux/arm/v7,"}, "warm", "platforms",
+         ("linux/amd64", "linux/arm/v7")),
+        ({"MIRROR_WARM_CONCURRENCY": "16"}, "warm", "concurrency", 16),
+        ({"MIRROR_CONFIG": "/ignored/here.toml"}, "warm", "concurrency", 4),
+    ],
+)  # fmt: skip
+def test_env_overrides(environ: dict[str, str], section: str, attr: str, expected: Any) -> None:
+    assert getattr(getattr(load_config(environ), section), attr) == expected
+
+
+def test_env_default_registry() -> None:
+    assert load_config({"MIRROR_DEFAULT_REGISTRY": "quay.io"}).default_registry == "quay.io"
+
+
+def test_precedence_file_then_env_then_overrides(tmp_path: Path) -> None:
+    path = _toml(
+        tmp_path,
+        """
+[server]
+listen = "0.0.0.0:1111"
+[cache]
+dir = "/from/file"
+max_size = "1GB"
+tag_ttl = "1m"
+""",
+    )
+    environ = {"MIRROR_SERVER_LISTEN": "0.0.0.0:2222", "MIRROR_CACHE_DIR": "/from/env"}
+    overrides = {"server.listen": "0.0.0.0:3333", "cache.dir": None}  # None: flag not given
+    config = load_config(environ, path, overrides)
+    assert config.server.port == 3333  # flag > env > file
+    assert config.cache.directory == Path("/from/env")  # env > file
+    assert config.cache.max_size == 1000**3  # file > default
+    assert config.cache.tag_ttl == 60.0
+    assert config.cache.low_watermark == CacheConfig().low_watermark  # default
+
+
+def test_registries_table_replaces_the_defaults(tmp_path: Path) -> None:
+    path = _toml(
+        tmp_path,
+        """
+default_registry = "registry.internal:5000"
+[registries."registry.internal:5000"]
+url = "http://registry.internal:5000/"
+[registries."docker.io"]
+url = "https://eu-mirror.example.com"
+mirror = true
+username = "bot"
+password = "from-file"
+""",
+    )
+    config = load_config({}, path)
+    assert dict(config.registries) == {
+        "registry.internal:5000": RegistryConfig(
+            "registry.internal:5000", "http://registry.internal:5000"
+        ),
+        "docker.io": RegistryConfig(
+            "docker.io", "https://eu-mirror.example.com", "bot", "from-file", is_mirror=True
+        ),
+    }
+    assert config.default_registry == "registry.internal:5000"
+
+
+def test_registry_credentials_from_env() -> None:
+    config = load_config({
+        "MIRROR_REGISTRY_DOCKER_IO_USERNAME": "hubuser",
+        "MIRROR_REGISTRY_DOCKER_IO_PASSWORD": "hub-secret",
+        "MIRROR_REGISTRY_GHCR_IO_PASSWORD": "ghp_token",
+        "MIRROR_REGISTRY_QUAY_IO_URL": "https://quay.example.com",
+    })  # fmt: skip
+    hub = config.registries["docker.io"]
+    assert (hub.username, hub.password, hub.url) == (
+        "hubuser", "hub-secret", DEFAULT_REGISTRIES["docker.io"]
+    )  # fmt: skip
+    assert config.registries["ghcr.io"].password == "ghp_token"
+    assert config.registries["quay.io"].url == "https://quay.example.com"
+    assert config.registries["registry.k8s.io"].username is None
+
+
+def test_registry_env_overrides_file_credentials(tmp_path: Path) -> None:
+    path = _toml(
+        tmp_path,
+        """
+[registries."127.0.0.1:5000"]
+url = "http://127.0.0.1:5000"
+username = "file-user"
+password = "file-pass"
+""",
+    )
+    config = load_config(
+        {"MIRROR_REGISTRY_127_0_0_1_5000_PASSWORD": "env-pass", "MIRROR_DEFAULT_REGISTRY":
+         "127.0.0.1:5000"}, path,
+    )  # fmt: skip
+    registry = config.registries["127.0.0.1:5000"]
+    assert (registry.username, registry.password) == ("file-user", "env-pass")
+
+
+def test_passwords_stay_out_of_repr() -> None:
+    config = load_config({
+        "MIRROR_REGISTRY_DOCKER_IO_PASSWORD": "hub-secret-123",
+        "MIRROR_SERVER_ADMIN_TOKEN": "admin-token-456",
+    })  # fmt: skip
+    text = repr(config)
+    assert "hub-secret-123" not in text
+    assert "admin-token-456" not in text
+
+
+# ---------------------------------------------------------------- every bad key, at once
+
+
+@pytest.mark.parametrize(
+    ("environ", "origin"),
+    [
+        ({"MIRROR_CACHE_MAX_SIZE": "lots"}, "$MIRROR_CACHE_MAX_SIZE"),
+        ({"MIRROR_CACHE_TAG_TTL": "5 minutes"}, "$MIRROR_CACHE_TAG_TTL"),
+        ({"MIRROR_CACHE_HIGH_WATERMARK": "1.5"}, "$MIRROR_CACHE_HIGH_WATERMARK"),
+        ({"MIRROR_CACHE_LOW_WATERMARK": "0"}, "$MIRROR_CACHE_LOW_WATERMARK"),
+        ({"MIRROR_CACHE_HIGH_WATERMARK": "abc"}, "$MIRROR_CACHE_HIGH_WATERMARK"),
+        ({"MIRROR_CACHE_LOW_WATERMARK": "0.95"}, "cache.low_watermark"),  # above high
+        ({"MIRROR_SERVER_LISTEN": "nope"}, "$MIRROR_SERVER_LISTEN"),
+        ({"MIRROR_SERVER_ACCESS_LOG": "maybe"}, "$MIRROR_SERVER_ACCESS_LOG"),
+        ({"MIRROR_SERVER_PORT": "80"}, "$MIRROR_SERVER_PORT"),  # not a setting: listen is
+        ({"MIRROR_UPSTREAM_RETRIES": "-1"}, "$MIRROR_UPSTREAM_RETRIES"),
+        ({"MIRROR_UPSTREAM_RANGED_STREAMS": "0"}, "$MIRROR_UPSTREAM_RANGED_STREAMS"),
+        ({"MIRROR_UPSTREAM_BREAKER_FAILURES": "1.5"}, "$MIRROR_UPSTREAM_BREAKER_FAILURES"),
+        ({"MIRROR_UPSTREAM_CHUNK_SIZE": "1KiB"}, "upstream.chunk_size"),  # below 64KiB
+        ({"MIRROR_WARM_PLATFORMS": "amd64"}, "$MIRROR_WARM_PLATFORMS"),
+        ({"MIRROR_WARM_PLATFORMS": " , "}, "$MIRROR_WARM_PLATFORMS"),
+        ({"MIRROR_WARM_CONCURRENCY": "0"}, "$MIRROR_WARM_CONCURRENCY"),
+        ({"MIRROR_TYPO": "1"}, "$MIRROR_TYPO"),
+        ({"MIRROR_CACHE_SIZE": "1GB"}, "$MIRROR_CACHE_SIZE"),
+        ({"MIRROR_DEFAULT_REGISTRY": "evil.example.com"}, "default_registry"),
+        ({"MIRROR_REGISTRY_NOPE_IO_PASSWORD": "x"}, "$MIRROR_REGISTRY_NOPE_IO_PASSWORD"),
+        ({"MIRROR_REGISTRY_DOCKER_IO_TOKEN": "x"}, "$MIRROR_REGISTRY_DOCKER_IO_TOKEN"),
+    ],
+)
+def test_bad_env_value_is_named(environ: dict[str, str], origin: str) -> None:
+    problems = _problems(environ)
+    assert len(problems) == 1
+    assert problems[0].startswith(origin)
+
+
+def test_every_bad_key_is_reported_together(tmp_path: Path) -> None:
+    path = _toml(
+        tmp_path,
+        """
+colour = "blue"
+default_registry = "nowhere.example"
+
+[server]
+listen = "no-port"
+access_log = "sometimes"
+admin_tokn = "typo"
+
+[cache]
+max_size = "a lot"
+tag_ttl = "-5m"
+
+[upstream]
+retries = "many"
+
+[warm]
+platforms = ["linux"]
+
+[registries."ghcr.io"]
+url = "ftp://ghcr.io"
+[registries."quay.io"]
+url = "https://quay.io"
+mirror = "perhaps"
+token = "x"
+[registries."bad.example"]
+oops = 1
+""",
+    )
+    environ = {"MIRROR_WARM_CONCURRENCY": "none", "MIRROR_REGISTRY_GITLAB_COM_PASSWORD": "x"}
+    overrides = {"server.listen": "still-no-port"}
+    problems = _problems(environ, path, overrides)
+    text = "\n".join(problems)
+    for fragment in [
+        "unknown key 'colour'",
+        "--listen",  # the flag won over the file's listen, and is named as the origin
+        "server.access_log",
+        "server.admin_tokn: unknown setting",
+        "cache.max_size",
+        "cache.tag_ttl",
+        "upstream.retries",
+        "warm.platforms",
+        "$MIRROR_WARM_CONCURRENCY",
+        "registries.'ghcr.io'.url",
+        "registries.'quay.io': unknown keys ['token']",
+        "registries.'quay.io'.mirror",
+        "registries.'bad.example'.url",
+        "$MIRROR_REGISTRY_GITLAB_COM_PASSWORD",
+        "default_registry: 'nowhere.example'",
+    ]:
+        assert fragment in text, fragment
+    assert len(problems) == 16
+    assert str(ConfigError(problems)).count("\n") == len(problems)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[server\nlisten = 1", "not valid TOML"),
+        ('server = "0.0.0.0:5000"', "server must be a table"),
+        ('registries = "docker.io"', "registries must be a table"),
+        ('[registries]\n"docker.io" = "https://x"', "must be a table with at least url"),
+        ("[registries]", "default_registry: 'docker.io' is not among"),  # empty set
+    ],
+)
+def test_bad_file_shapes(tmp_path: Path, text: str, message: str) -> None:
+    problems = _problems({}, _toml(tmp_path, text))
+    assert any(message in p for p in problems), problems
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    problems = _problems({}, tmp_path / "missing.toml")
+    assert problems == [f"{tmp_path / 'missing.toml'}: cannot read (No such file or directory)"]
+
+
+def test_unknown_override_is_named() -> None:
+    assert _problems({}, None, {"cache.size": "1GB"}) == ["cache.size: unknown setting"]
+
+
+def test_log_level_env_is_not_a_config_error() -> None:
+    assert load_config({"MIRROR_LOG_LEVEL": "debug"}) == Config()
+
+
+@pytest.mark.parametrize("url", ["not-a-url", "ftp://x", ""])
+def test_registry_url_from_env_is_validated(url: str) -> None:
+    problems = _problems({"MIRROR_REGISTRY_DOCKER_IO_URL": url})
+    assert problems[0].startswith("$MIRROR_REGISTRY_DOCKER_IO_URL")
+
+
+# ---------------------------------------------------------------- describe()
+
+SECRETS = ("hub-secret-123", "admin-token-456", "file-pass-789")
+
+
+def _secret_config(tmp_path: Path) -> Config:
+    path = _toml(
+        tmp_path,
+        """
+[server]
+admin_token = "admin-token-456"
+[registries."docker.io"]
+url = "https://registry-1.docker.io"
+username = "u"
+password = "file-pass-789"
+[registries."ghcr.io"]
+url = "https://ghcr.io"
+""",
+    )
+    return load_config({"MIRROR_REGISTRY_GHCR_IO_PASSWORD": "hub-secret-123",
+                        "MIRROR_REGISTRY_GHCR_IO_USERNAME": "g"}, path)  # fmt: skip
+
+
+def test_describe_never_contains_secrets(tmp_path: Path) -> None:
+    config = _secret_config(tmp_path)
+    assert config.server.admin_token == "admin-token-456"  # loaded, so hiding it means something
+    assert config.registries["docker.io"].password == "file-pass-789"
+    view = describe(config)
+    text = json.dumps(view)
+    for secret in SECRETS:
+        assert secret not in text
+    assert "admin_token" not in view["server"]
+    assert view["registries"]["docker.io"] == {
+        "url": "https://registry-1.docker.io", "auth": True, "mirror": False,
+    }  # fmt: skip
+    assert view["registries"]["ghcr.io"]["auth"] is True
+    assert view["default_registry"] == "docker.io"
+    assert view["cache"]["max_size"] == "0"
+
+
+def test_describe_of_defaults_is_json_ready() -> None:
+    view = describe(load_config({}))
+    assert set(view) == {"server", "cache", "upstream", "warm", "registries", "default_registry"}
+    assert set(view["registries"]) == set(DEFAULT_REGISTRIES)
+    assert json.loads(json.dumps(view)) == view
+
+
+def test_describe_hides_userinfo_in_urls(tmp_path: Path) -> None:
+    path = _toml(
+        tmp_path,
+        """
+[registries."docker.io"]
+url = "https://user:url-pass-000@registry-1.docker.io"
+""",
+    )
+    # Refused outright: credentials belong in username/password, which are never logged.
+    with pytest.raises(ConfigError) as caught:
+        load_config({}, path)
+    assert "url-pass-000" not in str(caught.value)
+    assert "registries.'docker.io'.url" in str(caught.value)
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_serve_with_bad_config_exits_2_naming_every_key(tmp_path: Path) -> None:
+    path = _toml(
+        tmp_path,
+        """
+[server]
+listen = "nowhere"
+[cache]
+max_size = "huge"
+tag_ttl = "soon"
+[upstream]
+retries = -3
+[registries."docker.io"]
+url = "registry-1.docker.io"
+""",
+    )
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "mirror", "serve", "--config", str(path)],
+        cwd=PROJECT, env=environ, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("mirror: invalid configuration:") == 1
+    assert result.stderr.startswith("mirror: invalid configuration:")
+    for key in ["server.listen", "cache.max_size", "cache.tag_ttl", "upstream.retries",
+                "registries.'docker.io'.url"]:  # fmt: skip
+        assert f"{path}: {key}" in result.stderr, key
+    # the registry error removed docker.io, which then fails the default_registry check too
+    assert "default_registry" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 + 6

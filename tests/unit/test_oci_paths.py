@@ -1,0 +1,127 @@
+"""/v2/ request paths into (kind, name, reference), and routing them to a configured registry."""
+
+from __future__ import annotations
+
+import pytest
+
+from mirror.oci.paths import Kind, Target, UnknownRegistry, V2Path, parse_v2_path, route
+from mirror.oci.reference import InvalidName
+
+DIGEST = "sha256:a3ed95caeb02ffe68cdd9fd84406680ae93d633cb16422d00e8a7c22955b46d4"
+
+
+@pytest.mark.parametrize(
+    ("tail", "expected"),
+    [
+        ("", V2Path(Kind.BASE)),
+        ("/", V2Path(Kind.BASE)),
+        ("_catalog", V2Path(Kind.CATALOG)),
+        ("_catalog/", V2Path(Kind.CATALOG)),
+        ("nginx/manifests/latest", V2Path(Kind.MANIFEST, "nginx", "latest")),
+        ("library/nginx/manifests/1.25", V2Path(Kind.MANIFEST, "library/nginx", "1.25")),
+        (f"library/nginx/manifests/{DIGEST}", V2Path(Kind.MANIFEST, "library/nginx", DIGEST)),
+        ("ghcr.io/org/app/manifests/v1", V2Path(Kind.MANIFEST, "ghcr.io/org/app", "v1")),
+        (f"library/nginx/blobs/{DIGEST}", V2Path(Kind.BLOB, "library/nginx", DIGEST)),
+        (f"a/referrers/{DIGEST}", V2Path(Kind.REFERRERS, "a", DIGEST)),
+        ("library/nginx/tags/list", V2Path(Kind.TAGS, "library/nginx")),
+        ("a/b/c/tags/list", V2Path(Kind.TAGS, "a/b/c")),
+        ("library/nginx/blobs/uploads/", V2Path(Kind.UPLOAD, "library/nginx")),
+        ("library/nginx/blobs/uploads", V2Path(Kind.UPLOAD, "library/nginx")),
+        ("library/nginx/blobs/uploads/1f2e-uuid", V2Path(Kind.UPLOAD, "library/nginx")),
+        # repositories whose names contain the route words still parse by position
+        ("blobs/manifests/latest", V2Path(Kind.MANIFEST, "blobs", "latest")),
+        ("manifests/manifests/latest", V2Path(Kind.MANIFEST, "manifests", "latest")),
+        ("tags/tags/list", V2Path(Kind.TAGS, "tags")),
+        ("a/tags/manifests/list", V2Path(Kind.MANIFEST, "a/tags", "list")),
+        # not a route: too short, empty reference, unknown verb
+        ("manifests/latest", V2Path(Kind.UNKNOWN, "manifests/latest")),
+        ("nginx/manifests/", V2Path(Kind.UNKNOWN, "nginx/manifests/")),
+        ("nginx/blobs/", V2Path(Kind.UNKNOWN, "nginx/blobs/")),
+        ("tags/list", V2Path(Kind.UNKNOWN, "tags/list")),
+        ("nginx/layers/x", V2Path(Kind.UNKNOWN, "nginx/layers/x")),
+        ("nginx", V2Path(Kind.UNKNOWN, "nginx")),
+    ],
+)
+def test_parse_v2_path(tail: str, expected: V2Path) -> None:
+    assert parse_v2_path(tail) == expected
+
+
+def test_parse_v2_path_repository_named_blobs_uploads() -> None:
+    # "org/blobs/uploads" is a valid repository name; an upload id cannot contain "/".
+    assert parse_v2_path("org/blobs/uploads/manifests/latest") == V2Path(
+        Kind.MANIFEST, "org/blobs/uploads", "latest"
+    )
+
+
+REGISTRIES = frozenset({"docker.io", "ghcr.io", "quay.io", "127.0.0.1:5000", "localhost:5000"})
+
+
+@pytest.mark.parametrize(
+    ("name", "ns", "default", "expected"),
+    [
+        # default registry, Docker Hub's library/ prefix
+        ("nginx", None, "docker.io", Target("docker.io", "library/nginx")),
+        ("library/nginx", None, "docker.io", Target("docker.io", "library/nginx")),
+        ("bitnami/redis", None, "docker.io", Target("docker.io", "bitnami/redis")),
+        ("app", None, "ghcr.io", Target("ghcr.io", "app")),
+        # registry as the first path component (skopeo/podman, containerd override_path)
+        ("ghcr.io/org/app", None, "docker.io", Target("ghcr.io", "org/app")),
+        ("ghcr.io/app", None, "docker.io", Target("ghcr.io", "app")),
+        ("docker.io/nginx", None, "ghcr.io", Target("docker.io", "library/nginx")),
+        ("index.docker.io/nginx", None, "ghcr.io", Target("docker.io", "library/nginx")),
+        ("registry-1.docker.io/a/b", None, "ghcr.io", Target("docker.io", "a/b")),
+        ("127.0.0.1:5000/a/b", None, "docker.io", Target("127.0.0.1:5000", "a/b")),
+        ("localhost:5000/x", None, "docker.io", Target("localhost:5000", "x")),
+        # the path's host wins over ?ns=
+        ("ghcr.io/org/app", "quay.io", "docker.io", Target("ghcr.io", "org/app")),
+        # containerd's ?ns=, percent-encoded or not
+        ("org/app", "ghcr.io", "docker.io", Target("ghcr.io", "org/app")),
+        ("nginx", "docker.io", "ghcr.io", Target("docker.io", "library/nginx")),
+        ("nginx", "index.docker.io", "ghcr.io", Target("docker.io", "library/nginx")),
+        ("nginx", "registry-1.docker.io", "ghcr.io", Target("docker.io", "library/nginx")),
+        ("a/b", "127.0.0.1%3A5000", "docker.io", Target("127.0.0.1:5000", "a/b")),
+        ("a/b", "127.0.0.1%3a5000", "docker.io", Target("127.0.0.1:5000", "a/b")),
+        ("a/b", "127.0.0.1:5000", "docker.io", Target("127.0.0.1:5000", "a/b")),
+        ("a/b", " quay.io ", "docker.io", Target("quay.io", "a/b")),
+        ("a/b", "", "quay.io", Target("quay.io", "a/b")),  # empty ns: the default
+    ],
+)
+def test_route(name: str, ns: str | None, default: str, expected: Target) -> None:
+    assert route(name, ns, REGISTRIES, default) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "ns", "default", "registry"),
+    [
+        ("evil.example.com/x", None, "docker.io", "evil.example.com"),
+        ("ghcr.io:443/org/app", None, "docker.io", "ghcr.io:443"),
+        ("localhost/x", None, "docker.io", "localhost"),
+        ("x", "evil.example.com", "docker.io", "evil.example.com"),
+        ("x", "127.0.0.1%3A5001", "docker.io", "127.0.0.1:5001"),
+        ("x", None, "registry.k8s.io", "registry.k8s.io"),
+    ],
+)
+def test_route_unknown_registry(name: str, ns: str | None, default: str, registry: str) -> None:
+    with pytest.raises(UnknownRegistry) as info:
+        route(name, ns, REGISTRIES, default)
+    assert info.value.registry == registry
+
+
+@pytest.mark.parametrize(
+    ("name", "ns"),
+    [
+        ("", None),
+        ("Nginx", None),
+        ("ghcr.io/", None),
+        ("ghcr.io/Org/app", None),
+        ("a//b", None),
+        ("a/../b", None),
+        ("_tags", "ghcr.io"),
+        ("a/b/", "ghcr.io"),
+        ("a" * 256, "ghcr.io"),
+        ("a" * 250, None),  # library/ pushes it past 255
+    ],
+)
+def test_route_invalid_name(name: str, ns: str | None) -> None:
+    with pytest.raises(InvalidName):
+        route(name, ns, REGISTRIES, "docker.io")
