@@ -15,6 +15,7 @@ from mirror.cache.janitor import CacheJanitor
 from mirror.cache.manifests import ManifestService
 from mirror.config import Config, describe
 from mirror.handlers import ops, registry
+from mirror.handlers.admin import add_admin_routes
 from mirror.keys import (
     blobs_key,
     config_key,
@@ -46,6 +47,7 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
     app[metrics_key].track_registries(config.registries)
     app[store_key] = FilesystemStore(config.cache.directory)
     app.cleanup_ctx.append(_services)
+    add_admin_routes(app)  # after _services: the warm service is built from its blobs/manifests
     app.on_response_prepare.append(add_common_headers)
     app.router.add_get("/healthz", ops.healthz, allow_head=True)
     app.router.add_get("/readyz", ops.readyz, allow_head=True)

@@ -21,6 +21,23 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--cache-dir", help="cache directory (default ./mirror-cache)")
     serve.add_argument("--log-level", default=os.environ.get("MIRROR_LOG_LEVEL", "info"))
 
+    warm = sub.add_parser("warm", help="pull images into a running mirror's cache ahead of demand")
+    warm.add_argument(
+        "images", nargs="*", metavar="IMAGE",
+        help="image reference: nginx:1.27, ghcr.io/org/app:1.0, quay.io/x/y@sha256:...",
+    )  # fmt: skip
+    warm.add_argument(
+        "--platform", action="append", dest="platforms", default=[], metavar="OS/ARCH[/VARIANT]",
+        help="platform to warm (repeatable; default: the mirror's warm.platforms)",
+    )  # fmt: skip
+    warm.add_argument(
+        "--file", type=Path, help="file of image references, one per line (# comments; - is stdin)"
+    )
+    warm.add_argument(
+        "--url", default="http://127.0.0.1:5000", help="the mirror (default %(default)s)"
+    )
+    warm.add_argument("--token", help="admin token (default: env MIRROR_ADMIN_TOKEN)")
+
     cache = sub.add_parser("cache", help="inspect or trim the cache directory")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
     status = cache_sub.add_parser("status", help="print size, entries and oldest access")
@@ -62,6 +79,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             config = _load(args, {"server.listen": args.listen, "cache.dir": args.cache_dir})
             return _serve(config, args.log_level)
+        if args.command == "warm":
+            from mirror.warm_cli import run_warm
+
+            token = args.token or os.environ.get("MIRROR_ADMIN_TOKEN") or None
+            return run_warm(args.url, args.images, args.platforms, args.file, token)
         if args.command == "cache":
             from mirror.cache_cli import run_cache
 

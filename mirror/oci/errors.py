@@ -26,6 +26,8 @@ class ErrorCode(Enum):
     UPSTREAM_ERROR = ("UNKNOWN", 502, "upstream registry answered with an error")
     UNAVAILABLE = ("UNAVAILABLE", 503, "upstream registry unavailable")
     UNKNOWN = ("UNKNOWN", 500, "internal error")
+    # Not a distribution-spec code: the mirror's own admin API answers malformed requests so.
+    BAD_REQUEST = ("BAD_REQUEST", 400, "the request is not valid")
 
     @property
     def code(self) -> str:

@@ -1,0 +1,414 @@
+"""Cache warming: jobs that pull images into the cache ahead of demand, on the live pull path.
+
+A job is a list of image references and platforms. Each image is resolved through the
+ManifestService (tag or digest; an index is expanded to the requested platforms only) and its
+config and layers go through BlobService.fetch: the very download a live pull would start or
+join, so a warm and a pull of one blob share one upstream fetch, and a cached blob costs
+nothing. Jobs run as tasks owned by this service, never by the request that submitted them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextvars
+import re
+import secrets
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from mirror.cache.blobs import BlobService
+from mirror.cache.manifests import ManifestService
+from mirror.config import WarmConfig
+from mirror.metrics import Metrics
+from mirror.oci.digest import Digest
+from mirror.oci.errors import RegistryError
+from mirror.oci.manifest import Descriptor, InvalidManifest, parse_manifest, platform_matches
+from mirror.oci.reference import ImageReference, InvalidReference, parse_image_reference
+
+log = structlog.get_logger("mirror.warming")
+
+MAX_IMAGES = 500
+MAX_PLATFORMS = 16
+KEEP_JOBS = 100  # finished jobs are forgotten oldest first beyond this; running ones never
+BLOBS_PER_IMAGE = 4  # each blob download may itself open several ranged streams
+_PLATFORM = re.compile(r"[a-z0-9][a-z0-9._-]*/[a-z0-9][a-z0-9._-]*(?:/[a-z0-9][a-z0-9._-]*)?")
+# Foreign (Windows base) layers are not served by registries: clients fetch them from their
+# `urls`, so there is nothing to warm.
+_NOT_DISTRIBUTED = ("foreign", "nondistributable")
+_MAX_LISTED = 20
+
+QUEUED, RESOLVING, FETCHING, DONE, FAILED = "queued", "resolving", "fetching", "done", "failed"
+RUNNING = "running"  # a job's state while any of its images is not finished
+
+
+class InvalidWarmRequest(ValueError):
+    """The images or platforms of a request cannot be warmed; `problems` names each one."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        shown = problems[:_MAX_LISTED]
+        more = f"; and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+        super().__init__("; ".join(shown) + more)
+
+
+class WarmBusy(Exception):
+    """Too many jobs still running to accept another."""
+
+
+class _Failed(Exception):
+    """An image cannot be warmed; the message is its reason."""
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+@dataclass(slots=True)
+class ImageStatus:
+    image: str  # as submitted
+    reference: ImageReference
+    state: str = QUEUED
+    reason: str | None = None
+    digest: str | None = None  # what the tag resolved to (an index, for multi-arch images)
+    platforms: list[str] = field(default_factory=list)  # index entries chosen
+    missing_platforms: list[str] = field(default_factory=list)  # requested, not in the index
+    bytes_done: int = 0
+    bytes_total: int = 0
+    blobs_done: int = 0
+    blobs_total: int = 0
+    blobs_cached: int = 0  # of blobs_done, those already in the cache
+    started: float | None = None
+    finished: float | None = None
+    bytes_finished: int = field(default=0, repr=False)  # blobs fetched completely
+    in_flight: dict[str, Descriptor] = field(default_factory=dict, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "image": self.image,
+            "reference": str(self.reference),
+            "state": self.state,
+            "reason": self.reason,
+            "digest": self.digest,
+            "platforms": self.platforms,
+            "missing_platforms": self.missing_platforms,
+            "bytes_done": self.bytes_done,
+            "bytes_total": self.bytes_total,
+            "blobs_done": self.blobs_done,
+            "blobs_total": self.blobs_total,
+            "blobs_cached": self.blobs_cached,
+            "started": _iso(self.started),
+            "finished": _iso(self.finished),
+        }
+
+
+@dataclass(slots=True)
+class Job:
+    id: str
+    images: list[ImageStatus]
+    platforms: tuple[str, ...]
+    created: float
+    state: str = QUEUED  # queued | running | done | failed (some image failed)
+    started: float | None = None
+    finished: float | None = None
+
+    def to_json(self, with_images: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.id,
+            "state": self.state,
+            "platforms": list(self.platforms),
+            "created": _iso(self.created),
+            "started": _iso(self.started),
+            "finished": _iso(self.finished),
+            "images_total": len(self.images),
+            "images_done": sum(i.state == DONE for i in self.images),
+            "images_failed": sum(i.state == FAILED for i in self.images),
+            "bytes_done": sum(i.bytes_done for i in self.images),
+            "bytes_total": sum(i.bytes_total for i in self.images),
+            "blobs_done": sum(i.blobs_done for i in self.images),
+            "blobs_total": sum(i.blobs_total for i in self.images),
+        }
+        if with_images:
+            out["images"] = [i.to_json() for i in self.images]
+        return out
+
+
+class WarmService:
+    def __init__(
+        self,
+        manifests: ManifestService,
+        blobs: BlobService,
+        config: WarmConfig,
+        metrics: Metrics,
+        default_registry: str,
+        registries: Collection[str],
+        clock: Callable[[], float],
+        blobs_per_image: int = BLOBS_PER_IMAGE,
+    ) -> None:
+        self._manifests = manifests
+        self._blobs = blobs
+        self._config = config
+        self._metrics = metrics
+        self._default_registry = default_registry
+        self._registries = registries
+        self._clock = clock
+        self._blobs_per_image = blobs_per_image
+        # Shared by all jobs: two jobs together warm no more images at once than one.
+        self._slots = asyncio.Semaphore(config.concurrency)
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._tasks: set[asyncio.Task[None]] = set()
+        for state in (QUEUED, DONE, FAILED):  # every series from the first scrape
+            metrics.warm_jobs.labels(state)
+
+    # -- the API -----------------------------------------------------------------------------
+
+    def submit(self, images: Sequence[str], platforms: Sequence[str] | None) -> Job:
+        """Validate everything first (InvalidWarmRequest lists every problem), then start."""
+        references = self._references(images)
+        wanted = self._platforms(platforms)
+        self._make_room()
+        job = Job(
+            secrets.token_hex(8),
+            [ImageStatus(text, ref) for text, ref in references],
+            wanted,
+            self._clock(),
+        )
+        self._jobs[job.id] = job
+        self._metrics.warm_jobs.labels(QUEUED).inc()
+        # A fresh context: the job outlives the request that submitted it.
+        task = asyncio.create_task(
+            self._run(job), name=f"warm {job.id}", context=contextvars.Context()
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        log.info("warm_job_submitted", job=job.id, images=len(job.images), platforms=wanted)
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        job = self._jobs.get(job_id)
+        if job is not None:
+            self._refresh(job)
+        return job
+
+    def list(self) -> builtins.list[Job]:
+        """Recent jobs, newest first."""
+        jobs = list(reversed(self._jobs.values()))
+        for job in jobs:
+            self._refresh(job)
+        return jobs
+
+    async def close(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- validation --------------------------------------------------------------------------
+
+    def _references(self, images: Sequence[str]) -> builtins.list[tuple[str, ImageReference]]:
+        if not images:
+            raise InvalidWarmRequest(["images: the list is empty"])
+        if len(images) > MAX_IMAGES:
+            raise InvalidWarmRequest([f"images: {len(images)} given, at most {MAX_IMAGES} per job"])
+        problems: builtins.list[str] = []
+        seen: dict[str, tuple[str, ImageReference]] = {}
+        for i, text in enumerate(images):
+            if not isinstance(text, str):
+                problems.append(f"images[{i}]: not a string")
+                continue
+            try:
+                ref = parse_image_reference(text, self._default_registry)
+            except InvalidReference as exc:
+                problems.append(f"images[{i}]: {exc}")
+                continue
+            if ref.registry not in self._registries:
+                problems.append(
+                    f"images[{i}]: {text!r}: registry {ref.registry!r} is not configured "
+                    f"on this mirror (configured: {', '.join(sorted(self._registries))})"
+                )
+                continue
+            seen.setdefault(str(ref), (text.strip(), ref))  # the same image twice: once
+        if problems:
+            raise InvalidWarmRequest(problems)
+        return list(seen.values())
+
+    def _platforms(self, platforms: Sequence[str] | None) -> tuple[str, ...]:
+        if platforms is None:
+            return self._config.platforms
+        if not platforms:
+            raise InvalidWarmRequest(["platforms: the list is empty (omit it for the default)"])
+        if len(platforms) > MAX_PLATFORMS:
+            raise InvalidWarmRequest([f"platforms: at most {MAX_PLATFORMS}"])
+        problems: builtins.list[str] = []
+        wanted: builtins.list[str] = []
+        for i, p in enumerate(platforms):
+            text = p.strip().lower() if isinstance(p, str) else ""
+            if not _PLATFORM.fullmatch(text):
+                problems.append(f"platforms[{i}]: {p!r} is not os/arch[/variant]")
+            elif text not in wanted:
+                wanted.append(text)
+        if problems:
+            raise InvalidWarmRequest(problems)
+        return tuple(wanted)
+
+    def _make_room(self) -> None:
+        for job_id in [j.id for j in self._jobs.values() if j.finished is not None]:
+            if len(self._jobs) < KEEP_JOBS:
+                break
+            del self._jobs[job_id]
+        if len(self._jobs) >= KEEP_JOBS:
+            raise WarmBusy(f"{KEEP_JOBS} warm jobs are still running; submit when some finish")
+
+    # -- running a job -----------------------------------------------------------------------
+
+    async def _run(self, job: Job) -> None:
+        structlog.contextvars.bind_contextvars(warm_job=job.id)
+        job.state = RUNNING
+        job.started = self._clock()
+        try:
+            await asyncio.gather(*(self._warm(job, image) for image in job.images))
+        finally:
+            job.finished = self._clock()
+            job.state = FAILED if any(i.state != DONE for i in job.images) else DONE
+            self._metrics.warm_jobs.labels(job.state).inc()
+            log.info(
+                "warm_job_finished", job=job.id, state=job.state,
+                images=len(job.images), failed=sum(i.state == FAILED for i in job.images),
+                bytes=sum(i.bytes_done for i in job.images),
+                seconds=round(job.finished - job.started, 3),
+            )  # fmt: skip
+
+    async def _warm(self, job: Job, image: ImageStatus) -> None:
+        try:
+            async with self._slots:
+                image.state = RESOLVING
+                image.started = self._clock()
+                descriptors = await self._resolve(image, job.platforms)
+                image.state = FETCHING
+                await self._fetch_blobs(image, descriptors)
+        except asyncio.CancelledError:
+            self._fail(image, "cancelled: the mirror is shutting down")
+            raise
+        except _Failed as exc:
+            self._fail(image, str(exc))
+        except Exception as exc:  # noqa: BLE001 - one image's bug must not end the job
+            log.exception("warm_image_error", image=str(image.reference))
+            self._fail(image, f"internal error: {type(exc).__name__}")
+        else:
+            image.state = DONE
+            image.bytes_done = image.bytes_finished
+            image.finished = self._clock()
+
+    def _fail(self, image: ImageStatus, reason: str) -> None:
+        image.state = FAILED
+        image.reason = reason
+        image.finished = self._clock()
+        image.in_flight.clear()
+        image.bytes_done = image.bytes_finished
+        log.warning("warm_image_failed", image=str(image.reference), reason=reason)
+
+    async def _resolve(
+        self, image: ImageStatus, platforms: tuple[str, ...]
+    ) -> builtins.list[Descriptor]:
+        """The blobs of the image: an index contributes only its entries for `platforms`."""
+        ref = image.reference
+        try:
+            if ref.digest is not None:
+                answer = await self._manifests.by_digest(ref.registry, ref.name, ref.digest)
+            else:
+                tag = ref.tag or "latest"
+                answer = await self._manifests.by_tag(ref.registry, ref.name, tag, frozenset())
+            parsed = parse_manifest(answer.manifest.body, answer.manifest.media_type)
+        except (RegistryError, InvalidManifest) as exc:
+            raise _Failed(f"manifest {ref.reference}: {exc}") from exc
+        image.digest = answer.manifest.digest
+        if not parsed.is_index:
+            return list(parsed.children)
+        chosen: dict[str, Descriptor] = {}
+        for entry in parsed.children:
+            if any(platform_matches(p, entry.platform) for p in platforms):
+                chosen.setdefault(entry.digest.hex, entry)
+        image.missing_platforms = [
+            p
+            for p in platforms
+            if not any(platform_matches(p, e.platform) for e in parsed.children)
+        ]
+        if not chosen:
+            offered = sorted({e.platform for e in parsed.children if e.platform})
+            raise _Failed(
+                f"the index has no manifest for {', '.join(platforms)} "
+                f"(it has: {', '.join(offered) or 'none'})"
+            )
+        image.platforms = [e.platform or "" for e in chosen.values()]
+        children = await asyncio.gather(
+            *(self._child(ref, entry.digest) for entry in chosen.values())
+        )
+        return [blob for child in children for blob in child]
+
+    async def _child(self, ref: ImageReference, digest: Digest) -> tuple[Descriptor, ...]:
+        try:
+            answer = await self._manifests.by_digest(ref.registry, ref.name, digest)
+            parsed = parse_manifest(answer.manifest.body, answer.manifest.media_type)
+        except (RegistryError, InvalidManifest) as exc:
+            raise _Failed(f"manifest {digest}: {exc}") from exc
+        if parsed.is_index:
+            raise _Failed(f"manifest {digest}: an index inside an index is not supported")
+        return parsed.children
+
+    async def _fetch_blobs(
+        self, image: ImageStatus, descriptors: builtins.list[Descriptor]
+    ) -> None:
+        unique: dict[str, Descriptor] = {}
+        for d in descriptors:
+            if not any(word in d.media_type for word in _NOT_DISTRIBUTED):
+                unique.setdefault(d.digest.hex, d)
+        image.blobs_total = len(unique)
+        image.bytes_total = sum(max(d.size, 0) for d in unique.values())
+        limit = asyncio.Semaphore(self._blobs_per_image)
+        tasks = [asyncio.create_task(self._fetch_blob(image, d, limit)) for d in unique.values()]
+        try:
+            await asyncio.gather(*tasks)
+        finally:  # the first failure ends the image; the shared downloads themselves go on
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _fetch_blob(
+        self, image: ImageStatus, blob: Descriptor, limit: asyncio.Semaphore
+    ) -> None:
+        ref = image.reference
+        async with limit:
+            image.in_flight[blob.digest.hex] = blob
+            try:
+                result = await self._blobs.fetch(ref.registry, ref.name, blob.digest)
+            except RegistryError as exc:
+                raise _Failed(f"blob {blob.digest}: {exc}") from exc
+            finally:
+                image.in_flight.pop(blob.digest.hex, None)
+        size = blob.size
+        if size < 0:  # schema 1 manifests carry no sizes: learn it from the cache
+            cached = self._blobs.cached(blob.digest)
+            size = cached.size if cached else 0
+            image.bytes_total += size
+        image.bytes_finished += size
+        image.bytes_done = image.bytes_finished
+        image.blobs_done += 1
+        if result == "hit":
+            image.blobs_cached += 1
+
+    def _refresh(self, job: Job) -> None:
+        """Live byte counts: finished blobs plus what the downloads in flight have written."""
+        for image in job.images:
+            if image.state != FETCHING:
+                continue
+            done = image.bytes_finished
+            for blob in image.in_flight.values():
+                progress = self._blobs.progress(blob.digest)
+                if progress is not None:
+                    done += min(progress[0], blob.size) if blob.size >= 0 else progress[0]
+            image.bytes_done = done

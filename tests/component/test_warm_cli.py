@@ -1,0 +1,178 @@
+"""`mirror warm` against a live mirror: exit status, progress and summary, refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mirror.warm_cli import run_warm
+
+from .warm_fakes import WarmRegistry, mirror_app, warm_config
+
+TOKEN = "cli-admin-token"
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+
+Warm = Callable[..., Awaitable[Run]]
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: Any) -> AsyncIterator[WarmRegistry]:
+    registry = WarmRegistry()
+    server = await aiohttp_server(registry.app())
+    registry.url = str(server.make_url("")).rstrip("/")
+    registry.image("team/app", "1.0", ["linux/amd64", "linux/arm64"], (2000, 9000))
+    registry.image("team/tool", "2.1", ["linux/amd64"])
+    yield registry
+    registry.release_all()
+
+
+@pytest.fixture
+def start_mirror(
+    aiohttp_server: Any, upstream: WarmRegistry, tmp_path: Path
+) -> Callable[..., Awaitable[str]]:
+    async def start(admin_token: str | None = None) -> str:
+        config = warm_config(tmp_path / "cache", upstream.url, admin_token)
+        server = await aiohttp_server(mirror_app(config))
+        return str(server.make_url("")).rstrip("/")
+
+    return start
+
+
+@pytest.fixture
+def warm() -> Warm:
+    """The CLI is synchronous: it runs in a thread while the loop serves the mirror."""
+
+    async def run(
+        url: str,
+        images: list[str],
+        platforms: list[str] | None = None,
+        file: Path | None = None,
+        token: str | None = None,
+        tty: bool = False,
+    ) -> Run:
+        out, err = io.StringIO(), io.StringIO()
+        code = await asyncio.to_thread(
+            run_warm, url, images, platforms or [], file, token, 0.02,
+            stdout=out, stderr=err, tty=tty,
+        )  # fmt: skip
+        return Run(code, out.getvalue(), err.getvalue())
+
+    return run
+
+
+def rows(summary: str) -> dict[str, list[str]]:
+    """The summary table, by image."""
+    lines = summary.splitlines()
+    assert lines[0].split()[:3] == ["IMAGE", "STATE", "PLATFORMS"]
+    return {line.split()[0]: line.split() for line in lines[1:-1]}
+
+
+async def test_warming_images_from_arguments_and_a_file(
+    start_mirror: Callable[..., Awaitable[str]], warm: Warm, tmp_path: Path
+) -> None:
+    url = await start_mirror()
+    listing = tmp_path / "images.txt"
+    listing.write_text("# for the scale-out\nteam/tool:2.1\n\n  fake.test/team/app:1.0  # dup\n")
+
+    run = await warm(url, ["team/app:1.0"], ["linux/amd64", "linux/arm64"], listing)
+
+    assert run.code == 0, run.err
+    table = rows(run.out)
+    assert table["team/app:1.0"][1:4] == ["done", "linux/amd64,linux/arm64", "6/6"]
+    assert table["team/tool:2.1"][1:4] == ["done", "linux/amd64", "2/2"]
+    assert "fake.test/team/app:1.0" not in table  # the same image as team/app:1.0
+    assert run.out.splitlines()[-1].startswith("2 image(s): 2 done, 0 failed;")
+    assert "job " in run.err and "2 image(s) queued" in run.err
+    assert "done   team/app:1.0: 6 blobs" in run.err  # one line per image when not a terminal
+    assert "\x1b[" not in run.err
+
+
+async def test_a_failed_image_makes_the_exit_status_non_zero(
+    start_mirror: Callable[..., Awaitable[str]], warm: Warm
+) -> None:
+    url = await start_mirror()
+
+    run = await warm(url, ["team/tool:2.1", "team/missing:1.0"])
+
+    assert run.code == 1
+    table = rows(run.out)
+    assert table["team/tool:2.1"][1] == "done"
+    missing = table["team/missing:1.0"]
+    assert missing[1] == "failed" and "MANIFEST_UNKNOWN:" in missing
+    assert run.out.splitlines()[-1].startswith("2 image(s): 1 done, 1 failed;")
+    assert "failed team/missing:1.0: manifest 1.0: MANIFEST_UNKNOWN" in run.err
+
+
+async def test_a_terminal_gets_live_progress_bars(
+    start_mirror: Callable[..., Awaitable[str]], warm: Warm
+) -> None:
+    url = await start_mirror()
+
+    run = await warm(url, ["team/app:1.0", "team/tool:2.1"], tty=True)
+
+    assert run.code == 0
+    assert "\x1b[2K" in run.err  # lines redrawn in place
+    final = run.err.rsplit("\x1b[J", 2)[-2]  # the last frame drawn
+    assert "team/app:1.0" in final and "team/tool:2.1" in final
+    assert re.search(r"team/tool:2.1 +\[#+\] 100% ", final)
+    assert "2/2 images" in final.splitlines()[-1] and "total" in final.splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        (["ghcr.io/org/app:1"], "400 BAD_REQUEST: images[0]: 'ghcr.io/org/app:1': registry"),
+        (["Team/App"], "400 BAD_REQUEST: images[0]:"),
+        ([], "no images given"),
+    ],
+    ids=["unknown-registry", "bad-reference", "nothing"],
+)
+async def test_refused_jobs_exit_2_with_the_mirrors_reason(
+    start_mirror: Callable[..., Awaitable[str]], warm: Warm, images: list[str], message: str
+) -> None:
+    url = await start_mirror()
+
+    run = await warm(url, images)
+
+    assert run.code == 2
+    assert message in run.err
+    assert run.out == ""
+
+
+async def test_the_admin_token(start_mirror: Callable[..., Awaitable[str]], warm: Warm) -> None:
+    url = await start_mirror(admin_token=TOKEN)
+
+    without = await warm(url, ["team/tool:2.1"])
+    wrong = await warm(url, ["team/tool:2.1"], token="nope")
+    right = await warm(url, ["team/tool:2.1"], token=TOKEN)
+
+    assert without.code == wrong.code == 2
+    assert "401 UNAUTHORIZED" in without.err and "401 UNAUTHORIZED" in wrong.err
+    assert right.code == 0, right.err
+    assert TOKEN not in right.out + right.err
+
+
+async def test_an_unreachable_mirror_exits_2(warm: Warm) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    run = await warm(f"http://127.0.0.1:{port}", ["team/tool:2.1"])
+
+    assert run.code == 2
+    assert "cannot reach http://127.0.0.1:" in run.err
