@@ -103,19 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _serve(config: Config, log_level: str) -> int:
     import uvloop
-    from aiohttp import web
 
-    from mirror.app import create_app
     from mirror.log import configure_logging
+    from mirror.server import serve
 
     configure_logging(log_level)
-    web.run_app(
-        create_app(config),
-        host=config.server.host,
-        port=config.server.port,
-        loop=uvloop.new_event_loop(),
-        access_log=None,
-        print=None,
-        shutdown_timeout=5.0,
-    )
+    uvloop.run(serve(config))
     return 0

@@ -47,6 +47,8 @@ class ServerConfig:
     port: int = 5000
     admin_token: str | None = field(default=None, repr=False)
     access_log: bool = True
+    # Answer cached manifests without aiohttp's per-request machinery (see handlers/fastpath).
+    fast_path: bool = True
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,7 @@ def _optional_str(value: Any) -> str | None:
 _SCALARS: dict[tuple[str, str], tuple[str, Any]] = {
     ("server", "admin_token"): ("admin_token", _optional_str),
     ("server", "access_log"): ("access_log", _parse_bool),
+    ("server", "fast_path"): ("fast_path", _parse_bool),
     ("cache", "dir"): ("directory", lambda v: Path(str(v))),
     ("cache", "max_size"): ("max_size", parse_size),
     ("cache", "high_watermark"): ("high_watermark", _fraction),

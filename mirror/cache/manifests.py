@@ -128,6 +128,24 @@ class ManifestService:
         self._memory[digest.hex] = manifest
         return manifest
 
+    # -- from memory only (the fast path: no I/O, no await) -----------------------------------
+
+    def peek_digest(self, digest: Digest, accepted: frozenset[str]) -> Manifest | None:
+        found = self._memory.get(digest.hex)
+        if found is None or not is_acceptable(found.media_type, accepted):
+            return None
+        self._janitor.accessed(digest, len(found.body))
+        return found
+
+    def peek_tag(
+        self, registry: str, name: str, tag: str, accepted: frozenset[str]
+    ) -> Manifest | None:
+        """A tag's manifest when the by_tag path would answer it as a hit, else None."""
+        record = self._tags.get((registry, name, tag))
+        if record is None or self._clock() - record.fetched_at >= self._config.tag_ttl:
+            return None
+        return self.peek_digest(parse_digest(record.digest), accepted)
+
     # -- by tag ------------------------------------------------------------------------------
 
     async def by_tag(
