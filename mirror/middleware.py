@@ -55,6 +55,9 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
             try:
                 response = await handler(request)
             except RegistryError as exc:
+                if _answered(request):
+                    request[result_key] = "error"
+                    raise
                 response = render_error(exc, request.method)
                 request[result_key] = "error"
             except web.HTTPException as exc:
@@ -66,12 +69,23 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
                 raise
             except Exception:
                 log.exception("unhandled_error", method=request.method, path=request.path)
+                if _answered(request):
+                    request[result_key] = "error"
+                    raise
                 response = render_error(RegistryError(ErrorCode.UNKNOWN), request.method)
                 request[result_key] = "error"
             status = response.status
             return response
         finally:
             _account(request, response, status, time.perf_counter() - started)
+
+
+def _answered(request: web.Request) -> bool:
+    """True once a response's status line is on the wire. A second response would then be
+    written into the first one's body, where its bytes could complete the Content-Length: a
+    whole, wrong blob with a 200. Re-raised instead, the error makes aiohttp close the
+    connection, so the client sees a short body ended by a FIN."""
+    return request.writer.output_size > 0
 
 
 def _account(

@@ -210,9 +210,16 @@ class BlobDownload:
 
     async def _fetch(self) -> None:
         cfg = self._config
-        first = await self._client.open_blob(
-            self.registry, self.name, str(self.digest), 0, cfg.chunk_size - 1
-        )
+        try:
+            first = await self._client.open_blob(
+                self.registry, self.name, str(self.digest), 0, cfg.chunk_size - 1
+            )
+        except UpstreamError as exc:
+            if exc.status != 416:
+                raise
+            # An empty blob has no byte 0, so registries answer 416 to the first Range (Go's
+            # ServeContent does): ask for the whole blob instead.
+            first = await self._client.open_blob(self.registry, self.name, str(self.digest))
         self.streams = 1
         if first.ranged and first.offset == 0 and first.total is not None:
             total = first.total
@@ -284,6 +291,8 @@ class BlobDownload:
                 if body is not None:
                     body.close()  # never reused: a half-read connection is not worth keeping
                     body = None
+        if body is not None:
+            body.close()  # an empty piece (an empty blob) never entered the loop
 
     async def _backoff(self, failures: int, retry_after: float | None) -> None:
         self.retries += 1

@@ -164,9 +164,12 @@ async def _stream_live(
     except DownloadFailed as exc:
         # Headers are out: the only honest signal left is a body short of Content-Length,
         # ended with a FIN (containerd retries with Range; a reset would be fatal for it).
+        # Raising would let the middleware write an error response into this body, whose
+        # first bytes could complete Content-Length: a whole, wrong blob with a 200.
         log.warning("blob_stream_aborted", digest=headers["Docker-Content-Digest"], error=str(exc))
         request[result_key] = "error"
-        raise
+        response.force_close()  # no keep-alive: aiohttp closes the connection after this reply
+        return response  # unfinished on purpose: write_eof adds nothing to a sized body
     finally:
         live.reader.close()
     await response.write_eof()

@@ -6,6 +6,7 @@ import asyncio
 import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from urllib.parse import urlencode
 
 import aiohttp
 import structlog
@@ -158,7 +159,8 @@ class RegistryClient:
     async def get_tags(self, registry: str, name: str, query: Mapping[str, str]) -> bytes:
         suffix = "tags/list"
         if query:
-            suffix += "?" + "&".join(f"{k}={v}" for k, v in query.items() if k in ("n", "last"))
+            # Encoded: the values come from the client and go into an already-encoded URL.
+            suffix += "?" + urlencode({k: v for k, v in query.items() if k in ("n", "last")})
         resp = await self.open(registry, name, suffix, "GET", {}, kind="tags")
         try:
             return await resp.content.read(MAX_MANIFEST_BYTES)
@@ -228,7 +230,7 @@ class RegistryClient:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _backoff(self, attempt: int) -> float:
-        return (0.1 * 2**attempt) * (0.5 + random.random())
+        return (0.1 * 2.0**attempt) * (0.5 + random.random())
 
     def _failed(self, registry: str, kind: str, status: str) -> None:
         self._metrics.upstream_requests.labels(registry, kind, status).inc()

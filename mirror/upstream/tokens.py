@@ -44,7 +44,7 @@ class TokenCache:
         self._timeout = timeout
         self._clock = clock
         self._tokens: dict[_Key, tuple[str, float]] = {}
-        self._inflight: dict[_Key, asyncio.Future[str]] = {}
+        self._inflight: dict[_Key, asyncio.Future[tuple[str, float]]] = {}
 
     def cached(self, challenge: Challenge, scope: str, creds: Credentials | None) -> str | None:
         key = (challenge.realm, challenge.service, scope, creds.username if creds else "")

@@ -1,0 +1,99 @@
+"""What the component tests share: the mirror under test, its config, polling, test data."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from mirror.cache.blobs import BlobService
+from mirror.config import CacheConfig, Config, RegistryConfig, ServerConfig, UpstreamConfig
+from mirror.keys import blobs_key, metrics_key
+from mirror.oci.digest import parse_digest
+
+KiB = 1024
+MiB = 1024 * KiB
+
+# Small enough that a 1 MiB blob is fetched as 16 concurrent Range requests.
+TEST_UPSTREAM = UpstreamConfig(
+    connect_timeout=1.0,
+    header_timeout=2.0,
+    read_timeout=5.0,
+    retries=2,
+    ranged_threshold=256 * KiB,
+    ranged_streams=4,
+    chunk_size=64 * KiB,  # the smallest the config allows
+)
+
+
+def mirror_config(cache_dir: Path, upstream_url: str, **upstream: Any) -> Config:
+    """fake.test and docker.io both lead to the fake; docker.io is the default registry."""
+    registries = {
+        "fake.test": RegistryConfig("fake.test", upstream_url),
+        "docker.io": RegistryConfig("docker.io", upstream_url),
+    }
+    return Config(
+        server=ServerConfig(host="127.0.0.1", port=0),
+        cache=CacheConfig(directory=cache_dir),
+        upstream=replace(TEST_UPSTREAM, **upstream),
+        registries=MappingProxyType(registries),
+        default_registry="docker.io",
+    )
+
+
+@dataclass
+class Mirror:
+    client: TestClient
+    app: web.Application
+    config: Config
+
+    @property
+    def blobs(self) -> BlobService:
+        return self.app[blobs_key]
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.app[metrics_key].registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+    def requests(self, kind: str, result: str) -> float:
+        return self.metric("mirror_requests_total", kind=kind, result=result)
+
+    def server_requests(self) -> int:
+        """Requests the mirror's HTTP server has begun handling (counted before the handler)."""
+        server = self.client.server.runner.server
+        assert server is not None
+        return server.requests_count
+
+
+async def poll(predicate: Callable[[], bool], within: float = 5.0, what: str = "") -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what or predicate}")
+        await asyncio.sleep(0.005)
+
+
+async def wait_cached(mirror: Mirror, digest: str) -> None:
+    """Until the blob is committed (the download finishes a moment after its last reader)."""
+    parsed = parse_digest(digest)
+    await poll(lambda: mirror.blobs.cached(parsed) is not None, what=f"{digest} committed")
+
+
+def random_bytes(size: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def closed_port() -> int:
+    """A port nothing listens on: bound, then released."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

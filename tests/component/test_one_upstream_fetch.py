@@ -1,0 +1,316 @@
+"""One upstream fetch per blob: coalescing, resumption, verification, readers of every speed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import pytest
+
+from mirror.oci.digest import parse_digest
+
+from .conftest import MakeMirror
+from .fakeregistry import FakeRegistry
+from .harness import KiB, MiB, Mirror, poll, random_bytes, wait_cached
+
+FAKE = {"ns": "fake.test"}
+CHUNK = 64 * KiB  # the test config's upstream.chunk_size
+
+
+def blob_url(digest: str) -> str:
+    return f"/v2/team/app/blobs/{digest}"
+
+
+async def joined(mirror: Mirror, before: int, clients: int) -> None:
+    """Until `clients` more requests reached the mirror's handlers.
+
+    The server counts a request just before it schedules the handler's task, and a blob or
+    manifest handler joins the shared download (or fetch) before its first real suspension.
+    So once the count is reached, one turn of the loop has every one of them joined."""
+    await poll(lambda: mirror.server_requests() - before >= clients, what="clients to arrive")
+    await asyncio.sleep(0)
+
+
+async def test_fifty_clients_cause_one_upstream_download(
+    fake: FakeRegistry, mirror: Mirror
+) -> None:
+    data = random_bytes(2 * MiB + 777, 10)
+    digest = fake.add_blob("team/app", data)
+    gate = fake.fault("hold", kind="blob", range_start=0)  # first response waits for everyone
+    before = mirror.server_requests()
+
+    async def client() -> bytes:
+        resp = await mirror.client.get(blob_url(digest), params=FAKE)
+        assert resp.status == 200
+        assert resp.headers["Content-Length"] == str(len(data))
+        return await resp.read()
+
+    tasks = [asyncio.ensure_future(client()) for _ in range(50)]
+    await gate.reached.wait()
+    await joined(mirror, before, 50)
+    gate.release()
+    bodies = await asyncio.gather(*tasks)
+
+    assert all(body == data for body in bodies)
+    assert fake.download_sessions() == 1
+    assert fake.body_bytes("blob") == len(data)  # every byte crossed the "long haul" once
+    # ... fetched as concurrent Range requests of chunk_size, none of them overlapping
+    spans = sorted(r.range_start or 0 for r in fake.requests(kind="blob", method="GET"))
+    assert spans == list(range(0, len(data), CHUNK))
+    assert mirror.requests("blob", "miss") == 1
+    assert mirror.requests("blob", "coalesced") == 49
+
+
+async def test_client_hanging_up_does_not_stop_the_download(
+    fake: FakeRegistry, mirror: Mirror
+) -> None:
+    data = random_bytes(MiB, 11)
+    digest = fake.add_blob("team/app", data)
+    stall = fake.fault("stall", kind="blob", range_start=8 * CHUNK, after=8 * KiB)
+
+    resp = await mirror.client.get(blob_url(digest), params=FAKE)
+    assert resp.status == 200
+    first = await resp.content.readexactly(100 * KiB)
+    assert first == data[: len(first)]
+    await stall.reached.wait()
+    resp.close()  # the only client hangs up in the middle of the body
+    assert mirror.blobs.in_flight == 1
+    stall.release()
+    await wait_cached(mirror, digest)
+
+    fake.reset_log()
+    resp = await mirror.client.get(blob_url(digest), params=FAKE)
+    assert resp.status == 200
+    assert await resp.read() == data
+    assert fake.count(kind="blob") == 0
+    assert mirror.requests("blob", "hit") == 1
+
+
+@pytest.mark.parametrize("cut_at", [0, 2 * CHUNK], ids=["first-chunk", "middle-chunk"])
+async def test_cut_chunk_resumes_where_it_stopped(
+    fake: FakeRegistry, mirror: Mirror, cut_at: int
+) -> None:
+    data = random_bytes(MiB, 12)
+    digest = fake.add_blob("team/app", data)
+    fake.fault("cut", kind="blob", range_start=cut_at, after=10_000, times=1)
+
+    resp = await mirror.client.get(blob_url(digest), params=FAKE)
+    assert resp.status == 200
+    assert await resp.read() == data
+
+    ranges = [r.range for r in fake.requests(kind="blob")]
+    assert ranges.count(f"bytes={cut_at}-{cut_at + CHUNK - 1}") == 1
+    assert f"bytes={cut_at + 10_000}-{cut_at + CHUNK - 1}" in ranges  # not from its start
+    assert fake.body_bytes("blob") == len(data)  # nothing fetched twice
+    assert fake.download_sessions() == 1
+
+
+async def test_a_stream_cut_again_and_again_still_completes(
+    fake: FakeRegistry, mirror: Mirror
+) -> None:
+    data = random_bytes(512 * KiB, 13)
+    digest = fake.add_blob("team/app", data)
+    fake.fault("cut", kind="blob", after=40_000)  # every response, every time
+
+    resp = await mirror.client.get(blob_url(digest), params=FAKE)
+    assert resp.status == 200
+    assert await resp.read() == data
+    # Every resumption starts exactly where the previous response stopped.
+    for chunk_start in range(0, len(data), CHUNK):
+        end = chunk_start + CHUNK - 1
+        starts = sorted(
+            r.range_start or 0
+            for r in fake.requests(kind="blob")
+            if r.range and r.range.endswith(f"-{end}")
+        )
+        assert starts == list(range(chunk_start, end, 40_000))
+    assert fake.body_bytes("blob") == len(data)
+
+
+@pytest.mark.parametrize("size", [40 * KiB, MiB], ids=["single-request", "ranged"])
+async def test_wrong_bytes_never_complete_and_are_not_cached(
+    fake: FakeRegistry, mirror: Mirror, size: int
+) -> None:
+    data = random_bytes(size, 14)
+    digest = fake.add_blob("team/app", data)
+    fault = fake.fault("wrong_bytes", kind="blob", position=size // 2)
+    gate = fake.fault("hold", kind="blob", range_start=0, times=1)
+    before = mirror.server_requests()
+
+    async def client() -> tuple[int, int, bytes, bool]:
+        resp = await mirror.client.get(blob_url(digest), params=FAKE)
+        chunks = []
+        broken = False
+        try:
+            async for chunk in resp.content.iter_any():
+                chunks.append(chunk)
+        except aiohttp.ClientPayloadError:
+            broken = True
+        length = int(resp.headers.get("Content-Length", -1))
+        return resp.status, length, b"".join(chunks), broken
+
+    tasks = [asyncio.ensure_future(client()) for _ in range(5)]
+    await gate.reached.wait()
+    await joined(mirror, before, 5)
+    gate.release()
+    sent = bytearray(data)
+    sent[size // 2] ^= 0xFF  # what the upstream sent
+    for status, length, body, broken in await asyncio.gather(*tasks):
+        assert status == 200  # the headers left before the last byte arrived
+        assert length == size
+        assert len(body) < length, "a wrong blob was delivered whole with a 200"
+        assert broken  # the client saw the body end early (a FIN; no reset, no error text)
+        assert body == sent[: len(body)]
+    assert fake.download_sessions() == 1
+    assert mirror.metric("mirror_digest_mismatches_total", registry="fake.test") == 1
+    await poll(lambda: mirror.blobs.in_flight == 0)
+    assert mirror.blobs.cached(parse_digest(digest)) is None
+
+    # The next request starts afresh (and this time the upstream sends the right bytes).
+    fake.faults.remove(fault)
+    resp = await mirror.client.get(blob_url(digest), params=FAKE)
+    assert resp.status == 200
+    assert await resp.read() == data
+    assert fake.download_sessions() == 2
+
+
+async def test_body_going_silent_is_resumed_after_the_read_timeout(
+    fake: FakeRegistry, make_mirror: MakeMirror
+) -> None:
+    mirror = await make_mirror(read_timeout=0.3)
+    data = random_bytes(MiB, 19)
+    digest = fake.add_blob("team/app", data)
+    fake.fault("stall", kind="blob", range_start=2 * CHUNK, after=1000)  # stalls until teardown
+
+    started = time.monotonic()
+    resp = await mirror.client.get(blob_url(digest), params=FAKE)
+    assert await resp.read() == data
+    assert time.monotonic() - started < 2.0
+    ranges = [r.range for r in fake.requests(kind="blob")]
+    assert f"bytes={2 * CHUNK + 1000}-{3 * CHUNK - 1}" in ranges
+
+
+async def test_cold_blob_streams_while_it_downloads(fake: FakeRegistry, mirror: Mirror) -> None:
+    """A client never waits for the whole download: the first bytes come at once."""
+    data = random_bytes(MiB, 20)
+    digest = fake.add_blob("team/app", data)
+    fake.fault("slow_body", kind="blob", rate=512 * KiB)  # per upstream connection
+
+    started = time.monotonic()
+    resp = await mirror.client.get(blob_url(digest), params=FAKE)
+    first = await resp.content.readexactly(16 * KiB)
+    first_byte = time.monotonic() - started
+    rest = await resp.read()
+    done = time.monotonic() - started
+    assert first + rest == data
+    assert first_byte < done / 4, (first_byte, done)
+    # Four throttled streams in parallel: well under the 2 s one stream would take.
+    assert done < 1.5, done
+    assert fake.body_bytes("blob") == len(data)
+
+
+async def test_range_request_joins_a_download_in_progress(
+    fake: FakeRegistry, mirror: Mirror
+) -> None:
+    data = random_bytes(MiB, 15)
+    digest = fake.add_blob("team/app", data)
+    stall = fake.fault("stall", kind="blob", range_start=0, after=16 * KiB)
+
+    whole = await mirror.client.get(blob_url(digest), params=FAKE)
+    assert whole.status == 200
+    await stall.reached.wait()
+    ranges = {"bytes=300000-700000": (300000, 700000), "bytes=1000-5000": (1000, 5000),
+              f"bytes={len(data) - 10}-": (len(data) - 10, len(data) - 1)}  # fmt: skip
+    parts = {}
+    for header, (start, end) in ranges.items():
+        resp = await mirror.client.get(blob_url(digest), params=FAKE, headers={"Range": header})
+        assert resp.status == 206
+        assert resp.headers["Content-Range"] == f"bytes {start}-{end}/{len(data)}"
+        assert resp.headers["Content-Length"] == str(end - start + 1)
+        parts[header] = resp
+    assert mirror.requests("blob", "coalesced") == 0  # counted once each request is done
+    stall.release()
+    for header, (start, end) in ranges.items():
+        assert await parts[header].read() == data[start : end + 1]
+    assert await whole.read() == data
+    assert fake.download_sessions() == 1
+    assert mirror.requests("blob", "coalesced") == 3
+
+
+async def test_upstream_ignoring_range_is_one_stream(fake: FakeRegistry, mirror: Mirror) -> None:
+    data = random_bytes(MiB, 16)
+    digest = fake.add_blob("team/app", data)
+    fake.fault("ignore_range", kind="blob")
+    gate = fake.fault("hold", kind="blob", times=1)
+    before = mirror.server_requests()
+
+    async def client() -> bytes:
+        resp = await mirror.client.get(blob_url(digest), params=FAKE)
+        assert resp.status == 200
+        return await resp.read()
+
+    tasks = [asyncio.ensure_future(client()) for _ in range(3)]
+    await gate.reached.wait()
+    await joined(mirror, before, 3)
+    gate.release()
+    assert await asyncio.gather(*tasks) == [data] * 3
+    assert fake.count(kind="blob", method="GET") == 1
+    assert fake.requests(kind="blob")[0].status == 200
+    assert fake.body_bytes("blob") == len(data)
+
+
+async def test_slow_client_does_not_hold_back_a_fast_one(
+    fake: FakeRegistry, mirror: Mirror
+) -> None:
+    data = random_bytes(4 * MiB, 17)
+    digest = fake.add_blob("team/app", data)
+    gate = fake.fault("hold", kind="blob", range_start=0)
+    before = mirror.server_requests()
+    started = time.monotonic()
+
+    async def fast() -> tuple[bytes, float]:
+        resp = await mirror.client.get(blob_url(digest), params=FAKE)
+        body = await resp.read()
+        return body, time.monotonic() - started
+
+    async def slow() -> tuple[bytes, float]:
+        resp = await mirror.client.get(blob_url(digest), params=FAKE)
+        chunks = []
+        while chunk := await resp.content.read(64 * KiB):
+            chunks.append(chunk)
+            await asyncio.sleep(0.02)  # a client on a slow link, not synchronisation
+        return b"".join(chunks), time.monotonic() - started
+
+    slow_task = asyncio.ensure_future(slow())
+    fast_task = asyncio.ensure_future(fast())
+    await gate.reached.wait()
+    await joined(mirror, before, 2)
+    gate.release()
+    (fast_body, fast_done), (slow_body, slow_done) = await asyncio.gather(fast_task, slow_task)
+    assert fast_body == data
+    assert slow_body == data
+    assert fast_done < slow_done / 2, (fast_done, slow_done)
+    assert fake.download_sessions() == 1
+
+
+async def test_manifest_by_digest_is_fetched_once_for_concurrent_clients(
+    fake: FakeRegistry, mirror: Mirror
+) -> None:
+    image = fake.add_image("team/app", "v1", [random_bytes(KiB, 18)])
+    gate = fake.fault("hold", kind="manifest-digest")
+    before = mirror.server_requests()
+
+    async def client() -> bytes:
+        resp = await mirror.client.get(f"/v2/team/app/manifests/{image.digest}", params=FAKE)
+        assert resp.status == 200
+        assert resp.headers["Docker-Content-Digest"] == image.digest
+        return await resp.read()
+
+    tasks = [asyncio.ensure_future(client()) for _ in range(20)]
+    await gate.reached.wait()
+    await joined(mirror, before, 20)
+    gate.release()
+    assert await asyncio.gather(*tasks) == [image.manifest] * 20
+    assert fake.count(kind="manifest-digest", method="GET") == 1
+    assert mirror.requests("manifest", "coalesced") == 19
