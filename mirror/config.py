@@ -389,8 +389,10 @@ def _load_registries(
                         problems.append(f"${var}: expected http(s)://host[:port], got {value!r}")
                         break
                     result[name] = replace(result[name], url=value.rstrip("/"))
+                elif attr == "username":
+                    result[name] = replace(result[name], username=value or None)
                 else:
-                    result[name] = replace(result[name], **{attr: value or None})
+                    result[name] = replace(result[name], password=value or None)
                 break
         else:
             problems.append(f"${var}: names no configured registry (ids: {sorted(by_id)})")

@@ -23,3 +23,9 @@ janitor_key = web.AppKey("janitor", CacheJanitor)
 # Threads that run sendfile for cached blobs (one per transfer in progress).
 sendfile_pool_key = web.AppKey("sendfile_pool", ThreadPoolExecutor)
 warm_key = web.AppKey("warm", WarmService)
+
+# Per-request notes the handlers leave for the middleware's access line and metrics.
+request_id_key = "mirror.request_id"
+kind_key = "mirror.kind"  # manifest | blob | tags | base | ...
+result_key = "mirror.result"  # hit | miss | coalesced | revalidated | stale | error
+registry_key = "mirror.registry"

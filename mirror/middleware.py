@@ -11,7 +11,14 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from mirror.keys import config_key, metrics_key
+from mirror.keys import (
+    config_key,
+    kind_key,
+    metrics_key,
+    registry_key,
+    request_id_key,
+    result_key,
+)
 from mirror.oci.errors import ErrorCode, RegistryError, error_body
 
 log = structlog.get_logger("mirror.access")
@@ -19,11 +26,6 @@ log = structlog.get_logger("mirror.access")
 _QUIET = frozenset({"/healthz", "/readyz", "/metrics"})
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _KINDS = frozenset({"manifest", "blob", "tags"})
-
-request_id_key = "mirror.request_id"
-kind_key = "mirror.kind"
-result_key = "mirror.result"
-registry_key = "mirror.registry"
 
 
 def render_error(error: RegistryError, method: str) -> web.Response:

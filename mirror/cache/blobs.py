@@ -20,7 +20,7 @@ from mirror.cache.janitor import CacheJanitor
 from mirror.config import UpstreamConfig
 from mirror.metrics import Metrics
 from mirror.oci.digest import Digest
-from mirror.oci.errors import ErrorCode
+from mirror.oci.errors import ErrorCode, RegistryError
 from mirror.storage.store import FilesystemStore
 from mirror.upstream.client import RegistryClient
 
@@ -111,7 +111,9 @@ class BlobService:
         except Exception as exc:  # noqa: BLE001 - translated for the client
             raise to_registry_error(exc, ErrorCode.BLOB_UNKNOWN) from exc
         if resp.content_length is None:
-            raise to_registry_error(RuntimeError("no Content-Length"), ErrorCode.BLOB_UNKNOWN)
+            raise RegistryError(
+                ErrorCode.UPSTREAM_ERROR, "upstream answered HEAD without a Content-Length"
+            )
         return resp.content_length, "miss"
 
     async def fetch(self, registry: str, name: str, digest: Digest) -> str:

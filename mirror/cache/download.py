@@ -296,8 +296,10 @@ class BlobDownload:
 
     async def _backoff(self, failures: int, retry_after: float | None) -> None:
         self.retries += 1
-        delay = retry_after if retry_after is not None else 0.1 * 2 ** (failures - 1)
-        await self._sleep(min(delay, 5.0) * (0.5 + random.random()))
+        if retry_after is not None:  # never sooner than the origin asked: it would fail again
+            await self._sleep(min(retry_after, 30.0) + 0.25 * random.random())
+            return
+        await self._sleep(min(0.1 * 2 ** (failures - 1), 5.0) * (0.5 + random.random()))
 
     async def _sink(self, piece: _Piece, data: bytes) -> None:
         if self.passed_through:

@@ -12,8 +12,7 @@ import structlog
 from aiohttp import web
 
 from mirror.cache.warming import KEEP_JOBS, InvalidWarmRequest, WarmBusy, WarmService
-from mirror.keys import blobs_key, config_key, manifests_key, metrics_key, warm_key
-from mirror.middleware import kind_key
+from mirror.keys import blobs_key, config_key, kind_key, manifests_key, metrics_key, warm_key
 from mirror.oci.errors import ErrorCode, RegistryError
 
 log = structlog.get_logger("mirror.admin")

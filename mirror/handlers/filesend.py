@@ -60,8 +60,12 @@ async def send_file(
         sock = transport.get_extra_info("socket") if transport is not None else None
         if transport is None or sock is None:
             raise ConnectionResetError("connection lost before the body")
-        if transport.get_write_buffer_size():
-            await response.drain()  # the headers must be on the wire before we write around them
+        # The headers must be on the wire before the thread writes around the transport.
+        deadline = asyncio.get_running_loop().time() + IDLE_TIMEOUT
+        while transport.get_write_buffer_size():
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError("client took no data")
+            await asyncio.sleep(0.001)
         if count:
             loop = asyncio.get_running_loop()
             sock_fd = os.dup(sock.fileno())

@@ -8,8 +8,16 @@ from aiohttp import web
 from mirror.cache.blobs import CachedBlob, LiveBlob
 from mirror.cache.download import DownloadFailed
 from mirror.handlers.filesend import send_file
-from mirror.keys import blobs_key, config_key, manifests_key, metrics_key, sendfile_pool_key
-from mirror.middleware import kind_key, registry_key, result_key
+from mirror.keys import (
+    blobs_key,
+    config_key,
+    kind_key,
+    manifests_key,
+    metrics_key,
+    registry_key,
+    result_key,
+    sendfile_pool_key,
+)
 from mirror.oci.digest import Digest, InvalidDigest, parse_digest
 from mirror.oci.errors import ErrorCode, RegistryError
 from mirror.oci.mediatypes import accepted_types

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 class _State:
     failures: int = 0
     open_until: float = 0.0
+    # A 429's Retry-After: the origin asked us to wait. Another request's success does not
+    # lift it (other scopes or cached tokens may still get through), only time does.
+    held_until: float = 0.0
 
 
 class CircuitBreaker:
@@ -29,28 +32,41 @@ class CircuitBreaker:
         self._clock = clock
         self._on_change = on_change
         self._states: dict[str, _State] = {}
+        self._reported_open: set[str] = set()  # what on_change last said, per registry
 
     def is_open(self, registry: str) -> bool:
         state = self._states.get(registry)
-        return state is not None and self._clock() < state.open_until
+        return state is not None and self._clock() < max(state.open_until, state.held_until)
 
     def retry_in(self, registry: str) -> float:
         state = self._states.get(registry)
-        return max(0.0, state.open_until - self._clock()) if state else 0.0
+        if state is None:
+            return 0.0
+        return max(0.0, max(state.open_until, state.held_until) - self._clock())
 
     def success(self, registry: str) -> None:
         state = self._states.get(registry)
-        if state and (state.failures or state.open_until):
-            was_open = state.open_until > 0
-            self._states[registry] = _State()
-            if was_open and self._on_change:
-                self._on_change(registry, False)
+        if state is not None:
+            state.failures = 0
+            state.open_until = 0.0
+        self._report(registry)
 
     def failure(self, registry: str, hold_for: float | None = None) -> None:
+        now = self._clock()
         state = self._states.setdefault(registry, _State())
         state.failures += 1
-        if hold_for is not None or state.failures >= self._threshold:
-            was_open = state.open_until > self._clock()
-            state.open_until = self._clock() + (self._cooldown if hold_for is None else hold_for)
-            if not was_open and self._on_change:
-                self._on_change(registry, True)
+        if hold_for is not None:
+            state.held_until = max(state.held_until, now + hold_for)
+        elif state.failures >= self._threshold:
+            state.open_until = now + self._cooldown
+        self._report(registry)
+
+    def _report(self, registry: str) -> None:
+        is_open = self.is_open(registry)
+        if is_open != (registry in self._reported_open):
+            if is_open:
+                self._reported_open.add(registry)
+            else:
+                self._reported_open.discard(registry)
+            if self._on_change:
+                self._on_change(registry, is_open)
