@@ -29,3 +29,4 @@ request_id_key = "mirror.request_id"
 kind_key = "mirror.kind"  # manifest | blob | tags | base | ...
 result_key = "mirror.result"  # hit | miss | coalesced | revalidated | stale | error
 registry_key = "mirror.registry"
+sent_key = "mirror.sent"  # body bytes a handler sent itself (sendfile bypasses aiohttp's count)

@@ -18,6 +18,7 @@ from mirror.keys import (
     registry_key,
     request_id_key,
     result_key,
+    sent_key,
 )
 from mirror.oci.errors import ErrorCode, RegistryError, error_body
 
@@ -104,8 +105,8 @@ def _account(
         metrics.requests.labels(metric_kind, result).inc()
     if not request.app[config_key].server.access_log:
         return
-    sent = 0
-    if response is not None:
+    sent = request.get(sent_key, 0)
+    if response is not None and not sent:
         if response.prepared:
             sent = response.body_length
         elif isinstance(response, web.Response) and request.method != "HEAD":

@@ -193,7 +193,7 @@ class ManifestService:
     async def _revalidate(self, key: _TagKey, record: TagRecord) -> ManifestAnswer:
         """HEAD is free on Docker Hub; a GET counts as a pull, so GET only unknown digests."""
         registry, name, tag = key
-        head = await self._client.head_manifest(registry, name, tag)
+        head = await self._client.head_manifest(registry, name, tag, retry=False)
         try:
             digest = parse_digest(head.digest or "")
         except InvalidDigest:

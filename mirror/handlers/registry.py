@@ -17,6 +17,7 @@ from mirror.keys import (
     registry_key,
     result_key,
     sendfile_pool_key,
+    sent_key,
 )
 from mirror.oci.digest import Digest, InvalidDigest, parse_digest
 from mirror.oci.errors import ErrorCode, RegistryError
@@ -151,6 +152,7 @@ async def _send_cached(
             request, blob.path, start, end, response, request.app[sendfile_pool_key]
         )
     request.app[metrics_key].served_bytes.labels("cache").inc(sent)
+    request[sent_key] = sent
     return response
 
 
@@ -165,10 +167,12 @@ async def _stream_live(
     response = _start_response(headers, start, end, live.size, partial)
     await response.prepare(request)
     served = request.app[metrics_key].served_bytes.labels("upstream")
+    request[sent_key] = 0
     try:
         async for chunk in live.reader.chunks(start, end + 1):
             await response.write(chunk)
             served.inc(len(chunk))
+            request[sent_key] += len(chunk)
     except DownloadFailed as exc:
         # Headers are out: the only honest signal left is a body short of Content-Length,
         # ended with a FIN (containerd retries with Range; a reset would be fatal for it).

@@ -102,10 +102,13 @@ class RegistryClient:
 
     # -- the registry API, as the services use it -------------------------------------------
 
-    async def head_manifest(self, registry: str, name: str, reference: str) -> ManifestHead:
+    async def head_manifest(
+        self, registry: str, name: str, reference: str, *, retry: bool = True
+    ) -> ManifestHead:
+        """retry=False when the caller has a stale answer to fall back on: one try, then that."""
         resp = await self.open(
             registry, name, f"manifests/{reference}", "HEAD",
-            {"Accept": UPSTREAM_ACCEPT}, kind="manifest_head",
+            {"Accept": UPSTREAM_ACCEPT}, kind="manifest_head", retry=retry,
         )  # fmt: skip
         resp.release()
         return ManifestHead(
@@ -181,6 +184,7 @@ class RegistryClient:
         headers: Mapping[str, str],
         *,
         kind: str,
+        retry: bool = True,
     ) -> aiohttp.ClientResponse:
         """A 2xx response (the caller releases it), or UpstreamError / UpstreamUnavailable.
 
@@ -192,7 +196,7 @@ class RegistryClient:
         url = URL(f"{reg.url}/v2/{name}/{suffix}", encoded=True)
         if reg.is_mirror:
             url = url.update_query(ns=registry)
-        attempts = self._config.retries + 1
+        attempts = self._config.retries + 1 if retry else 1
         for attempt in range(attempts):
             if self._breaker.is_open(registry):
                 raise UpstreamUnavailable(

@@ -1,0 +1,1 @@
+"""Integration tests: the mirror between a real Distribution registry and real clients."""
