@@ -25,3 +25,29 @@ def configure_logging(level: str = "info") -> None:
         logger_factory=structlog.WriteLoggerFactory(sys.stdout),
         cache_logger_on_first_use=True,
     )
+
+
+_access = structlog.get_logger("mirror.access")
+
+
+def access_line(
+    *,
+    method: str,
+    path: str,
+    ns: str | None,
+    route: str,
+    registry: str | None,
+    status: int,
+    sent: int,
+    seconds: float,
+    cache: str,
+    client: str | None,
+    user_agent: str | None,
+    **extra: object,
+) -> None:
+    """The one access-log line per request, whichever server path answered it."""
+    _access.info(
+        "request", method=method, path=path, ns=ns, route=route, registry=registry,
+        status=status, bytes=sent, ms=round(seconds * 1000, 2), cache=cache, client=client,
+        user_agent=user_agent, **extra,
+    )  # fmt: skip

@@ -20,6 +20,7 @@ from mirror.keys import (
     result_key,
     sent_key,
 )
+from mirror.log import access_line
 from mirror.oci.errors import ErrorCode, RegistryError, error_body
 
 log = structlog.get_logger("mirror.access")
@@ -111,11 +112,10 @@ def _account(
             sent = response.body_length
         elif isinstance(response, web.Response) and request.method != "HEAD":
             sent = response.content_length or 0
-    log.info(
-        "request", method=request.method, path=request.path, ns=request.query.get("ns"),
-        route=kind, registry=request.get(registry_key), status=status, bytes=sent,
-        ms=round(seconds * 1000, 2), cache=result,
-        client=request.remote, user_agent=request.headers.get("User-Agent"),
+    access_line(
+        method=request.method, path=request.path, ns=request.query.get("ns"), route=kind,
+        registry=request.get(registry_key), status=status, sent=sent, seconds=seconds,
+        cache=result, client=request.remote, user_agent=request.headers.get("User-Agent"),
     )  # fmt: skip
 
 

@@ -26,17 +26,15 @@ from email.utils import formatdate
 from urllib.parse import parse_qs, unquote
 
 import httptools
-import structlog
 
 from mirror.cache.manifests import Manifest, ManifestService
 from mirror.config import Config
+from mirror.log import access_line
 from mirror.metrics import Metrics
 from mirror.oci.digest import InvalidDigest, parse_digest
 from mirror.oci.mediatypes import accepted_types
 from mirror.oci.paths import Kind, parse_v2_path, route
 from mirror.oci.reference import InvalidName, is_tag
-
-log = structlog.get_logger("mirror.access")
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
 KEEPALIVE_TIMEOUT = 75.0  # aiohttp's default for its own connections
@@ -106,10 +104,10 @@ class FastPath:
         self._hits.inc()
         self._duration.observe(seconds)
         if self._access_log:
-            log.info(
-                "request", method=req.method.decode(), path=path, ns=ns, route="manifest",
-                registry=registry, status=200, bytes=0 if req.method == b"HEAD" else body_len,
-                ms=round(seconds * 1000, 2), cache="hit", client=peer,
+            access_line(
+                method=req.method.decode(), path=path, ns=ns, route="manifest",
+                registry=registry, status=200, sent=0 if req.method == b"HEAD" else body_len,
+                seconds=seconds, cache="hit", client=peer,
                 user_agent=_header(req.headers, b"user-agent"), request_id=rid, fast_path=True,
             )  # fmt: skip
         return out
