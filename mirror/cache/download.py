@@ -114,6 +114,7 @@ class BlobDownload:
         self._sleep = sleep
         self._readers: set[DownloadReader] = set()
         self.passed_through = False
+        self._ranged = True
         self.state = State.RUNNING
         self.error: BaseException | None = None
         self.size: int | None = None
@@ -221,6 +222,7 @@ class BlobDownload:
             # ServeContent does): ask for the whole blob instead.
             first = await self._client.open_blob(self.registry, self.name, str(self.digest))
         self.streams = 1
+        self._ranged = first.ranged
         if first.ranged and first.offset == 0 and first.total is not None:
             total = first.total
             self._set_size(total)
@@ -370,10 +372,30 @@ class BlobDownload:
         if self.size is None:
             raise cause  # a size-less stream cannot be followed past the file; rare enough
         piece = _Piece(start, self.size, start)
-        await self._fetch_piece(piece, None)
+        if self._ranged:
+            await self._fetch_piece(piece, None)
+        else:
+            await self._relay_whole_from(piece)
         if self._hasher.hexdigest() != self.digest.hex:
             raise DigestMismatch(self.digest, self._hasher.hexdigest())
         self._finish(State.PASSED, None)
+
+    async def _relay_whole_from(self, piece: _Piece) -> None:
+        """An origin without Range support: GET it all again and skip what is already hashed."""
+        body = await self._client.open_blob(self.registry, self.name, str(self.digest))
+        try:
+            seen = 0
+            async for data in body.response.content.iter_any():
+                if seen + len(data) > piece.pos:
+                    useful = data[max(0, piece.pos - seen) :][: piece.end - piece.pos]
+                    await self._relay(piece, useful)
+                seen += len(data)
+                if piece.pos >= piece.end:
+                    break
+        finally:
+            body.close()
+        if piece.pos < piece.end:
+            raise UpstreamBodyError(f"body ended at byte {piece.pos} of {piece.end}")
 
     async def _relay(self, piece: _Piece, data: bytes) -> None:
         offset = piece.pos

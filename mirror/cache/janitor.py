@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
+import sqlite3
 
 import structlog
 
@@ -46,7 +48,15 @@ class CacheJanitor:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await asyncio.to_thread(self._index.flush)
+        await self._save_index()
+
+    async def _save_index(self) -> None:
+        changes = self._index.take_changes()  # on the loop: the only thread that mutates it
+        try:
+            await asyncio.to_thread(self._index.write, changes)
+        except sqlite3.Error as exc:  # a full disk must not turn a clean stop into a crash
+            self._index.restore(changes)
+            log.warning("index_not_saved", error=str(exc))
 
     # -- what the services report ------------------------------------------------------------
 
@@ -91,6 +101,8 @@ class CacheJanitor:
             )
             freed = 0
             for key, _ in victims:
+                if key in self._index.in_use:
+                    continue  # pinned since the choice was made (a request just opened it)
                 self._index.discard(key)
                 freed += await asyncio.to_thread(self._store.remove_blob, Digest("sha256", key))
             if victims:
@@ -101,8 +113,14 @@ class CacheJanitor:
             return len(victims), freed
 
     async def make_room(self, needed: int) -> bool:
-        """The disk is full mid-write: free at least `needed` bytes if the cache holds them."""
-        count, freed = await self.collect(max(0, self._index.total - max(needed, 64 << 20)))
+        """The disk is full mid-write: free at least `needed` bytes if evicting can get there.
+
+        A blob that would not fit even in an empty cache evicts nothing: emptying the cache for
+        a fill that then passes through anyway would only cost the next pulls."""
+        free = (await asyncio.to_thread(shutil.disk_usage, self._store.layout.root)).free
+        if needed > free + self._index.total:
+            return False
+        _, freed = await self.collect(max(0, self._index.total - max(needed, 64 << 20)))
         return freed > 0
 
     async def _loop(self) -> None:
@@ -113,7 +131,7 @@ class CacheJanitor:
             self._wake.clear()
             try:
                 await self.collect()
-                await asyncio.to_thread(self._index.flush)
+                await self._save_index()
             except Exception:  # noqa: BLE001 - the janitor must outlive one bad round
                 log.exception("janitor_failed")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 from collections.abc import Callable
@@ -123,9 +124,13 @@ class ManifestService:
 
     async def _keep(self, digest: Digest, body: bytes, media_type: str) -> Manifest:
         manifest = Manifest(body, media_type, str(digest))
-        await self._store.write_manifest(digest, body, media_type)
-        self._janitor.stored(digest, len(body))
         self._memory[digest.hex] = manifest
+        try:
+            await self._store.write_manifest(digest, body, media_type)
+        except OSError as exc:
+            self._write_failed(exc)  # served from memory all the same
+        else:
+            self._janitor.stored(digest, len(body))
         return manifest
 
     # -- from memory only (the fast path: no I/O, no await) -----------------------------------
@@ -227,7 +232,17 @@ class ManifestService:
     async def _save_tag(self, key: _TagKey, manifest: Manifest) -> None:
         record = TagRecord(manifest.digest, manifest.media_type, len(manifest.body), self._clock())
         self._tags[key] = record
-        await self._store.write_tag(*key, record)
+        try:
+            await self._store.write_tag(*key, record)
+        except OSError as exc:
+            self._write_failed(exc)
+
+    def _write_failed(self, exc: OSError) -> None:
+        """The disk is full (or failing): the answer lives in memory until it can be written."""
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise exc
+        self._metrics.cache_write_failures.labels("enospc").inc()
+        log.warning("manifest_not_cached", error=exc.strerror)
 
     def _stale_or_raise(
         self, key: _TagKey, record: TagRecord | None, exc: BaseException

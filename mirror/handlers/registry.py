@@ -117,7 +117,13 @@ async def _blob(request: web.Request, target: Target, reference: str) -> web.Str
     opened = await blobs.open(target.registry, target.name, digest)
     request[result_key] = opened.result
     if isinstance(opened.source, CachedBlob):
-        return await _send_cached(request, opened.source, digest, headers)
+        try:
+            return await _send_cached(request, opened.source, digest, headers)
+        except FileNotFoundError:  # evicted between lookup and open: nothing was sent yet
+            opened = await blobs.open(target.registry, target.name, digest)
+            request[result_key] = opened.result
+            if isinstance(opened.source, CachedBlob):
+                return await _send_cached(request, opened.source, digest, headers)
     return await _stream_live(request, opened.source, headers)
 
 

@@ -19,6 +19,12 @@ from dataclasses import dataclass
 from mirror.storage.layout import Layout
 
 
+@dataclass(frozen=True, slots=True)
+class Changes:
+    rows: list[tuple[str, int, float]]
+    deleted: list[str]
+
+
 @dataclass(slots=True)
 class Entry:
     size: int
@@ -94,8 +100,10 @@ class AccessIndex:
         try:
             with self._connect() as db:
                 remembered = dict(db.execute("SELECT key, last_access FROM blobs").fetchall())
+        except sqlite3.OperationalError:
+            pass  # unreadable now (disk full, locked): run on mtimes, keep the file for later
         except sqlite3.DatabaseError:
-            self._reset_database()
+            self._reset_database()  # corrupt: the tree is the truth, history starts again
         self._entries.clear()
         self.total = 0
         for key, size, mtime in self._scan():
@@ -104,23 +112,41 @@ class AccessIndex:
         stale = set(remembered) - set(self._entries)
         self._deleted |= stale
         self._dirty = {k for k in self._entries if k not in remembered}
-        self.flush()
+        changes = self.take_changes()
+        try:
+            self.write(changes)
+        except sqlite3.Error:
+            self.restore(changes)  # unwritable now (disk full): the next flush tries again
 
     def flush(self) -> None:
-        dirty = [(k, self._entries[k].size, self._entries[k].last_access)
-                 for k in self._dirty if k in self._entries]  # fmt: skip
-        deleted = [(k,) for k in self._deleted]
+        """Take and write the changes (for single-threaded callers: start-up and the CLI)."""
+        self.write(self.take_changes())
+
+    def take_changes(self) -> Changes:
+        """Snapshot what changed since the last write. Call on the thread that mutates."""
+        rows = [(k, self._entries[k].size, self._entries[k].last_access)
+                for k in self._dirty if k in self._entries]  # fmt: skip
+        changes = Changes(rows, sorted(self._deleted))
         self._dirty.clear()
         self._deleted.clear()
-        if not dirty and not deleted:
+        return changes
+
+    def write(self, changes: Changes) -> None:
+        """Persist a snapshot; safe on a worker thread (touches no shared state)."""
+        if not changes.rows and not changes.deleted:
             return
         with self._connect() as db:
             db.executemany(
                 "INSERT INTO blobs(key, size, last_access) VALUES (?, ?, ?) ON CONFLICT(key) "
                 "DO UPDATE SET size = excluded.size, last_access = excluded.last_access",
-                dirty,
+                changes.rows,
             )
-            db.executemany("DELETE FROM blobs WHERE key = ?", deleted)
+            db.executemany("DELETE FROM blobs WHERE key = ?", [(k,) for k in changes.deleted])
+
+    def restore(self, changes: Changes) -> None:
+        """A write failed: keep its changes for the next one. Call on the mutating thread."""
+        self._dirty.update(k for k, _, _ in changes.rows if k in self._entries)
+        self._deleted.update(k for k in changes.deleted if k not in self._entries)
 
     def _scan(self) -> Iterator[tuple[str, int, float]]:
         root = self._layout.blobs / "sha256"

@@ -1,0 +1,219 @@
+"""Tag freshness: zero upstream requests within tag_ttl, one HEAD after it, a manifest GET only
+for a digest the cache lacks, and one revalidation however many clients ask at once.
+
+create_app wires ManifestService to time.time, so the TTLs here are real and short (a few
+tenths of a second) rather than driven by an injected clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from mirror.config import Config
+from mirror.server import serve
+
+from .conftest import MakeMirror
+from .fakeregistry import FakeRegistry, Image
+from .harness import KiB, Mirror, mirror_config, poll, random_bytes
+
+FAKE = {"ns": "fake.test"}
+TAG_URL = "/v2/team/app/manifests/v1"
+TTL = 0.3  # short enough to wait out, long enough that back-to-back requests stay fresh
+
+
+def config(tmp_path: Path, fake: FakeRegistry, **cache: Any) -> Config:
+    base = mirror_config(tmp_path / "cache", fake.url)
+    return replace(base, cache=replace(base.cache, **cache))
+
+
+def seed(fake: FakeRegistry, seed: int = 1, tag: str = "v1") -> Image:
+    return fake.add_image("team/app", tag, [random_bytes(20 * KiB, seed)])
+
+
+async def ask(mirror: Mirror, method: str = "GET", url: str = TAG_URL) -> tuple[str, bytes]:
+    """(Docker-Content-Digest, body) of a 200 answer."""
+    resp = await mirror.client.request(method, url, params=FAKE)
+    body = await resp.read()
+    assert resp.status == 200, body
+    return resp.headers["Docker-Content-Digest"], body
+
+
+async def expire() -> None:
+    await asyncio.sleep(TTL + 0.05)
+
+
+def upstream_counts(fake: FakeRegistry) -> Counter[tuple[str, str]]:
+    return Counter((r.method, r.kind) for r in fake.log)
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_fresh_tag_asks_the_upstream_nothing(
+    fake: FakeRegistry, mirror: Mirror, method: str
+) -> None:
+    """containerd's second pull sends only the tag HEAD: the hottest request of all."""
+    image = seed(fake)
+    assert await ask(mirror) == (image.digest, image.manifest)
+    fake.reset_log()
+    for _ in range(10):
+        digest, body = await ask(mirror, method)
+        assert digest == image.digest
+        assert body == (image.manifest if method == "GET" else b"")
+    assert fake.log == []
+    assert mirror.requests("manifest", "hit") == 10
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_expired_tag_is_revalidated_with_one_head(
+    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path, method: str
+) -> None:
+    """Docker Hub counts a manifest GET as a pull and a HEAD as free."""
+    mirror = await make_mirror(config=config(tmp_path, fake, tag_ttl=TTL))
+    image = seed(fake)
+    await ask(mirror)
+    await expire()
+    fake.reset_log()
+    digest, _ = await ask(mirror, method)
+    assert digest == image.digest
+    assert upstream_counts(fake) == Counter({("HEAD", "manifest-tag"): 1})
+    assert mirror.requests("manifest", "revalidated") == 1
+    # The HEAD refreshed the record: the tag is fresh for another TTL.
+    assert await ask(mirror, method) == (digest, image.manifest if method == "GET" else b"")
+    assert len(fake.log) == 1
+
+
+async def test_moved_tag_gets_only_the_manifest_it_lacks(
+    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path
+) -> None:
+    mirror = await make_mirror(config=config(tmp_path, fake, tag_ttl=TTL))
+    old = seed(fake, 1)
+    assert await ask(mirror) == (old.digest, old.manifest)
+
+    new = seed(fake, 2)  # v1 now names another manifest
+    await expire()
+    fake.reset_log()
+    assert await ask(mirror) == (new.digest, new.manifest)
+    assert upstream_counts(fake) == Counter(
+        {("HEAD", "manifest-tag"): 1, ("GET", "manifest-digest"): 1}
+    )
+    assert fake.requests(kind="manifest-digest")[0].ref == new.digest
+
+    # Back to a manifest the cache holds: the HEAD is all it takes.
+    fake.repos["team/app"].tags["v1"] = old.digest
+    await expire()
+    fake.reset_log()
+    assert await ask(mirror) == (old.digest, old.manifest)
+    assert upstream_counts(fake) == Counter({("HEAD", "manifest-tag"): 1})
+    # And the old manifest by digest never needed the upstream.
+    fake.reset_log()
+    resp = await mirror.client.get(f"/v2/team/app/manifests/{new.digest}", params=FAKE)
+    assert await resp.read() == new.manifest
+    assert fake.log == []
+
+
+async def test_concurrent_revalidations_of_a_tag_coalesce(
+    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path
+) -> None:
+    mirror = await make_mirror(config=config(tmp_path, fake, tag_ttl=TTL))
+    image = seed(fake)
+    await ask(mirror)
+    await expire()
+    fake.reset_log()
+    gate = fake.fault("hold", kind="manifest-tag", method="HEAD")
+    started = mirror.server_requests()
+    clients = 20
+    answers = [asyncio.create_task(ask(mirror, "GET" if i % 2 else "HEAD")) for i in range(clients)]
+    await asyncio.wait_for(gate.reached.wait(), 5)
+    # Every client is inside the mirror while the one HEAD is held at the upstream.
+    await poll(lambda: mirror.server_requests() >= started + clients, what="all clients in")
+    await asyncio.sleep(0.05)
+    gate.release()
+    results = await asyncio.gather(*answers)
+    assert {digest for digest, _ in results} == {image.digest}
+    assert upstream_counts(fake) == Counter({("HEAD", "manifest-tag"): 1})
+
+
+async def test_concurrent_first_requests_for_a_tag_coalesce(
+    fake: FakeRegistry, mirror: Mirror
+) -> None:
+    image = seed(fake)
+    gate = fake.fault("hold", kind="manifest-tag")
+    started = mirror.server_requests()
+    answers = [asyncio.create_task(ask(mirror)) for _ in range(20)]
+    await asyncio.wait_for(gate.reached.wait(), 5)
+    await poll(lambda: mirror.server_requests() >= started + 20, what="all clients in")
+    await asyncio.sleep(0.05)
+    gate.release()
+    assert set(await asyncio.gather(*answers)) == {(image.digest, image.manifest)}
+    assert upstream_counts(fake) == Counter({("GET", "manifest-tag"): 1})
+
+
+async def test_tag_record_outlives_a_restart(
+    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path
+) -> None:
+    """fetched_at is wall-clock and on disk: a restarted mirror keeps the TTL it had."""
+    cfg = config(tmp_path, fake, tag_ttl=1.0)
+    first = await make_mirror(config=cfg)
+    image = seed(fake)
+    await ask(first)
+    fetched = time.monotonic()
+    await first.client.close()
+    fake.reset_log()
+    second = await make_mirror(config=cfg)
+    assert await ask(second, "HEAD") == (image.digest, b"")
+    assert fake.log == []
+    await asyncio.sleep(max(0.0, fetched + 1.05 - time.monotonic()))
+    assert await ask(second, "HEAD") == (image.digest, b"")
+    assert upstream_counts(fake) == Counter({("HEAD", "manifest-tag"): 1})
+
+
+@contextlib.asynccontextmanager
+async def served(cfg: Config) -> AsyncIterator[str]:
+    """The production server (mirror.server.serve, manifest fast path on) on a free port."""
+    stop = asyncio.Event()
+    port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(serve(cfg, stop, lambda socks: port.set_result(socks[0][1])))
+    try:
+        yield f"http://127.0.0.1:{await asyncio.wait_for(port, 10)}"
+    finally:
+        stop.set()
+        await task
+
+
+async def test_fast_path_keeps_the_ttl_and_revalidates_with_one_head(
+    fake: FakeRegistry, tmp_path: Path
+) -> None:
+    """In production a cached tag is answered before aiohttp; the TTL must hold there too."""
+    cfg = config(tmp_path, fake, tag_ttl=TTL)
+    cfg = replace(cfg, server=replace(cfg.server, fast_path=True, access_log=False))
+    image = seed(fake)
+    async with (
+        served(cfg) as url,
+        aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(force_close=True)  # every request meets the fast path
+        ) as session,
+    ):
+
+        async def head() -> str:
+            async with session.head(f"{url}{TAG_URL}", params=FAKE) as resp:
+                assert resp.status == 200
+                return resp.headers["Docker-Content-Digest"]
+
+        assert await head() == image.digest
+        fake.reset_log()
+        assert [await head() for _ in range(5)] == [image.digest] * 5
+        assert fake.log == []
+        await expire()
+        assert await head() == image.digest
+        assert upstream_counts(fake) == Counter({("HEAD", "manifest-tag"): 1})
+        assert await head() == image.digest  # fresh again
+        assert len(fake.log) == 1

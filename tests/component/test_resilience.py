@@ -1,0 +1,329 @@
+"""Outages and rate limits never fail a cached pull: stale tags within max_stale, fast 5xx (never
+429) when nothing is cached, and a per-registry circuit breaker that spares a failing origin.
+
+Breaker cooldowns and TTLs are real time (create_app wires time.monotonic and time.time), so
+they are set to fractions of a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from mirror.config import Config
+from mirror.keys import store_key
+from mirror.oci.digest import parse_digest
+
+from .conftest import MakeMirror
+from .fakeregistry import FakeRegistry, Image
+from .harness import KiB, Mirror, mirror_config, poll, random_bytes
+
+FAKE = {"ns": "fake.test"}
+TAG_URL = "/v2/team/app/manifests/v1"
+OUTAGES = ["429", "500", "silent", "refused"]
+
+
+def config(tmp_path: Path, fake: FakeRegistry, cache: dict[str, Any], **upstream: Any) -> Config:
+    upstream.setdefault("header_timeout", 0.2)
+    base = mirror_config(tmp_path / "cache", fake.url, **upstream)
+    return replace(base, cache=replace(base.cache, **cache))
+
+
+def seed(fake: FakeRegistry, tag: str = "v1") -> Image:
+    return fake.add_image("team/app", tag, [random_bytes(100 * KiB, 1)])
+
+
+async def break_upstream(fake: FakeRegistry, how: str) -> None:
+    if how == "429":
+        fake.fault("status", status=429, retry_after="30")
+    elif how == "500":
+        fake.fault("status", status=500)
+    elif how == "silent":
+        fake.fault("silent")  # never sends headers
+    elif how == "refused":
+        await fake.close()  # nothing listens any more: connection refused
+    else:
+        raise AssertionError(how)
+
+
+async def scrape(mirror: Mirror, name: str, **labels: str) -> float:
+    """One sample from GET /metrics, as a Prometheus server would see it."""
+    resp = await mirror.client.get("/metrics")
+    assert resp.status == 200
+    for family in text_string_to_metric_families(await resp.text()):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    raise AssertionError(f"no sample {name}{labels}")
+
+
+async def pull(mirror: Mirror, image: Image) -> None:
+    """Tag, then config and layers by digest (what a client does); all must be served."""
+    resp = await mirror.client.get(f"/v2/{image.name}/manifests/{image.tag}", params=FAKE)
+    assert resp.status == 200, await resp.text()
+    assert await resp.read() == image.manifest
+    assert resp.headers["Docker-Content-Digest"] == image.digest
+    resp = await mirror.client.get(f"/v2/{image.name}/manifests/{image.digest}", params=FAKE)
+    assert await resp.read() == image.manifest
+    for digest in (image.config, *image.layers):
+        resp = await mirror.client.get(f"/v2/{image.name}/blobs/{digest}", params=FAKE)
+        assert resp.status == 200, digest
+        body = await resp.read()
+        assert "sha256:" + hashlib.sha256(body).hexdigest() == digest
+
+
+async def committed(mirror: Mirror, *digests: str) -> None:
+    store = mirror.app[store_key]
+    await poll(
+        lambda: all(store.blob_path(parse_digest(d)).exists() for d in digests),
+        what="blobs committed",
+    )
+
+
+def upstream_total(fake: FakeRegistry) -> int:
+    return len(fake.log)
+
+
+# -- stale serving -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", OUTAGES)
+async def test_expired_tag_is_served_stale_while_the_upstream_fails(
+    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path, how: str
+) -> None:
+    mirror = await make_mirror(config=config(tmp_path, fake, {"tag_ttl": 0.2}))
+    image = seed(fake)
+    await pull(mirror, image)
+    await committed(mirror, image.config, *image.layers)
+    await asyncio.sleep(0.25)
+    await break_upstream(fake, how)
+    stale_before = await scrape(mirror, "mirror_stale_served_total", registry="fake.test")
+
+    for method in ("GET", "HEAD"):  # skopeo GETs the tag, containerd HEADs it
+        started = time.monotonic()
+        resp = await mirror.client.request(method, TAG_URL, params=FAKE)
+        elapsed = time.monotonic() - started
+        assert resp.status == 200, await resp.text()
+        assert resp.headers["Docker-Content-Digest"] == image.digest
+        assert resp.headers["Content-Length"] == str(len(image.manifest))
+        assert await resp.read() == (image.manifest if method == "GET" else b"")
+        assert elapsed < 2.0, f"{method} took {elapsed:.2f}s"
+
+    stale = await scrape(mirror, "mirror_stale_served_total", registry="fake.test")
+    assert stale == stale_before + 2
+    assert mirror.requests("manifest", "stale") == 2
+    # The rest of the image is content by digest: served without asking the upstream at all.
+    asked = upstream_total(fake)
+    await pull(mirror, image)
+    assert all(r.kind == "manifest-tag" for r in fake.log[asked:])  # the tag may try again
+
+
+async def test_revalidation_waits_at_most_revalidate_timeout(
+    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path
+) -> None:
+    """An upstream that never answers costs a cached tag revalidate_timeout, not the (longer)
+    header deadline of the upstream client."""
+    cfg = config(tmp_path, fake, {"tag_ttl": 0.1, "revalidate_timeout": 0.3}, header_timeout=5.0)
+    mirror = await make_mirror(config=cfg)
+    image = seed(fake)
+    await pull(mirror, image)
+    await asyncio.sleep(0.15)
+    fake.fault("silent", kind="manifest-tag")
+    started = time.monotonic()
+    resp = await mirror.client.head(TAG_URL, params=FAKE)
+    elapsed = time.monotonic() - started
+    assert resp.status == 200
+    assert resp.headers["Docker-Content-Digest"] == image.digest
+    assert 0.25 < elapsed < 1.5, f"took {elapsed:.2f}s"
+    assert await scrape(mirror, "mirror_stale_served_total", registry="fake.test") == 1
+
+
+@pytest.mark.parametrize("how", ["429", "refused"])  # an upstream answer, and none at all
+async def test_tag_older_than_max_stale_is_not_served(
+    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path, how: str
+) -> None:
+    # max_stale is judged when the revalidation gives up (after the retries of a refused
+    # connection), so the stale answer below is asked for well within it.
+    cfg = config(tmp_path, fake, {"tag_ttl": 0.1, "max_stale": 0.8})
+    mirror = await make_mirror(config=cfg)
+    image = seed(fake)
+    resp = await mirror.client.get(TAG_URL, params=FAKE)
+    assert resp.status == 200
+    fetched = time.monotonic()
+    await break_upstream(fake, how)
+
+    await asyncio.sleep(0.15)  # past the TTL, within max_stale: stale
+    resp = await mirror.client.get(TAG_URL, params=FAKE)
+    assert resp.status == 200
+    assert await resp.read() == image.manifest
+
+    await asyncio.sleep(max(0.0, fetched + 0.85 - time.monotonic()))  # past max_stale
+    started = time.monotonic()
+    resp = await mirror.client.get(TAG_URL, params=FAKE)
+    elapsed = time.monotonic() - started
+    assert resp.status in (502, 503), await resp.text()  # a 5xx every client falls back from
+    assert resp.status != 429
+    assert "errors" in await resp.json()
+    assert elapsed < 2.0, f"took {elapsed:.2f}s"
+    assert mirror.requests("manifest", "stale") == 1
+
+
+async def test_revalidation_timeout_past_max_stale_is_a_503(
+    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path
+) -> None:
+    cache = {"tag_ttl": 0.1, "max_stale": 0.2, "revalidate_timeout": 0.2}
+    mirror = await make_mirror(config=config(tmp_path, fake, cache, header_timeout=5.0))
+    seed(fake)
+    resp = await mirror.client.get(TAG_URL, params=FAKE)
+    assert resp.status == 200
+    await asyncio.sleep(0.3)
+    fake.fault("silent", kind="manifest-tag")
+    resp = await mirror.client.get(TAG_URL, params=FAKE)
+    assert (resp.status, (await resp.json())["errors"][0]["code"]) == (503, "UNAVAILABLE")
+
+
+# -- nothing cached --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", OUTAGES)
+async def test_nothing_cached_is_a_fast_5xx_never_429(
+    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path, how: str
+) -> None:
+    mirror = await make_mirror(config=config(tmp_path, fake, {}))
+    image = seed(fake)
+    await break_upstream(fake, how)
+    for path in (
+        TAG_URL,
+        f"/v2/team/app/manifests/{image.digest}",
+        f"/v2/team/app/blobs/{image.layers[0]}",
+    ):
+        for method in ("GET", "HEAD"):
+            started = time.monotonic()
+            resp = await mirror.client.request(method, path, params=FAKE)
+            elapsed = time.monotonic() - started
+            assert resp.status in (502, 503), (method, path, resp.status)
+            assert elapsed < 2.0, f"{method} {path} took {elapsed:.2f}s"
+            if method == "GET":
+                doc = await resp.json()
+                assert doc["errors"][0]["code"] in ("UNAVAILABLE", "UNKNOWN")
+    assert mirror.requests("manifest", "error") == 4
+
+
+# -- 429 and the circuit breaker -----------------------------------------------------------------
+
+
+async def test_429_retry_after_holds_the_origin_off_and_stale_answers_meanwhile(
+    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path
+) -> None:
+    mirror = await make_mirror(config=config(tmp_path, fake, {"tag_ttl": 0.1}))
+    image = seed(fake)
+    await pull(mirror, image)
+    await asyncio.sleep(0.15)
+    fake.reset_log()
+    fake.fault("status", status=429, retry_after="1", times=1)
+    held_from = time.monotonic()
+    for _ in range(3):
+        resp = await mirror.client.head(TAG_URL, params=FAKE)
+        assert resp.status == 200
+        assert resp.headers["Docker-Content-Digest"] == image.digest
+    assert fake.count() == 1  # the 429; while Retry-After runs, nothing more goes out
+    assert await scrape(mirror, "mirror_upstream_throttled_total", registry="fake.test") == 1
+    assert await scrape(mirror, "mirror_upstream_breaker_open", registry="fake.test") == 1
+    assert await scrape(mirror, "mirror_stale_served_total", registry="fake.test") == 3
+
+    await asyncio.sleep(max(0.0, held_from + 1.05 - time.monotonic()))
+    resp = await mirror.client.head(TAG_URL, params=FAKE)
+    assert resp.status == 200
+    assert [(r.method, r.kind, r.status) for r in fake.log[1:]] == [("HEAD", "manifest-tag", 200)]
+    assert mirror.requests("manifest", "revalidated") == 1
+    assert await scrape(mirror, "mirror_upstream_breaker_open", registry="fake.test") == 0
+
+
+async def test_breaker_opens_after_consecutive_failures_and_closes_after_cooldown(
+    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path
+) -> None:
+    cooldown = 0.5
+    cfg = config(tmp_path, fake, {}, retries=0, breaker_failures=3, breaker_cooldown=cooldown)
+    mirror = await make_mirror(config=cfg)
+    image = seed(fake)
+    fake.fault("status", status=500, kind="manifest-tag")
+    for _ in range(3):
+        resp = await mirror.client.get(TAG_URL, params=FAKE)
+        assert resp.status == 502
+    assert fake.count() == 3
+    assert await scrape(mirror, "mirror_upstream_breaker_open", registry="fake.test") == 1
+    opened = time.monotonic()
+
+    # Open: anything for this registry fails fast, without reaching the upstream.
+    for path in (TAG_URL, f"/v2/team/app/blobs/{image.layers[0]}"):
+        started = time.monotonic()
+        resp = await mirror.client.get(path, params=FAKE)
+        assert resp.status == 503
+        assert (await resp.json())["errors"][0]["code"] == "UNAVAILABLE"
+        assert time.monotonic() - started < 0.2
+    assert fake.count() == 3
+    # The breaker is per registry: docker.io (same fake behind it) is still asked.
+    resp = await mirror.client.get("/v2/docker.io/team/app/manifests/v1")
+    assert resp.status == 502
+    assert fake.count() == 4
+    assert await scrape(mirror, "mirror_upstream_breaker_open", registry="docker.io") == 0
+
+    # After the cooldown one request goes through; its success closes the breaker.
+    fake.clear_faults()
+    await asyncio.sleep(max(0.0, opened + cooldown + 0.05 - time.monotonic()))
+    resp = await mirror.client.get(TAG_URL, params=FAKE)
+    assert resp.status == 200
+    assert await resp.read() == image.manifest
+    assert fake.count() == 5
+    assert await scrape(mirror, "mirror_upstream_breaker_open", registry="fake.test") == 0
+    resp = await mirror.client.get(f"/v2/team/app/blobs/{image.layers[0]}", params=FAKE)
+    assert resp.status == 200
+
+
+async def test_breaker_reopens_when_the_trial_request_fails(
+    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path
+) -> None:
+    cooldown = 0.3
+    cfg = config(tmp_path, fake, {}, retries=0, breaker_failures=2, breaker_cooldown=cooldown)
+    mirror = await make_mirror(config=cfg)
+    seed(fake)
+    fake.fault("status", status=503, kind="manifest-tag")
+    for _ in range(2):
+        await mirror.client.get(TAG_URL, params=FAKE)
+    await asyncio.sleep(cooldown + 0.05)
+    resp = await mirror.client.get(TAG_URL, params=FAKE)  # the trial: reaches the origin
+    assert resp.status == 502
+    assert fake.count() == 3
+    resp = await mirror.client.get(TAG_URL, params=FAKE)  # one failure re-opened it
+    assert resp.status == 503
+    assert fake.count() == 3
+    assert await scrape(mirror, "mirror_upstream_breaker_open", registry="fake.test") == 1
+
+
+async def test_open_breaker_still_serves_cached_pulls_without_upstream_requests(
+    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path
+) -> None:
+    cfg = config(tmp_path, fake, {"tag_ttl": 0.1}, retries=0, breaker_failures=2)
+    mirror = await make_mirror(config=cfg)
+    image = seed(fake)
+    await pull(mirror, image)
+    await committed(mirror, image.config, *image.layers)
+    fake.fault("status", status=500)
+    for tag in ("other1", "other2"):  # uncached tags: two failures open the breaker
+        resp = await mirror.client.get(f"/v2/team/app/manifests/{tag}", params=FAKE)
+        assert resp.status == 502
+    assert await scrape(mirror, "mirror_upstream_breaker_open", registry="fake.test") == 1
+    await asyncio.sleep(0.15)  # the cached tag's TTL is over too
+    asked = fake.count()
+    started = time.monotonic()
+    await pull(mirror, image)
+    assert time.monotonic() - started < 1.0
+    assert fake.count() == asked
+    assert mirror.requests("manifest", "stale") == 1
