@@ -25,8 +25,9 @@ sendfile_pool_key = web.AppKey("sendfile_pool", ThreadPoolExecutor)
 warm_key = web.AppKey("warm", WarmService)
 
 # Per-request notes the handlers leave for the middleware's access line and metrics.
-request_id_key = "mirror.request_id"
-kind_key = "mirror.kind"  # manifest | blob | tags | base | ...
-result_key = "mirror.result"  # hit | miss | coalesced | revalidated | stale | error
-registry_key = "mirror.registry"
-sent_key = "mirror.sent"  # body bytes a handler sent itself (sendfile bypasses aiohttp's count)
+request_id_key = web.RequestKey("mirror.request_id", str)
+kind_key = web.RequestKey("mirror.kind", str)  # manifest | blob | tags | base | ...
+result_key = web.RequestKey("mirror.result", str)  # hit | miss | coalesced | stale | error ...
+registry_key = web.RequestKey("mirror.registry", str)
+# Body bytes a handler sent itself (sendfile bypasses aiohttp's own count).
+sent_key = web.RequestKey("mirror.sent", int)
