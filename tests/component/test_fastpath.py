@@ -18,10 +18,11 @@ import pytest
 
 from mirror.server import serve
 
-from .fakeregistry import FakeRegistry
+from .fakeregistry import FakeRegistry, Image
 from .harness import mirror_config
 
 OCI = "application/vnd.oci.image.manifest.v1+json"
+TAG = "/v2/team/app/manifests/1.0?ns=fake.test"
 VOLATILE = {"date", "server", "x-request-id"}
 
 
@@ -29,16 +30,6 @@ class Served:
     def __init__(self, port: int) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeRegistry]:
-    registry = FakeRegistry()
-    await registry.start()
-    try:
-        yield registry
-    finally:
-        await registry.close()
 
 
 async def _start(
@@ -97,8 +88,9 @@ async def _answer(
             return resp.status, kept, body
 
 
-async def _warm(served: Served, fake: FakeRegistry, image_path: str, digest_path: str) -> None:
-    for path in (image_path, digest_path):
+async def _warm(served: Served, image: Image) -> None:
+    """Pull the tag and its digest once, so both are in the mirror's memory."""
+    for path in (TAG, f"/v2/team/app/manifests/{image.digest}?ns=fake.test"):
         status, _, _ = await _answer(served.url, "GET", path)
         assert status == 200
 
@@ -124,12 +116,7 @@ async def test_fast_answers_equal_full_answers(
 ) -> None:
     image = fake.add_image("team/app", "1.0", [b"layer" * 100])
     for served in servers:
-        await _warm(
-            served,
-            fake,
-            "/v2/team/app/manifests/1.0?ns=fake.test",
-            f"/v2/team/app/manifests/{image.digest}?ns=fake.test",
-        )
+        await _warm(served, image)
     fast, slow = servers
     cases = CASES + [
         ("GET", f"/v2/team/app/manifests/{image.digest}?ns=fake.test", {}),
@@ -165,12 +152,7 @@ async def test_one_connection_mixes_fast_and_full_requests(
 ) -> None:
     image = fake.add_image("team/app", "1.0", [b"y" * 5000])
     fast, _ = servers
-    await _warm(
-        fast,
-        fake,
-        "/v2/team/app/manifests/1.0?ns=fake.test",
-        f"/v2/team/app/manifests/{image.digest}?ns=fake.test",
-    )
+    await _warm(fast, image)
     tag = b"GET /v2/team/app/manifests/1.0?ns=fake.test HTTP/1.1\r\nHost: x\r\n\r\n"
     blob = f"GET /v2/team/app/blobs/{image.layers[0]}?ns=fake.test HTTP/1.1\r\n".encode()
     blob += b"Host: x\r\n\r\n"
@@ -191,12 +173,7 @@ async def test_a_request_split_across_packets_is_still_answered(
 ) -> None:
     image = fake.add_image("team/app", "1.0", [b"z" * 10])
     fast, _ = servers
-    await _warm(
-        fast,
-        fake,
-        "/v2/team/app/manifests/1.0?ns=fake.test",
-        f"/v2/team/app/manifests/{image.digest}?ns=fake.test",
-    )
+    await _warm(fast, image)
     pieces = [b"GET /v2/team/app/manif", b"ests/1.0?ns=fake.test HTTP/1.1\r\nHost: x\r\n\r\n"]
     [(head, body)] = await _raw(fast.port, pieces, 1)
     assert head.startswith(b"HTTP/1.1 200 OK") and body == image.manifest
@@ -207,12 +184,7 @@ async def test_connection_close_is_honoured(
 ) -> None:
     image = fake.add_image("team/app", "1.0", [b"w" * 10])
     fast, _ = servers
-    await _warm(
-        fast,
-        fake,
-        "/v2/team/app/manifests/1.0?ns=fake.test",
-        f"/v2/team/app/manifests/{image.digest}?ns=fake.test",
-    )
+    await _warm(fast, image)
     reader, writer = await asyncio.open_connection("127.0.0.1", fast.port)
     writer.write(
         b"GET /v2/team/app/manifests/1.0?ns=fake.test HTTP/1.1\r\n"
