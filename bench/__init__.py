@@ -1,0 +1,1 @@
+"""Benchmark harness for the mirror: peers, link emulation and scenarios (`python -m bench`)."""

@@ -1,0 +1,19 @@
+"""The scenario registry: names and aliases on the command line -> scenario functions."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from .cold import cold_fanout, cold_single
+from .manifests import manifests
+from .report import ScenarioResult
+from .warm import warm_serving
+from .world import World
+
+SCENARIOS: dict[str, Callable[[World], Awaitable[ScenarioResult]]] = {
+    "fanout": cold_fanout,
+    "single": cold_single,
+    "warm": warm_serving,
+    "manifests": manifests,
+}
+ALIASES = {"a": "fanout", "b": "single", "c": "warm", "d": "manifests"}

@@ -1,0 +1,131 @@
+"""The system under test: the mirror as a child process, with a generated TOML config."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from .procs import Process, http_status, peak_rss_bytes, rss_bytes
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+CONFIG = """\
+default_registry = "bench"
+[server]
+listen = "127.0.0.1:{port}"
+access_log = false
+[cache]
+dir = "{cache}"
+[upstream]
+ranged_streams = {ranged_streams}
+chunk_size = "{chunk_size}"
+ranged_threshold = "{ranged_threshold}"
+[registries.bench]
+url = "http://{link}"
+"""
+
+
+def snapshot_source(dest: Path) -> str:
+    """Copy the mirror package to `dest`/mirror and return a digest of its files.
+
+    The mirror is restarted for every cold repetition; running it from a snapshot keeps one
+    run on one version of the code even while someone edits mirror/ meanwhile, and the
+    digest in the results names exactly what was measured.
+    """
+    target = dest / "mirror"
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(
+        REPO_ROOT / "mirror", target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+    )
+    h = hashlib.sha256()
+    for path in sorted(p for p in target.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(dest)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def mirror_available(source: Path) -> tuple[bool, str]:
+    """Whether `python -m mirror serve --help` works (the mirror is written in parallel)."""
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "mirror", "serve", "--help"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=source,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, str(exc)
+    text = (out.stdout + out.stderr).strip()
+    return out.returncode == 0, text.splitlines()[-1] if text else ""
+
+
+class Mirror:
+    """One mirror process; `fresh()` restarts it on an empty cache dir for a cold repetition."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        port: int,
+        link: str,
+        source: Path,
+        *,
+        ranged_streams: int = 8,
+        chunk_size: str = "16MiB",
+        ranged_threshold: str = "32MiB",
+    ) -> None:
+        self.workdir = workdir
+        self.source = source  # directory holding the `mirror` package snapshot
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.cache = workdir / "cache"
+        self.config_path = workdir / "mirror.toml"
+        self.config_text = CONFIG.format(
+            port=port,
+            cache=self.cache,
+            link=link,
+            ranged_streams=ranged_streams,
+            chunk_size=chunk_size,
+            ranged_threshold=ranged_threshold,
+        )
+        self.process: Process | None = None
+        self.startup_seconds = 0.0
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(self.config_text)
+        argv = [sys.executable, "-m", "mirror", "serve", "--config", str(self.config_path)]
+        # cwd first on sys.path: `-m mirror` imports the snapshot, not the live tree.
+        self.process = Process("mirror", argv, self.workdir / "mirror.log", cwd=self.source)
+        self.process.start()
+        self.startup_seconds = self.process.wait_ready(
+            lambda: http_status(self.url + "/v2/") == 200, timeout=30
+        )
+
+    def fresh(self) -> None:
+        self.stop()
+        shutil.rmtree(self.cache, ignore_errors=True)
+        self.start()
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def peak_rss(self) -> int:
+        return peak_rss_bytes(self.pid)
+
+    def rss(self) -> int:
+        return rss_bytes(self.pid)
+
+    def log_tail(self, max_bytes: int = 4000) -> str:
+        return self.process.log_tail(max_bytes) if self.process else ""
+
+    def stop(self) -> int | None:
+        if self.process is None:
+            return None
+        code = self.process.stop()
+        self.process = None
+        return code
