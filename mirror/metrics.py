@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -39,6 +40,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._tallies: list[Tally] = []
         r = self.registry
 
         self.requests = Counter(
@@ -158,5 +160,49 @@ class Metrics:
 
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """The exposition body and its Content-Type; OpenMetrics when `accept` asks for it."""
+        for tally in self._tallies:
+            tally.flush()
         encoder, content_type = choose_encoder(accept)
         return encoder(self.registry), content_type
+
+    def tally(self, kind: str, result: str) -> Tally:
+        """A batching front for one (kind, result): see Tally. Flushed before every render."""
+        tally = Tally(self.requests.labels(kind, result), self.request_duration.labels(kind))
+        self._tallies.append(tally)
+        return tally
+
+
+class Tally:
+    """Request count and duration kept in plain ints, pushed into the collectors in batches.
+
+    prometheus-client takes a lock per increment and walks the buckets per observation: about
+    a tenth of the fast path's time per request. Scrapes come seconds apart, so the fast path
+    counts here and flushes every second and before each render.
+    """
+
+    def __init__(self, counter: Counter, histogram: Histogram) -> None:
+        self._counter = counter
+        self._histogram = histogram
+        self._bounds: list[float] = list(histogram._upper_bounds)  # noqa: SLF001 - see flush
+        self._buckets = [0] * len(self._bounds)
+        self._count = 0
+        self._sum = 0.0
+
+    def record(self, seconds: float) -> None:
+        self._count += 1
+        self._sum += seconds
+        self._buckets[bisect.bisect_left(self._bounds, seconds)] += 1
+
+    def flush(self) -> None:
+        if not self._count:
+            return
+        self._counter.inc(self._count)
+        # No public API observes many samples at once; these are the same MutexValues that
+        # Histogram.observe increments (tests/unit/test_metrics.py pins the exposition).
+        self._histogram._sum.inc(self._sum)  # noqa: SLF001
+        for i, n in enumerate(self._buckets):
+            if n:
+                self._histogram._buckets[i].inc(n)  # noqa: SLF001
+                self._buckets[i] = 0
+        self._count = 0
+        self._sum = 0.0

@@ -48,11 +48,21 @@ async def serve(
         bound(sockets)
     addresses = [f"{a[0]}:{a[1]}" for a in sockets]
     log.info("listening", addresses=addresses, fast_path=config.server.fast_path)
+    flusher = asyncio.create_task(_flush_every_second(fast), name="fast-path metrics")
     try:
         await stop.wait()
     finally:
         log.info("stopping")
+        flusher.cancel()
+        fast.flush_metrics()
         listener.close()
         for connection in list(fast.connections):
             connection.close()
         await runner.cleanup()
+
+
+async def _flush_every_second(fast: FastPath) -> None:
+    """The fast path counts in plain ints; scrapes flush too, this bounds the lag for others."""
+    while True:
+        await asyncio.sleep(1.0)
+        fast.flush_metrics()

@@ -17,6 +17,7 @@ so aiohttp sees a clean stream.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import secrets
 import time
@@ -31,13 +32,26 @@ from mirror.cache.manifests import Manifest, ManifestService
 from mirror.config import Config
 from mirror.log import access_line
 from mirror.metrics import Metrics
-from mirror.oci.digest import InvalidDigest, parse_digest
+from mirror.oci.digest import Digest, InvalidDigest, parse_digest
 from mirror.oci.mediatypes import accepted_types
 from mirror.oci.paths import Kind, parse_v2_path, route
 from mirror.oci.reference import InvalidName, is_tag
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
 KEEPALIVE_TIMEOUT = 75.0  # aiohttp's default for its own connections
+
+
+_MEMO_SIZE = 8192
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    registry: str
+    name: str
+    reference: str
+    digest: Digest | None
+    path: str
+    ns: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,11 +84,17 @@ class FastPath:
     def __init__(self, config: Config, manifests: ManifestService, metrics: Metrics) -> None:
         self._config = config
         self._manifests = manifests
-        self._hits = metrics.requests.labels("manifest", "hit")
-        self._duration = metrics.request_duration.labels("manifest")
+        self._tally = metrics.tally("manifest", "hit")
         self._access_log = config.server.access_log
         self._date = _Date()
+        self._routes: dict[bytes, _Route | None] = {}
+        self._accepts: dict[tuple[bytes, ...], frozenset[str]] = {}
+        self._rid_prefix = secrets.token_hex(4)
+        self._rid_count = itertools.count(1)
         self.connections: set[FastProtocol] = set()
+
+    def flush_metrics(self) -> None:
+        self._tally.flush()
 
     def answer(self, req: _Request, peer: str | None) -> bytes | None:
         started = time.perf_counter()
@@ -101,8 +121,7 @@ class FastPath:
             head += b"Connection: keep-alive\r\n"
         out = head + b"\r\n" + (b"" if req.method == b"HEAD" else manifest.body)
         seconds = time.perf_counter() - started
-        self._hits.inc()
-        self._duration.observe(seconds)
+        self._tally.record(seconds)
         if self._access_log:
             access_line(
                 method=req.method.decode(), path=path, ns=ns, route="manifest",
@@ -113,7 +132,35 @@ class FastPath:
         return out
 
     def _lookup(self, req: _Request) -> tuple[Manifest, str, str, str | None] | None:
-        raw_path, _, raw_query = req.url.partition(b"?")
+        if req.url in self._routes:
+            route_ = self._routes[req.url]
+        else:
+            route_ = self._route(req.url)
+            if len(self._routes) >= _MEMO_SIZE:
+                self._routes.clear()  # crude, but bounded; a real working set is small
+            self._routes[req.url] = route_
+        if route_ is None:
+            return None
+        accept_values = tuple(v for k, v in req.headers if k.lower() == b"accept")
+        accepted = self._accepts.get(accept_values)
+        if accepted is None:
+            accepted = accepted_types(v.decode("latin-1") for v in accept_values)
+            if len(self._accepts) >= _MEMO_SIZE:
+                self._accepts.clear()
+            self._accepts[accept_values] = accepted
+        if route_.digest is not None:
+            manifest = self._manifests.peek_digest(route_.digest, accepted)
+        else:
+            manifest = self._manifests.peek_tag(
+                route_.registry, route_.name, route_.reference, accepted
+            )
+        if manifest is None:
+            return None
+        return manifest, route_.registry, route_.path, route_.ns
+
+    def _route(self, url: bytes) -> _Route | None:
+        """Pure in the URL and the config, hence memoized: parse, route and validate once."""
+        raw_path, _, raw_query = url.partition(b"?")
         try:
             path = raw_path.decode("ascii")
             query = parse_qs(raw_query.decode("ascii")) if raw_query else {}
@@ -131,30 +178,23 @@ class FastPath:
             target = route(parsed.name, ns, config.registries, config.default_registry)
         except (LookupError, InvalidName):
             return None
-        accepted = accepted_types(
-            v.decode("latin-1") for k, v in req.headers if k.lower() == b"accept"
-        )
         reference = parsed.reference
+        digest = None
         if ":" in reference:
             try:
                 digest = parse_digest(reference)
             except InvalidDigest:
                 return None
-            manifest = self._manifests.peek_digest(digest, accepted)
-        elif is_tag(reference):
-            manifest = self._manifests.peek_tag(target.registry, target.name, reference, accepted)
-        else:
+        elif not is_tag(reference):
             return None
-        if manifest is None:
-            return None
-        return manifest, target.registry, path, ns
+        return _Route(target.registry, target.name, reference, digest, path, ns)
 
-    @staticmethod
-    def _request_id(headers: tuple[tuple[bytes, bytes], ...]) -> str:
+    def _request_id(self, headers: tuple[tuple[bytes, bytes], ...]) -> str:
         supplied = _header(headers, b"x-request-id")
         if supplied and _REQUEST_ID.fullmatch(supplied.encode()):
             return supplied
-        return secrets.token_hex(8)
+        # unique per process start and request, without a system call per request
+        return f"{self._rid_prefix}{next(self._rid_count):08x}"
 
 
 def _header(headers: tuple[tuple[bytes, bytes], ...], name: bytes) -> str | None:
@@ -184,6 +224,7 @@ class FastProtocol(asyncio.Protocol):
         self._body = False
         self._partial = False
         self._idle: asyncio.TimerHandle | None = None
+        self._last_active = 0.0
         self._peer: str | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------------------
@@ -276,6 +317,14 @@ class FastProtocol(asyncio.Protocol):
         protocol.data_received(data)
 
     def _arm_idle(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-        self._idle = self._loop.call_later(KEEPALIVE_TIMEOUT, self.close)
+        """Note activity; one timer per connection checks it (no timer churn per request)."""
+        self._last_active = self._loop.time()
+        if self._idle is None:
+            self._idle = self._loop.call_later(KEEPALIVE_TIMEOUT, self._check_idle)
+
+    def _check_idle(self) -> None:
+        left = self._last_active + KEEPALIVE_TIMEOUT - self._loop.time()
+        if left <= 0:
+            self.close()
+        else:
+            self._idle = self._loop.call_later(left, self._check_idle)

@@ -187,3 +187,26 @@ def test_render_content_types() -> None:
 )  # fmt: skip
 def test_status_class(status: int | None, expected: str) -> None:
     assert status_class(status) == expected
+
+
+@pytest.mark.parametrize("samples", [[0.0001], [0.0005, 0.0006, 0.7, 700.0], [0.001] * 5 + [601.0]])
+def test_tally_flush_equals_observing_each_sample(samples: list[float]) -> None:
+    batched, direct = Metrics(), Metrics()
+    tally = batched.tally("manifest", "hit")
+    for seconds in samples:
+        tally.record(seconds)
+        direct.requests.labels("manifest", "hit").inc()
+        direct.request_duration.labels("manifest").observe(seconds)
+    assert _samples(batched) == _samples(direct)  # render() flushes first
+    tally.flush()  # nothing left: a second flush adds nothing
+    assert _samples(batched) == _samples(direct)
+
+
+def _samples(metrics: Metrics) -> list[tuple[str, dict[str, str], float]]:
+    body, _ = metrics.render()
+    return [
+        (s.name, s.labels, s.value)
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+        if not s.name.endswith("_created")
+    ]
