@@ -33,6 +33,8 @@ from mirror.upstream.errors import UpstreamBodyError, UpstreamError, UpstreamUna
 log = structlog.get_logger("mirror.download")
 
 READ_SIZE = 1024 * 1024  # largest piece a reader takes from the file at once
+FIRST_REQUEST = 4 * 1024 * 1024  # the first Range: most configs and small layers fit whole
+MIN_PIECE = 1024 * 1024  # smaller Range requests cost more in round trips than they gain
 WAKE_BATCH = 256 * 1024  # wake a reader once this much is new for it ...
 WAKE_INTERVAL = 0.02  # ... or this often, so slow links still trickle promptly
 _UNKNOWN_END = sys.maxsize
@@ -66,6 +68,24 @@ class DownloadFailed(Exception):
     def __init__(self, cause: BaseException) -> None:
         self.cause = cause
         super().__init__(str(cause))
+
+
+def plan_pieces(
+    total: int, covered: int, chunk_size: int, threshold: int, streams: int
+) -> list[tuple[int, int]]:
+    """The Range requests (start, end exclusive) left once the first one covered [0, covered).
+
+    A large blob is cut so that every stream has a piece (never more than chunk_size, never
+    less than MIN_PIECE): per-connection caps on long-haul links are what parallel streams
+    beat, and a fixed chunk size would leave streams idle on blobs of a few chunks. Below the
+    threshold the rest is one more request.
+    """
+    if total <= covered:
+        return []
+    if total < threshold:
+        return [(covered, total)]
+    step = min(chunk_size, max(MIN_PIECE, -(-(total - covered) // streams)))
+    return [(s, min(s + step, total)) for s in range(covered, total, step)]
 
 
 def _first_cause(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -114,6 +134,7 @@ class BlobDownload:
         self._sleep = sleep
         self._readers: set[DownloadReader] = set()
         self.passed_through = False
+        self.verified = False  # the whole blob hashed to its digest (it may not be committed yet)
         self._ranged = True
         self.state = State.RUNNING
         self.error: BaseException | None = None
@@ -211,9 +232,10 @@ class BlobDownload:
 
     async def _fetch(self) -> None:
         cfg = self._config
+        first_len = min(cfg.chunk_size, FIRST_REQUEST)
         try:
             first = await self._client.open_blob(
-                self.registry, self.name, str(self.digest), 0, cfg.chunk_size - 1
+                self.registry, self.name, str(self.digest), 0, first_len - 1
             )
         except UpstreamError as exc:
             if exc.status != 416:
@@ -226,13 +248,15 @@ class BlobDownload:
         if first.ranged and first.offset == 0 and first.total is not None:
             total = first.total
             self._set_size(total)
-            head = _Piece(0, min(cfg.chunk_size, total), 0)
-            rest: list[_Piece] = []
-            if total > head.end:
-                step = cfg.chunk_size if total >= cfg.ranged_threshold else total
-                rest = [_Piece(s, min(s + step, total), s) for s in range(head.end, total, step)]
+            head = _Piece(0, min(first_len, total), 0)
+            rest = [
+                _Piece(s, e, s)
+                for s, e in plan_pieces(
+                    total, head.end, cfg.chunk_size, cfg.ranged_threshold, cfg.ranged_streams
+                )
+            ]
             self._pieces = [head, *rest]
-            workers = min(len(rest), max(1, cfg.ranged_streams - 1))
+            workers = min(len(rest), cfg.ranged_streams)
             self.streams += workers
             queue = list(reversed(rest))  # pop() from the end takes the lowest offset first
             try:
@@ -414,6 +438,10 @@ class BlobDownload:
         actual = self._hasher.hexdigest()
         if actual != self.digest.hex:
             raise DigestMismatch(self.digest, actual)
+        # The bytes are proven: readers may finish now; the fsync and rename that make the
+        # file durable and visible do not concern what they were sent.
+        self.verified = True
+        self._wake(everyone=True)
         await self._store.commit(self._temp, self.digest)
         self._finish(State.COMMITTED, None)
 
@@ -484,6 +512,16 @@ class DownloadReader:
         self._pending: tuple[int, bytes] | None = None
         self._held_back: bytes | None = None
 
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    @property
+    def whole_on_disk(self) -> bool:
+        """Every byte is verified and in the file behind fd: it can be sent with sendfile."""
+        dl = self._download
+        return dl.verified and not dl.passed_through and self._relay is None
+
     def relay_from(self, start: int) -> None:
         self._relay = _Relay(start)
 
@@ -523,35 +561,36 @@ class DownloadReader:
             return piece
 
     async def chunks(self, start: int, end: int) -> AsyncIterator[bytes]:
-        """Bytes start..end (exclusive) as they land; the last one only once the blob verified."""
+        """Bytes start..end (exclusive) as they land; the last one only once the blob verified.
+
+        The caller closes the reader (and its fd): a consumer may stop early and go on with
+        sendfile from the same fd, so the generator's own finalisation must not close it."""
         dl = self._download
         pos = start
-        try:
-            while pos < end:
-                if dl.state is State.FAILED:
-                    assert dl.error is not None
-                    raise DownloadFailed(dl.error)
-                relay = self._relay
-                if relay is not None and pos >= relay.start:
-                    data = await self._relayed(relay, pos, end)
-                    pos += len(data)
-                    yield data
-                    continue
-                limit = end if dl.state in _VERIFIED else min(dl.contiguous, end - 1)
-                if relay is not None:
-                    limit = min(limit, relay.start)
-                if pos < limit:
-                    data = os.pread(self._fd, min(limit - pos, READ_SIZE), pos)
-                    if not data:
-                        raise DownloadFailed(OSError("cache file shorter than expected"))
-                    pos += len(data)
-                    yield data
-                else:
-                    needed = min(pos + WAKE_BATCH, end - 1)
-                    # Only the held-back last byte is missing: nothing but the verdict helps.
-                    await dl._wait_beyond(pos, needed if needed > pos else _UNKNOWN_END)
-        finally:
-            self.close()
+        while pos < end:
+            if dl.state is State.FAILED:
+                assert dl.error is not None
+                raise DownloadFailed(dl.error)
+            relay = self._relay
+            if relay is not None and pos >= relay.start:
+                data = await self._relayed(relay, pos, end)
+                pos += len(data)
+                yield data
+                continue
+            done = dl.verified or dl.state in _VERIFIED
+            limit = end if done else min(dl.contiguous, end - 1)
+            if relay is not None:
+                limit = min(limit, relay.start)
+            if pos < limit:
+                data = os.pread(self._fd, min(limit - pos, READ_SIZE), pos)
+                if not data:
+                    raise DownloadFailed(OSError("cache file shorter than expected"))
+                pos += len(data)
+                yield data
+            else:
+                needed = min(pos + WAKE_BATCH, end - 1)
+                # Only the held-back last byte is missing: nothing but the verdict helps.
+                await dl._wait_beyond(pos, needed if needed > pos else _UNKNOWN_END)
 
     def close(self) -> None:
         if self._fd >= 0:

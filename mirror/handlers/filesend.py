@@ -56,21 +56,29 @@ async def send_file(
     file_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         await response.prepare(request)
-        transport = request.transport
-        sock = transport.get_extra_info("socket") if transport is not None else None
-        if transport is None or sock is None:
-            raise ConnectionResetError("connection lost before the body")
-        # The headers must be on the wire before the thread writes around the transport.
-        deadline = asyncio.get_running_loop().time() + IDLE_TIMEOUT
-        while transport.get_write_buffer_size():
-            if asyncio.get_running_loop().time() > deadline:
-                raise TimeoutError("client took no data")
-            await asyncio.sleep(0.001)
-        if count:
-            loop = asyncio.get_running_loop()
-            sock_fd = os.dup(sock.fileno())
-            await loop.run_in_executor(executor, _sendfile_blocking, sock_fd, file_fd, start, count)
+        await send_rest(request, file_fd, start, count, executor)
     finally:
         os.close(file_fd)
     await response.write_eof()
     return count
+
+
+async def send_rest(
+    request: web.Request, file_fd: int, offset: int, count: int, executor: Executor
+) -> None:
+    """Send `count` bytes of `file_fd` from `offset` as the rest of a prepared response's body."""
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if transport is None or sock is None:
+        raise ConnectionResetError("connection lost")
+    # Whatever aiohttp wrote (headers, earlier body) must be on the wire before the thread
+    # writes around the transport.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + IDLE_TIMEOUT
+    while transport.get_write_buffer_size():
+        if loop.time() > deadline:
+            raise TimeoutError("client took no data")
+        await asyncio.sleep(0.001)
+    if count:
+        sock_fd = os.dup(sock.fileno())
+        await loop.run_in_executor(executor, _sendfile_blocking, sock_fd, file_fd, offset, count)

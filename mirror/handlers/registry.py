@@ -7,7 +7,7 @@ from aiohttp import web
 
 from mirror.cache.blobs import CachedBlob, LiveBlob
 from mirror.cache.download import DownloadFailed
-from mirror.handlers.filesend import send_file
+from mirror.handlers.filesend import send_file, send_rest
 from mirror.keys import (
     blobs_key,
     config_key,
@@ -31,6 +31,11 @@ log = structlog.get_logger("mirror.handlers")
 _READ_ONLY = RegistryError(
     ErrorCode.UNSUPPORTED, "the mirror is read-only: push and delete are not supported"
 )
+
+
+# A reader that joined a download switches to sendfile for what is left once the blob is
+# verified on disk, when enough is left for it to pay (pread + write costs ~6x more CPU/GB).
+_SENDFILE_SWITCH = 1024 * 1024
 
 
 async def base(request: web.Request) -> web.Response:
@@ -174,11 +179,21 @@ async def _stream_live(
     await response.prepare(request)
     served = request.app[metrics_key].served_bytes.labels("upstream")
     request[sent_key] = 0
+    pos = start
     try:
         async for chunk in live.reader.chunks(start, end + 1):
             await response.write(chunk)
             served.inc(len(chunk))
-            request[sent_key] += len(chunk)
+            pos += len(chunk)
+            if live.reader.whole_on_disk and end + 1 - pos >= _SENDFILE_SWITCH:
+                break  # verified and on disk: let the kernel send the rest
+        if pos <= end:
+            await send_rest(
+                request, live.reader.fd, pos, end + 1 - pos, request.app[sendfile_pool_key]
+            )
+            served.inc(end + 1 - pos)
+            pos = end + 1
+        request[sent_key] = pos - start
     except DownloadFailed as exc:
         # Headers are out: the only honest signal left is a body short of Content-Length,
         # ended with a FIN (containerd retries with Range; a reset would be fatal for it).
