@@ -8,15 +8,11 @@ import contextvars
 from dataclasses import dataclass
 from pathlib import Path
 
-from mirror.cache.download import (
-    BlobDownload,
-    DigestMismatch,
-    DownloadFailed,
-    DownloadReader,
-    State,
-)
+from mirror.cache.download import BlobDownload
 from mirror.cache.errors import to_registry_error
 from mirror.cache.janitor import CacheJanitor
+from mirror.cache.reader import DownloadReader
+from mirror.cache.transfer import DigestMismatch, DownloadFailed, State
 from mirror.config import UpstreamConfig
 from mirror.metrics import Metrics
 from mirror.oci.digest import Digest

@@ -10,20 +10,25 @@ the whole blob has been verified and committed, so a wrong blob is never a compl
 from __future__ import annotations
 
 import asyncio
-import collections
-import enum
 import errno
 import hashlib
 import os
 import random
-import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
 import structlog
 
+from mirror.cache.reader import DownloadReader
+from mirror.cache.transfer import (
+    UNKNOWN_END,
+    WAKE_INTERVAL,
+    DigestMismatch,
+    DownloadFailed,
+    State,
+)
 from mirror.config import UpstreamConfig
 from mirror.oci.digest import Digest
 from mirror.storage.store import FilesystemStore, StoreError, TempFile
@@ -32,42 +37,12 @@ from mirror.upstream.errors import UpstreamBodyError, UpstreamError, UpstreamUna
 
 log = structlog.get_logger("mirror.download")
 
-READ_SIZE = 1024 * 1024  # largest piece a reader takes from the file at once
 FIRST_REQUEST = 4 * 1024 * 1024  # the first Range: most configs and small layers fit whole
 MIN_PIECE = 1024 * 1024  # smaller Range requests cost more in round trips than they gain
-WAKE_BATCH = 256 * 1024  # wake a reader once this much is new for it ...
-WAKE_INTERVAL = 0.02  # ... or this often, so slow links still trickle promptly
-_UNKNOWN_END = sys.maxsize
-
-
-class State(enum.Enum):
-    RUNNING = "running"
-    COMMITTED = "committed"  # verified and in the cache
-    PASSED = "passed"  # verified and served, but not cached (the disk was full)
-    FAILED = "failed"
-
-
-_VERIFIED = (State.COMMITTED, State.PASSED)
-RELAY_BUFFER = 4 * 1024 * 1024  # per reader, while passing bytes through without a cache file
-
-
-class DigestMismatch(Exception):
-    def __init__(self, expected: Digest, actual: str) -> None:
-        self.expected = expected
-        self.actual = actual
-        super().__init__(f"upstream bytes hash to sha256:{actual}, expected {expected}")
 
 
 class _NoSpace(StoreError):
     """The cache file cannot grow: the disk (or quota) is full even after evicting."""
-
-
-class DownloadFailed(Exception):
-    """Raised to readers whose download failed; `cause` says why."""
-
-    def __init__(self, cause: BaseException) -> None:
-        self.cause = cause
-        super().__init__(str(cause))
 
 
 def plan_pieces(
@@ -178,7 +153,9 @@ class BlobDownload:
         self._readers.add(reader)
         return reader
 
-    async def _wait_beyond(self, pos: int, needed: int) -> None:
+    async def wait_beyond(self, pos: int, needed: int) -> None:
+        """Until the prefix reaches `needed`, a tick passes with progress past `pos`, or the
+        download ends."""
         if self.state is not State.RUNNING or self.contiguous >= needed:
             return
         fut = asyncio.get_running_loop().create_future()
@@ -189,6 +166,10 @@ class BlobDownload:
         finally:
             if not fut.done():
                 self._waiters.remove(waiter)
+
+    def detach(self, reader: DownloadReader) -> None:
+        """A reader is done (or gone): the relay must never wait on it."""
+        self._readers.discard(reader)
 
     def _wake(self, everyone: bool) -> None:
         now = time.monotonic()
@@ -271,7 +252,7 @@ class BlobDownload:
             first.close()
             raise UpstreamBodyError("upstream answered a Range request with an unusable 206")
         # The upstream ignores Range: one stream, which is still shared by every reader.
-        piece = _Piece(0, first.total if first.total is not None else _UNKNOWN_END, 0)
+        piece = _Piece(0, first.total if first.total is not None else UNKNOWN_END, 0)
         self._pieces = [piece]
         if first.total is not None:
             self._set_size(first.total)
@@ -300,7 +281,7 @@ class BlobDownload:
                     failures = 0
                     if piece.pos >= piece.end:
                         break
-                if piece.pos < piece.end and piece.end != _UNKNOWN_END:
+                if piece.pos < piece.end and piece.end != UNKNOWN_END:
                     raise UpstreamBodyError(f"body ended at byte {piece.pos} of {piece.end}")
                 piece.end = piece.pos  # unknown length: the end of the body is the end
             except UpstreamError as exc:
@@ -462,140 +443,3 @@ class BlobDownload:
         self._wake(everyone=True)
         for reader in self._readers:
             reader.end_relay()
-
-
-class _Relay:
-    """Bytes passed through to one reader when there is no cache file to read them from."""
-
-    def __init__(self, start: int) -> None:
-        self.start = start
-        self._items: collections.deque[tuple[int, bytes]] = collections.deque()
-        self._bytes = 0
-        self._ended = False
-        self._changed = asyncio.Condition()
-
-    async def put(self, offset: int, data: bytes) -> None:
-        async with self._changed:
-            await self._changed.wait_for(lambda: self._ended or self._bytes < RELAY_BUFFER)
-            if not self._ended:
-                self._items.append((offset, data))
-                self._bytes += len(data)
-                self._changed.notify_all()
-
-    async def get(self) -> tuple[int, bytes] | None:
-        async with self._changed:
-            await self._changed.wait_for(lambda: self._items or self._ended)
-            if not self._items:
-                return None
-            offset, data = self._items.popleft()
-            self._bytes -= len(data)
-            self._changed.notify_all()
-            return offset, data
-
-    def end(self) -> None:
-        self._ended = True
-
-        async def notify() -> None:
-            async with self._changed:
-                self._changed.notify_all()
-
-        asyncio.get_running_loop().create_task(notify())
-
-
-class DownloadReader:
-    """One client's view of a download in progress, with its own file descriptor."""
-
-    def __init__(self, download: BlobDownload, fd: int) -> None:
-        self._download = download
-        self._fd = fd
-        self._relay: _Relay | None = None
-        self._pending: tuple[int, bytes] | None = None
-        self._held_back: bytes | None = None
-
-    @property
-    def fd(self) -> int:
-        return self._fd
-
-    @property
-    def whole_on_disk(self) -> bool:
-        """Every byte is verified and in the file behind fd: it can be sent with sendfile."""
-        dl = self._download
-        return dl.verified and not dl.passed_through and self._relay is None
-
-    def relay_from(self, start: int) -> None:
-        self._relay = _Relay(start)
-
-    async def offer(self, offset: int, data: bytes) -> None:
-        if self._relay is not None and self._fd >= 0:
-            await self._relay.put(offset, data)
-
-    def end_relay(self) -> None:
-        if self._relay is not None:
-            self._relay.end()
-
-    async def _relayed(self, relay: _Relay, pos: int, end: int) -> bytes:
-        """The next bytes at `pos` from the relay (never past end - 1 before the verdict)."""
-        dl = self._download
-        while True:
-            if self._pending is None:
-                self._pending = await relay.get()
-                if self._pending is None:  # the relay ended: verdict in, or failed
-                    if dl.state in _VERIFIED and self._held_back is not None:
-                        return self._held_back
-                    raise DownloadFailed(dl.error or RuntimeError("pass-through ended early"))
-            offset, data = self._pending
-            if self._held_back is not None or offset + len(data) <= pos:
-                self._pending = None  # behind us, or past our end while we await the verdict
-                continue
-            if offset > pos:
-                raise DownloadFailed(RuntimeError("pass-through skipped bytes"))
-            piece = data[pos - offset : end - offset]
-            if offset + len(data) >= end:  # holds our last byte: keep it until verified
-                self._held_back = piece[-1:]
-                piece = piece[:-1]
-                self._pending = None
-                if piece:
-                    return piece
-                continue
-            self._pending = None
-            return piece
-
-    async def chunks(self, start: int, end: int) -> AsyncIterator[bytes]:
-        """Bytes start..end (exclusive) as they land; the last one only once the blob verified.
-
-        The caller closes the reader (and its fd): a consumer may stop early and go on with
-        sendfile from the same fd, so the generator's own finalisation must not close it."""
-        dl = self._download
-        pos = start
-        while pos < end:
-            if dl.state is State.FAILED:
-                assert dl.error is not None
-                raise DownloadFailed(dl.error)
-            relay = self._relay
-            if relay is not None and pos >= relay.start:
-                data = await self._relayed(relay, pos, end)
-                pos += len(data)
-                yield data
-                continue
-            done = dl.verified or dl.state in _VERIFIED
-            limit = end if done else min(dl.contiguous, end - 1)
-            if relay is not None:
-                limit = min(limit, relay.start)
-            if pos < limit:
-                data = os.pread(self._fd, min(limit - pos, READ_SIZE), pos)
-                if not data:
-                    raise DownloadFailed(OSError("cache file shorter than expected"))
-                pos += len(data)
-                yield data
-            else:
-                needed = min(pos + WAKE_BATCH, end - 1)
-                # Only the held-back last byte is missing: nothing but the verdict helps.
-                await dl._wait_beyond(pos, needed if needed > pos else _UNKNOWN_END)
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-            self._download._readers.discard(self)
-            if self._relay is not None:
-                self._relay.end()  # a departed reader must never hold the relay up

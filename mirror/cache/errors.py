@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mirror.cache.download import DigestMismatch, DownloadFailed
+from mirror.cache.transfer import DigestMismatch, DownloadFailed
 from mirror.oci.errors import ErrorCode, RegistryError
 from mirror.storage.store import StoreError
 from mirror.upstream.errors import UpstreamError, UpstreamUnavailable

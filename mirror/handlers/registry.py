@@ -6,7 +6,7 @@ import structlog
 from aiohttp import web
 
 from mirror.cache.blobs import CachedBlob, LiveBlob
-from mirror.cache.download import DownloadFailed
+from mirror.cache.transfer import DownloadFailed
 from mirror.handlers.filesend import send_file, send_rest
 from mirror.keys import (
     blobs_key,
