@@ -76,7 +76,8 @@ class Fault:
             "delay" (wait `seconds`, then behave normally),
             "hang" (never answer; the client's timeout must save it),
             "cut" (send headers and `after` bytes of the real body, then close cleanly),
-            "corrupt" (flip one byte of the real body, same length).
+            "corrupt" (flip one byte of the real body, same length),
+            "throttle" (send the real body at about `rate` bytes per second).
     """
 
     action: str = "status"
@@ -87,6 +88,7 @@ class Fault:
     headers: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     after: int = 0
+    rate: float = 0.0  # bytes per second, for "throttle"
     times: int | None = None  # None: forever
     hits: int = 0
 
@@ -260,6 +262,8 @@ class Proxy:
                 if fault is not None and fault.action == "corrupt" and not corrupted and chunk:
                     chunk = bytes([chunk[0] ^ 0xFF]) + chunk[1:]
                     corrupted = True
+                if fault is not None and fault.action == "throttle" and fault.rate > 0:
+                    await asyncio.sleep(len(chunk) / fault.rate)  # before: the last one too
                 await response.write(chunk)
                 sent += len(chunk)
             await response.write_eof()

@@ -111,12 +111,24 @@ class Containerd:
         argv = [self.ctr, "-a", str(self.sock), "-n", namespace, *args]
         return run(argv, timeout=timeout).stdout
 
-    def pull(self, ref: str, hosts_dir: Path, namespace: str, platform_: str | None = None) -> str:
-        """`ctr images pull` (fetch + unpack with the native snapshotter); returns stdout."""
+    def pull(
+        self,
+        ref: str,
+        hosts_dir: Path,
+        namespace: str,
+        platform_: str | None = None,
+        all_platforms: bool = False,
+    ) -> str:
+        """`ctr images pull` (fetch + unpack with the native snapshotter); returns stdout.
+
+        all_platforms: fetch the content of every platform of an index (unpack stays local).
+        """
         args = ["images", "pull", "--plain-http", "--hosts-dir", str(hosts_dir)]
         args += ["--snapshotter", "native"]
         if platform_ is not None:
             args += ["--platform", platform_]
+        if all_platforms:
+            args.append("--all-platforms")
         return self._ctr(namespace, *args, ref)
 
     def images(self, namespace: str) -> dict[str, str]:

@@ -241,3 +241,23 @@ def seed(registry_host: str, workdir: Path) -> Catalog:
         single=read_image(registry_host, "library/single", "1.0"),
         private=read_image(registry_host, "private/single", "1.0"),
     )
+
+
+def seed_large(
+    registry_host: str, workdir: Path, repository: str, size: int, seed_value: int = 7
+) -> Image:
+    """Push `repository:1.0`: one linux/amd64 manifest whose only layer is an uncompressed tar
+    of `size` random bytes (no gzip: building it stays fast, and it is as big on the wire)."""
+    layout = workdir / "layout-large"
+    out = LayoutWriter(layout)
+    rng = random.Random(seed_value)
+    manifest = out.image("amd64", [out.layer(rng, "large", size, gzipped=False)])
+    out.tag(manifest, "large")
+    run(
+        [
+            "skopeo", "--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false",
+            "--preserve-digests", f"oci:{layout}:large", f"docker://{registry_host}/{repository}:1.0",
+        ],
+        timeout=120,
+    )  # fmt: skip
+    return read_image(registry_host, repository, "1.0")

@@ -6,6 +6,7 @@ import json
 import os
 import shlex
 import signal
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,31 @@ def mirror_command() -> list[str]:
     if override:
         return shlex.split(override)
     return [sys.executable, "-m", "mirror", "serve"]
+
+
+def mirror_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # Run the working tree, installed or not.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    # MIRROR_* variables from the caller's shell would override the file: drop them.
+    return {k: v for k, v in env.items() if not k.startswith("MIRROR_")}
+
+
+def mirror_cli(
+    *args: str, timeout: float = 30.0, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m mirror <args>` (warm, cache, containerd-config) from the working tree to
+    completion; the exit status is the caller's to check (some tests expect a failure)."""
+    return subprocess.run(
+        [sys.executable, "-m", "mirror", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=mirror_env(),
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 @dataclass(frozen=True)
@@ -84,17 +110,11 @@ class Mirror:
         self.cache_dir = workdir / "cache"
         self.config_path = workdir / "mirror.toml"
         self.config_path.write_text(render_config(settings, self.host, self.cache_dir))
-        env = dict(os.environ)
-        # Run the working tree, installed or not.
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-        env["PYTHONUNBUFFERED"] = "1"
-        # MIRROR_* variables from the caller's shell would override the file: drop them.
-        env = {k: v for k, v in env.items() if not k.startswith("MIRROR_")}
         self.process = Process(
             "mirror",
             [*mirror_command(), "--config", str(self.config_path)],
             workdir / "mirror.log",
-            env=env,
+            env=mirror_env(),
             cwd=workdir,
         )
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import time
 from collections import Counter
 
 import pytest
@@ -159,3 +160,16 @@ def test_fault_cut_and_corrupt_bodies(upstream: Upstream, catalog: Catalog) -> N
 
     intact = http_request("GET", upstream.host, path, auth)
     assert sha256(intact.body) == layer
+
+
+def test_fault_throttle(upstream: Upstream, catalog: Catalog) -> None:
+    """A throttled body arrives whole and correct, only slowly: ~256 KiB at 1 MiB/s."""
+    layer = catalog.single.platform("linux/amd64").layers[0]
+    path = f"/v2/library/single/blobs/{layer}"
+    auth = [("Authorization", f"Bearer {bearer_token(upstream, 'repository:library/single:pull')}")]
+    upstream.set_faults({"action": "throttle", "kind": "blob", "rate": 1024 * 1024, "times": 1})
+    started = time.monotonic()
+    slow = http_request("GET", upstream.host, path, auth)
+    elapsed = time.monotonic() - started
+    assert sha256(slow.body) == layer
+    assert elapsed >= 0.9 * len(slow.body) / (1024 * 1024), elapsed
