@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import hashlib
 import os
 import random
 import time
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 import aiohttp
 import structlog
 
+from mirror.cache.prefix_hash import PrefixHasher
 from mirror.cache.reader import DownloadReader
 from mirror.cache.transfer import (
     UNKNOWN_END,
@@ -43,76 +43,6 @@ MIN_PIECE = 1024 * 1024  # smaller Range requests cost more in round trips than 
 
 class _NoSpace(StoreError):
     """The cache file cannot grow: the disk (or quota) is full even after evicting."""
-
-
-class _PrefixHasher:
-    """sha256 of a file's prefix as it grows, on its own task.
-
-    Ranged pieces land out of order, so the prefix often jumps by many megabytes at once (at
-    the very end, by nearly the whole blob). Hashing that on the event loop would stall every
-    client stream for a tenth of a second per 128 MiB; large steps go to a thread instead
-    (hashlib releases the GIL), so sending and verifying overlap. Small steps stay inline.
-    """
-
-    STEP = 8 * 1024 * 1024
-    THREAD_MIN = 1024 * 1024
-
-    def __init__(self, read: Callable[[int, int], bytes]) -> None:
-        self._read = read  # (size, offset) -> bytes
-        self._hash = hashlib.sha256()
-        self._done = 0
-        self._target = 0
-        self._final: int | None = None
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="prefix hasher")
-
-    def advance(self, upto: int) -> None:
-        self._target = upto
-        self._wake.set()
-
-    async def finish(self, upto: int) -> str:
-        """Hash through `upto` and stop following; returns the digest so far."""
-        self._final = upto
-        self._target = max(self._target, upto)
-        self._wake.set()
-        assert self._task is not None
-        await self._task
-        return self._hash.hexdigest()
-
-    def update(self, data: bytes) -> None:
-        """After finish(): go on hashing bytes that come in order (the pass-through relay)."""
-        self._hash.update(data)
-
-    def hexdigest(self) -> str:
-        return self._hash.hexdigest()
-
-    def cancel(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-
-    async def _run(self) -> None:
-        while True:
-            while self._done < self._target:
-                size = min(self.STEP, self._target - self._done)
-                if size >= self.THREAD_MIN:
-                    await asyncio.to_thread(self._step, self._done, size)
-                else:
-                    self._step(self._done, size)
-            if self._final is not None and self._done >= self._final:
-                return
-            self._wake.clear()
-            if self._done >= self._target:
-                await self._wake.wait()
-
-    def _step(self, offset: int, size: int) -> None:
-        data = self._read(size, offset)
-        if len(data) != size:
-            raise OSError("temp file shorter than its written prefix")
-        self._hash.update(data)
-        self._done += size
 
 
 def plan_pieces(
@@ -190,7 +120,7 @@ class BlobDownload:
         self._temp: TempFile = store.new_temp()
         self._pieces: list[_Piece] = []
         self._head = 0
-        self._hasher = _PrefixHasher(self._temp.pread)
+        self._hasher = PrefixHasher(self._temp.pread)
         self._sized = asyncio.Event()
         self._waiters: list[_Waiter] = []
         self._last_wake = 0.0
