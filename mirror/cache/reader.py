@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING
 
 from mirror.cache.transfer import (
@@ -118,7 +118,7 @@ class DownloadReader:
             self._pending = None
             return piece
 
-    async def chunks(self, start: int, end: int) -> AsyncIterator[bytes]:
+    async def chunks(self, start: int, end: int) -> AsyncGenerator[bytes, None]:
         """Bytes start..end (exclusive) as they land; the last one only once the blob verified.
 
         The caller closes the reader (and its fd): a consumer may stop early and go on with

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import structlog
 from aiohttp import web
 
@@ -181,12 +183,13 @@ async def _stream_live(
     request[sent_key] = 0
     pos = start
     try:
-        async for chunk in live.reader.chunks(start, end + 1):
-            await response.write(chunk)
-            served.inc(len(chunk))
-            pos += len(chunk)
-            if live.reader.whole_on_disk and end + 1 - pos >= _SENDFILE_SWITCH:
-                break  # verified and on disk: let the kernel send the rest
+        async with contextlib.aclosing(live.reader.chunks(start, end + 1)) as chunks:
+            async for chunk in chunks:
+                await response.write(chunk)
+                served.inc(len(chunk))
+                pos += len(chunk)
+                if live.reader.whole_on_disk and end + 1 - pos >= _SENDFILE_SWITCH:
+                    break  # verified and on disk: let the kernel send the rest
         if pos <= end:
             await send_rest(
                 request, live.reader.fd, pos, end + 1 - pos, request.app[sendfile_pool_key]
