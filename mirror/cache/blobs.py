@@ -79,8 +79,13 @@ class BlobService:
         hit = self.cached(digest)
         if hit is not None:
             return Opened(hit, "hit")
-        download, result = self._download(registry, name, digest)
-        reader = download.reader()
+        try:
+            download, result = self._download(registry, name, digest)
+            reader = download.reader()
+        except OSError as exc:  # no temp file or descriptor to be had (EMFILE, EROFS, ...)
+            raise RegistryError(
+                ErrorCode.UNAVAILABLE, f"cache storage unavailable: {exc.strerror}"
+            ) from exc
         try:
             size = await download.wait_sized()
         except DownloadFailed as exc:

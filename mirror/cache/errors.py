@@ -44,6 +44,8 @@ def to_registry_error(exc: BaseException, unknown: ErrorCode) -> RegistryError:
         )  # fmt: skip
     if isinstance(exc, StoreError):
         return RegistryError(ErrorCode.UNAVAILABLE, f"cache storage failed: {exc}")
+    if isinstance(exc, OSError) and not isinstance(exc, ConnectionError):
+        return RegistryError(ErrorCode.UNAVAILABLE, f"cache storage failed: {exc.strerror}")
     if isinstance(exc, TimeoutError):
         return RegistryError(ErrorCode.UNAVAILABLE, "the upstream registry did not answer in time")
     if isinstance(exc, UpstreamUnavailable):

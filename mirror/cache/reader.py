@@ -67,6 +67,7 @@ class DownloadReader:
         self._download = download
         self._fd = fd
         self._relay: _Relay | None = None
+        self._want_end: int | None = None  # the end of the range chunks() was asked for
         self._pending: tuple[int, bytes] | None = None
         self._held_back: bytes | None = None
 
@@ -80,10 +81,22 @@ class DownloadReader:
         dl = self._download
         return dl.verified and not dl.passed_through and self._relay is None
 
+    async def verdict(self) -> None:
+        """Until the blob verified (returns) or failed (raises DownloadFailed). An empty body has
+        no last byte to hold back: its response must wait for this before its headers."""
+        dl = self._download
+        while not (dl.verified or dl.state in VERIFIED or dl.state is State.FAILED):
+            await dl.wait_beyond(0, UNKNOWN_END)
+        if not dl.verified and dl.state is State.FAILED:
+            assert dl.error is not None
+            raise DownloadFailed(dl.error)
+
     def relay_from(self, start: int) -> None:
         self._relay = _Relay(start)
 
     async def offer(self, offset: int, data: bytes) -> None:
+        if self._want_end is not None and offset >= self._want_end:
+            return  # past what this reader asked for: buffering it would only hold the relay up
         if self._relay is not None and self._fd >= 0:
             await self._relay.put(offset, data)
 
@@ -124,6 +137,7 @@ class DownloadReader:
         The caller closes the reader (and its fd): a consumer may stop early and go on with
         sendfile from the same fd, so the generator's own finalisation must not close it."""
         dl = self._download
+        self._want_end = end
         pos = start
         while pos < end:
             if dl.state is State.FAILED:

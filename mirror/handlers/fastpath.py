@@ -39,9 +39,12 @@ from mirror.oci.reference import InvalidName, is_tag
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
 KEEPALIVE_TIMEOUT = 75.0  # aiohttp's default for its own connections
+MAX_ANSWER_BYTES = 1024 * 1024  # answered per read before a pipelining client goes to aiohttp
+MAX_FIELD = 8190  # aiohttp's own limit for a request line or header: beyond it, its 400
 
 
 _MEMO_SIZE = 8192
+_ACCEPT_MEMO_SIZE = 256  # clients send a handful of distinct Accept sets
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +101,9 @@ class FastPath:
 
     def answer(self, req: _Request, peer: str | None) -> bytes | None:
         started = time.perf_counter()
-        if req.method not in (b"GET", b"HEAD"):
+        if req.method not in (b"GET", b"HEAD") or len(req.url) > MAX_FIELD:
+            return None
+        if any(len(v) > MAX_FIELD for _, v in req.headers):
             return None
         found = self._lookup(req)
         if found is None:
@@ -145,7 +150,7 @@ class FastPath:
         accepted = self._accepts.get(accept_values)
         if accepted is None:
             accepted = accepted_types(v.decode("latin-1") for v in accept_values)
-            if len(self._accepts) >= _MEMO_SIZE:
+            if len(self._accepts) >= _ACCEPT_MEMO_SIZE:
                 self._accepts.clear()
             self._accepts[accept_values] = accepted
         if route_.digest is not None:
@@ -259,12 +264,19 @@ class FastProtocol(asyncio.Protocol):
         if self._partial or self._body or not requests:
             self._hand_over(data)  # not a chunk of whole, bodiless requests: aiohttp's job
             return
+        if any(not r.keep_alive for r in requests[:-1]):
+            self._hand_over(data)  # requests after a Connection: close: aiohttp's rules apply
+            return
         answers = []
+        size = 0
         for req in requests:
             answer = self._fast.answer(req, self._peer)
-            if answer is None:
-                self._hand_over(data)  # nothing of this chunk was answered yet: hand it all
+            if answer is None or size + len(answer) > MAX_ANSWER_BYTES:
+                # Nothing of this chunk was answered yet: hand it all. Past the cap, aiohttp's
+                # one-at-a-time answers with flow control keep a pipelining client bounded.
+                self._hand_over(data)
                 return
+            size += len(answer)
             answers.append(answer)
         assert self._transport is not None
         self._transport.write(b"".join(answers) if len(answers) > 1 else answers[0])

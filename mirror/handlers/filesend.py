@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import select
+import socket
 from concurrent.futures import Executor
 from pathlib import Path
 
@@ -22,6 +23,8 @@ IDLE_TIMEOUT = 60.0  # a client that takes no byte for this long is dropped
 
 
 def _sendfile_blocking(sock_fd: int, file_fd: int, offset: int, count: int) -> int:
+    """Runs in a worker thread on descriptors of its own (dups), which it closes: whatever
+    the event loop closes meanwhile, these numbers cannot be reused under it."""
     sent = 0
     poller = select.poll()
     poller.register(sock_fd, select.POLLOUT)
@@ -38,6 +41,7 @@ def _sendfile_blocking(sock_fd: int, file_fd: int, offset: int, count: int) -> i
             sent += n
     finally:
         os.close(sock_fd)
+        os.close(file_fd)
     return sent
 
 
@@ -81,4 +85,26 @@ async def send_rest(
         await asyncio.sleep(0.001)
     if count:
         sock_fd = os.dup(sock.fileno())
-        await loop.run_in_executor(executor, _sendfile_blocking, sock_fd, file_fd, offset, count)
+        try:
+            thread_file = os.dup(file_fd)
+        except OSError:
+            os.close(sock_fd)
+            raise
+        transfer = loop.run_in_executor(
+            executor, _sendfile_blocking, sock_fd, thread_file, offset, count
+        )
+        try:
+            await asyncio.shield(transfer)
+        except asyncio.CancelledError:
+            # Cancelled (shutdown): stop the thread by shutting the connection down under it,
+            # rather than leave it writing into a connection its owner has given up on.
+            _shutdown(sock.fileno())
+            raise
+
+
+def _shutdown(fd: int) -> None:
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already gone

@@ -8,6 +8,7 @@ import structlog
 from aiohttp import web
 
 from mirror.cache.blobs import CachedBlob, LiveBlob
+from mirror.cache.errors import to_registry_error
 from mirror.cache.transfer import DownloadFailed
 from mirror.handlers.filesend import send_file, send_rest
 from mirror.keys import (
@@ -174,15 +175,20 @@ async def _stream_live(
 ) -> web.StreamResponse:
     try:
         start, end, partial = _span(request, live.size)
-    except RegistryError:
+        if start > end:  # an empty blob: nothing to hold back, so the verdict comes first
+            await live.reader.verdict()
+    except DownloadFailed as exc:
+        live.reader.close()
+        raise to_registry_error(exc, ErrorCode.BLOB_UNKNOWN) from exc
+    except BaseException:
         live.reader.close()
         raise
     response = _start_response(headers, start, end, live.size, partial)
-    await response.prepare(request)
     served = request.app[metrics_key].served_bytes.labels("upstream")
     request[sent_key] = 0
     pos = start
     try:
+        await response.prepare(request)  # inside: a client gone already must not leak the fd
         async with contextlib.aclosing(live.reader.chunks(start, end + 1)) as chunks:
             async for chunk in chunks:
                 await response.write(chunk)

@@ -70,6 +70,17 @@ def parse_content_range(value: str | None) -> tuple[int, int, int | None] | None
         return None
 
 
+async def _read_capped(resp: aiohttp.ClientResponse, cap: int, what: str) -> bytes:
+    """The whole body (read(n) returns only what is buffered: a body of several segments
+    would be cut short), refusing anything larger than `cap`."""
+    body = bytearray()
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > cap:
+            raise UpstreamError(502, f"{what} larger than {cap} bytes")
+    return bytes(body)
+
+
 def _retry_after(value: str | None) -> float | None:
     try:
         return max(0.0, float(value)) if value else None
@@ -126,9 +137,7 @@ class RegistryClient:
         try:
             if (resp.content_length or 0) > MAX_MANIFEST_BYTES:
                 raise UpstreamError(502, "manifest larger than 4 MiB")
-            body = await resp.content.read(MAX_MANIFEST_BYTES + 1)
-            if len(body) > MAX_MANIFEST_BYTES:
-                raise UpstreamError(502, "manifest larger than 4 MiB")
+            body = await _read_capped(resp, MAX_MANIFEST_BYTES, "manifest")
             if resp.content_length is not None and len(body) != resp.content_length:
                 raise UpstreamUnavailable("manifest body ended early")
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -166,7 +175,9 @@ class RegistryClient:
             suffix += "?" + urlencode({k: v for k, v in query.items() if k in ("n", "last")})
         resp = await self.open(registry, name, suffix, "GET", {}, kind="tags")
         try:
-            return await resp.content.read(MAX_MANIFEST_BYTES)
+            return await _read_capped(resp, MAX_MANIFEST_BYTES, "tag list")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamUnavailable(f"tag list body failed: {type(exc).__name__}") from exc
         finally:
             resp.release()
 

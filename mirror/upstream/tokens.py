@@ -8,12 +8,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
+from cachetools import LRUCache
 
 from mirror.upstream.auth import Challenge
 from mirror.upstream.errors import UpstreamError, UpstreamUnavailable
 
 # Tokens are used a little before they expire, so a request never leaves with a dead one.
 _EXPIRY_MARGIN = 10.0
+_MAX_TOKENS = 10_000
 _DEFAULT_LIFETIME = 60.0  # the token spec's default when expires_in is absent
 
 
@@ -43,7 +45,8 @@ class TokenCache:
         self._session = session
         self._timeout = timeout
         self._clock = clock
-        self._tokens: dict[_Key, tuple[str, float]] = {}
+        # One entry per repository scope: bounded, so random names cannot grow it forever.
+        self._tokens: LRUCache[_Key, tuple[str, float]] = LRUCache(_MAX_TOKENS)
         self._inflight: dict[_Key, asyncio.Future[tuple[str, float]]] = {}
 
     def cached(self, challenge: Challenge, scope: str, creds: Credentials | None) -> str | None:

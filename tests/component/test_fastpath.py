@@ -16,6 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from mirror.handlers.fastpath import MAX_ANSWER_BYTES
 from mirror.server import serve
 
 from .fakeregistry import FakeRegistry, Image
@@ -197,3 +198,17 @@ async def test_connection_close_is_honoured(
         and b"Connection: close" in data
         and data.endswith(image.manifest)
     )
+
+
+async def test_pipelined_flood_goes_to_aiohttp_past_the_answer_cap(
+    servers: tuple[Served, Served], fake: FakeRegistry
+) -> None:
+    # 600 pipelined GETs of a cached manifest must not be answered as one giant buffer.
+    image = fake.add_image("team/app", "1.0", [b"q" * 10])
+    fast, _ = servers
+    await _warm(fast, image)
+    tag = b"GET /v2/team/app/manifests/1.0?ns=fake.test HTTP/1.1\r\nHost: x\r\n\r\n"
+    count = MAX_ANSWER_BYTES // len(image.manifest) + 50
+    answers = await _raw(fast.port, [tag * count], count)
+    assert [body for _, body in answers] == [image.manifest] * count
+    assert all(b"Server:" in head for head, _ in answers)  # aiohttp answered them, in order

@@ -314,3 +314,21 @@ async def test_manifest_by_digest_is_fetched_once_for_concurrent_clients(
     assert await asyncio.gather(*tasks) == [image.manifest] * 20
     assert fake.count(kind="manifest-digest", method="GET") == 1
     assert mirror.requests("manifest", "coalesced") == 19
+
+
+async def test_empty_body_for_a_non_empty_digest_is_never_a_success(
+    fake: FakeRegistry, mirror: Mirror
+) -> None:
+    # An origin (or its CDN) answering 200 with no bytes: nothing to hold back, so the
+    # verdict itself must come before the end of the response.
+    digest = fake.add_blob("team/app", b"real content")
+    fake.repos["team/app"].blobs[digest] = b""
+    async with mirror.client.get(blob_url(digest), params=FAKE) as resp:
+        body = b""
+        failed = False
+        try:
+            body = await resp.read()
+        except aiohttp.ClientPayloadError:
+            failed = True
+        assert failed or resp.status != 200, (resp.status, body)
+    assert mirror.blobs.cached(parse_digest(digest)) is None

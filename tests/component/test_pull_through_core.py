@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import time
 from dataclasses import replace
 from types import MappingProxyType
@@ -497,3 +498,19 @@ async def test_cached_content_survives_an_upstream_outage(
         await wait_cached(mirror, digest)
     fake.fault("status", status=500)
     await pull(mirror, image)
+
+
+async def test_a_manifest_larger_than_one_segment_arrives_whole(
+    fake: FakeRegistry, mirror: Mirror
+) -> None:
+    # read(n) returns only what is buffered: a 1 MiB manifest spans many TCP segments.
+    filler = [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": "sha256:"
+               + f"{i:064x}", "size": i} for i in range(7000)]  # fmt: skip
+    body = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": filler[0],
+                       "layers": filler}).encode()  # fmt: skip
+    assert len(body) > 1024 * 1024
+    digest = fake.add_manifest("team/big", body, OCI_MANIFEST, tag="1.0")
+    resp = await mirror.client.get("/v2/team/big/manifests/1.0", params={"ns": "fake.test"})
+    assert resp.status == 200
+    assert await resp.read() == body
+    assert resp.headers["Docker-Content-Digest"] == digest
