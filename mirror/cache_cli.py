@@ -6,19 +6,11 @@ import sys
 import time
 from typing import TextIO
 
-from mirror.config import CacheConfig, parse_size
+from mirror.config import CacheConfig, format_size, parse_size
 from mirror.oci.digest import Digest
 from mirror.storage.eviction import choose_victims
 from mirror.storage.index import AccessIndex
 from mirror.storage.store import FilesystemStore
-
-
-def human(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(size) < 1024 or unit == "TiB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
-        size /= 1024
-    return f"{size:.1f} TiB"  # pragma: no cover
 
 
 def run_cache(
@@ -32,9 +24,11 @@ def run_cache(
     index.load()  # scans the tree: right even if the server's last flush is a few seconds old
     if command == "status":
         oldest = index.oldest_access()
-        cap = human(config.max_size) if config.max_size else "unbounded"
+        cap = format_size(config.max_size) if config.max_size else "unbounded"
         print(f"directory     {config.directory}", file=out)
-        print(f"size          {human(index.total)} ({index.total} bytes), cap {cap}", file=out)
+        print(
+            f"size          {format_size(index.total)} ({index.total} bytes), cap {cap}", file=out
+        )
         print(f"entries       {len(index)}", file=out)
         when = "-" if oldest is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(oldest))
         print(f"oldest access {when}{'' if oldest is None else ' UTC'}", file=out)
@@ -53,5 +47,8 @@ def run_cache(
         freed += store.remove_blob(Digest("sha256", key))
         index.discard(key)
     index.flush()
-    print(f"evicted {len(victims)} blobs, {human(freed)}; now {human(index.total)}", file=out)
+    print(
+        f"evicted {len(victims)} blobs, {format_size(freed)}; now {format_size(index.total)}",
+        file=out,
+    )
     return 0

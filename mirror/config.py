@@ -120,6 +120,16 @@ def parse_size(value: Any) -> int:
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
 
 
+def format_size(size: int | float) -> str:
+    """The inverse of parse_size for people: 41943040 -> "40.0 MiB", 512 -> "512 B"."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024:
+            return f"{value:.0f} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
 def parse_duration(value: Any) -> float:
     """Seconds from 30, 2.5, "500ms", "5m", "7d"."""
     if isinstance(value, bool):

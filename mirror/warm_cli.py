@@ -13,6 +13,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from mirror.config import format_size
+
 _FINAL = frozenset({"done", "failed"})
 _BAR = 24  # widest progress bar
 _NAME = 48  # widest image name column
@@ -147,15 +149,6 @@ def _error_text(body: bytes) -> str:
 # -- rendering -------------------------------------------------------------------------------
 
 
-def human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
 def _bar(done: int, total: int, state: str, width: int) -> str:
     fraction = 1.0 if state == "done" else (done / total if total else 0.0)
     filled = min(width, int(fraction * width))
@@ -212,7 +205,7 @@ class _LiveView(_View):
         lines = [
             f"{_fit(i['image'], name_width):<{name_width}} "
             f"{_bar(i['bytes_done'], i['bytes_total'], i['state'], bar_width)} "
-            f"{human_bytes(i['bytes_done']):>10} / {human_bytes(i['bytes_total']):<10} "
+            f"{format_size(i['bytes_done']):>10} / {format_size(i['bytes_total']):<10} "
             f"{i['state']}"
             for i in shown
         ]
@@ -226,7 +219,7 @@ class _LiveView(_View):
         total = (
             f"{'total':<{name_width}} "
             f"{_bar(job['bytes_done'], job['bytes_total'], job['state'], bar_width)} "
-            f"{human_bytes(job['bytes_done']):>10} / {human_bytes(job['bytes_total']):<10} "
+            f"{format_size(job['bytes_done']):>10} / {format_size(job['bytes_total']):<10} "
             f"{job['images_done'] + job['images_failed']}/{job['images_total']} images"
         )
         return [line[:columns] for line in [*lines, total]]
@@ -246,7 +239,7 @@ class _LineView(_View):
             self._last_total = time.monotonic()
             print(
                 f"... {job['images_done'] + job['images_failed']}/{job['images_total']} images, "
-                f"{human_bytes(job['bytes_done'])} of {human_bytes(job['bytes_total'])}",
+                f"{format_size(job['bytes_done'])} of {format_size(job['bytes_total'])}",
                 file=self._stream,
                 flush=True,
             )
@@ -254,7 +247,7 @@ class _LineView(_View):
             if image["state"] in _FINAL and n not in self._reported:
                 self._reported.add(n)
                 what = (
-                    f"{image['blobs_done']} blobs, {human_bytes(image['bytes_done'])}"
+                    f"{image['blobs_done']} blobs, {format_size(image['bytes_done'])}"
                     if image["state"] == "done"
                     else image.get("reason") or "failed"
                 )
@@ -278,7 +271,7 @@ def print_summary(job: dict[str, Any], out: TextIO) -> None:
                 ",".join(i.get("platforms") or []) or "-",
                 f"{i['blobs_done']}/{i['blobs_total']}",
                 str(i.get("blobs_cached", 0)),
-                human_bytes(i["bytes_total"]),
+                format_size(i["bytes_total"]),
                 "-" if seconds is None else f"{seconds:.1f}s",
                 _reason(i),
             )
@@ -290,7 +283,7 @@ def print_summary(job: dict[str, Any], out: TextIO) -> None:
     seconds = _seconds(job)
     print(
         f"{job['images_total']} image(s): {job['images_done']} done, "
-        f"{job['images_failed']} failed; {human_bytes(job['bytes_done'])}"
+        f"{job['images_failed']} failed; {format_size(job['bytes_done'])}"
         + ("" if seconds is None else f" in {seconds:.1f}s"),
         file=out,
     )

@@ -4,7 +4,7 @@ The download is a task owned by the blob service, never by a request: readers co
 (hang up, time out) without touching it. Large blobs are fetched as several concurrent Range
 requests written at their offsets; readers follow the contiguous written prefix. The sha256 is
 taken over that prefix as it grows, and no reader is given the last byte of its response before
-the whole blob has been verified and committed, so a wrong blob is never a complete success.
+the whole blob has been verified, so a wrong blob is never a complete success.
 """
 
 from __future__ import annotations
@@ -109,7 +109,9 @@ class BlobDownload:
         self._sleep = sleep
         self._readers: set[DownloadReader] = set()
         self.passed_through = False
-        self.verified = False  # the whole blob hashed to its digest (it may not be committed yet)
+        # The whole blob hashed to its digest: readers may finish. Set before the commit (or at
+        # the end of a pass-through), so it is the one thing readers need to look at.
+        self.verified = False
         self._ranged = True
         self.state = State.RUNNING
         self.error: BaseException | None = None
@@ -372,6 +374,7 @@ class BlobDownload:
         actual = self._hasher.hexdigest()
         if actual != self.digest.hex:
             raise DigestMismatch(self.digest, actual)
+        self.verified = True
         self._finish(State.PASSED, None)
 
     async def _relay_whole_from(self, piece: _Piece) -> None:

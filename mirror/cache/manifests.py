@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import structlog
@@ -17,7 +16,7 @@ from mirror.cache.janitor import CacheJanitor
 from mirror.cache.singleflight import SingleFlight
 from mirror.config import CacheConfig
 from mirror.metrics import Metrics
-from mirror.oci.digest import Digest, InvalidDigest, parse_digest
+from mirror.oci.digest import Digest, InvalidDigest, digest_of, parse_digest
 from mirror.oci.errors import ErrorCode, RegistryError
 from mirror.oci.mediatypes import MANIFEST_TYPES, is_acceptable
 from mirror.storage.store import FilesystemStore, TagRecord
@@ -101,9 +100,7 @@ class ManifestService:
             answer = ManifestAnswer(found, "hit")
         else:
             try:
-                manifest, shared = await self._by_digest.do(
-                    digest.hex, lambda: self._fetch_by_digest(registry, name, digest)
-                )
+                manifest, shared = await self._fetch_shared(registry, name, digest)
             except Exception as exc:  # noqa: BLE001 - translated for the client
                 raise to_registry_error(exc, ErrorCode.MANIFEST_UNKNOWN) from exc
             answer = ManifestAnswer(manifest, "coalesced" if shared else "miss")
@@ -111,14 +108,20 @@ class ManifestService:
             raise self._not_acceptable(answer.manifest, accepted)  # content by digest is fixed
         return answer
 
+    def _fetch_shared(
+        self, registry: str, name: str, digest: Digest
+    ) -> Awaitable[tuple[Manifest, bool]]:
+        """One upstream GET per digest however many ask at once (by digest or revalidating)."""
+        return self._by_digest.do(digest.hex, lambda: self._fetch_by_digest(registry, name, digest))
+
     async def _fetch_by_digest(self, registry: str, name: str, digest: Digest) -> Manifest:
         fetched = await self._client.get_manifest(registry, name, str(digest))
-        actual = hashlib.sha256(fetched.body).hexdigest()
-        if actual != digest.hex:
+        actual = digest_of(fetched.body)
+        if actual != digest:
             self._metrics.digest_mismatches.labels(registry).inc()
             raise RegistryError(
                 ErrorCode.UPSTREAM_ERROR, "upstream manifest did not match its digest",
-                {"expected": str(digest), "actual": f"sha256:{actual}"},
+                {"expected": str(digest), "actual": str(actual)},
             )  # fmt: skip
         return await self._keep(digest, fetched.body, _media_type(fetched))
 
@@ -147,7 +150,7 @@ class ManifestService:
     ) -> Manifest | None:
         """A tag's manifest when the by_tag path would answer it as a hit, else None."""
         record = self._tags.get((registry, name, tag))
-        if record is None or self._clock() - record.fetched_at >= self._config.tag_ttl:
+        if record is None or not self._fresh(record):
             return None
         return self.peek_digest(parse_digest(record.digest), accepted)
 
@@ -158,7 +161,7 @@ class ManifestService:
     ) -> ManifestAnswer:
         key = (registry, name, tag)
         record = self._record(key)
-        if record is not None and self._clock() - record.fetched_at < self._config.tag_ttl:
+        if record is not None and self._fresh(record):
             found = self.local(parse_digest(record.digest))
             if found is not None:
                 return await self._acceptable(
@@ -168,6 +171,10 @@ class ManifestService:
         if shared and answer.result == "miss":
             answer = ManifestAnswer(answer.manifest, "coalesced")
         return await self._acceptable(registry, name, tag, answer, accepted)
+
+    def _fresh(self, record: TagRecord) -> bool:
+        """Served without asking upstream: the one place the tag TTL is applied."""
+        return self._clock() - record.fetched_at < self._config.tag_ttl
 
     def _record(self, key: _TagKey) -> TagRecord | None:
         record = self._tags.get(key)
@@ -205,16 +212,14 @@ class ManifestService:
             return ManifestAnswer(await self._get_tag(key), "miss")
         found = self.local(digest)
         if found is None:
-            found, _ = await self._by_digest.do(
-                digest.hex, lambda: self._fetch_by_digest(registry, name, digest)
-            )
+            found, _ = await self._fetch_shared(registry, name, digest)
         await self._save_tag(key, found)
         return ManifestAnswer(found, "revalidated" if head.digest == record.digest else "miss")
 
     async def _get_tag(self, key: _TagKey) -> Manifest:
         registry, name, tag = key
         fetched = await self._client.get_manifest(registry, name, tag)
-        digest = Digest("sha256", hashlib.sha256(fetched.body).hexdigest())
+        digest = digest_of(fetched.body)
         if (
             fetched.digest
             and fetched.digest.startswith("sha256:")
@@ -275,7 +280,7 @@ class ManifestService:
         media_type = _media_type(fetched)
         if not is_acceptable(media_type, accepted):
             raise self._not_acceptable(answer.manifest, accepted)
-        digest = Digest("sha256", hashlib.sha256(fetched.body).hexdigest())
+        digest = digest_of(fetched.body)
         return ManifestAnswer(await self._keep(digest, fetched.body, media_type), "miss")
 
     @staticmethod

@@ -12,7 +12,6 @@ from mirror.cache.transfer import (
     READ_SIZE,
     RELAY_BUFFER,
     UNKNOWN_END,
-    VERIFIED,
     WAKE_BATCH,
     DownloadFailed,
     State,
@@ -85,7 +84,7 @@ class DownloadReader:
         """Until the blob verified (returns) or failed (raises DownloadFailed). An empty body has
         no last byte to hold back: its response must wait for this before its headers."""
         dl = self._download
-        while not (dl.verified or dl.state in VERIFIED or dl.state is State.FAILED):
+        while not (dl.verified or dl.state is State.FAILED):
             await dl.wait_beyond(0, UNKNOWN_END)
         if not dl.verified and dl.state is State.FAILED:
             assert dl.error is not None
@@ -111,7 +110,7 @@ class DownloadReader:
             if self._pending is None:
                 self._pending = await relay.get()
                 if self._pending is None:  # the relay ended: verdict in, or failed
-                    if dl.state in VERIFIED and self._held_back is not None:
+                    if dl.verified and self._held_back is not None:
                         return self._held_back
                     raise DownloadFailed(dl.error or RuntimeError("pass-through ended early"))
             offset, data = self._pending
@@ -149,8 +148,7 @@ class DownloadReader:
                 pos += len(data)
                 yield data
                 continue
-            done = dl.verified or dl.state in VERIFIED
-            limit = end if done else min(dl.contiguous, end - 1)
+            limit = end if dl.verified else min(dl.contiguous, end - 1)
             if relay is not None:
                 limit = min(limit, relay.start)
             if pos < limit:

@@ -20,7 +20,6 @@ class State(enum.Enum):
     FAILED = "failed"
 
 
-VERIFIED = (State.COMMITTED, State.PASSED)
 RELAY_BUFFER = 4 * 1024 * 1024  # per reader, while passing bytes through without a cache file
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from mirror.keys import blobs_key, metrics_key, store_key
+from mirror.keys import metrics_key, store_key
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -21,6 +21,5 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     m = request.app[metrics_key]
-    m.downloads_in_flight.set(request.app[blobs_key].in_flight)
     body, content_type = m.render(request.headers.get("Accept", ""))
     return web.Response(body=body, headers={"Content-Type": content_type})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -36,3 +37,8 @@ def parse_digest(text: str) -> Digest:
 def looks_like_digest(text: str) -> bool:
     """A reference is a digest (not a tag) when it contains a colon: tags cannot."""
     return ":" in text
+
+
+def digest_of(data: bytes) -> Digest:
+    """The sha256 digest of some bytes (a manifest, as the mirror always computes it itself)."""
+    return Digest("sha256", hashlib.sha256(data).hexdigest())

@@ -144,7 +144,7 @@ class RegistryClient:
             raise UpstreamUnavailable(f"manifest body failed: {type(exc).__name__}") from exc
         finally:
             resp.release()
-        self._metrics.upstream_bytes.labels(registry).inc(len(body))
+        self.record_bytes(registry, len(body))
         return FetchedManifest(
             body,
             resp.headers.get("Content-Type", "").split(";")[0].strip(),
