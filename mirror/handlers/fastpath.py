@@ -101,9 +101,7 @@ class FastPath:
 
     def answer(self, req: _Request, peer: str | None) -> bytes | None:
         started = time.perf_counter()
-        if req.method not in (b"GET", b"HEAD") or len(req.url) > MAX_FIELD:
-            return None
-        if any(len(v) > MAX_FIELD for _, v in req.headers):
+        if req.method not in (b"GET", b"HEAD"):
             return None
         found = self._lookup(req)
         if found is None:
@@ -227,6 +225,7 @@ class FastProtocol(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._body = False
+        self._oversize = False  # a line past aiohttp's limit: never answered, never memoized
         self._partial = False
         self._idle: asyncio.TimerHandle | None = None
         self._last_active = 0.0
@@ -261,7 +260,7 @@ class FastProtocol(asyncio.Protocol):
             self._hand_over(data)
             return
         requests, self._complete = self._complete, []
-        if self._partial or self._body or not requests:
+        if self._partial or self._body or self._oversize or not requests:
             self._hand_over(data)  # not a chunk of whole, bodiless requests: aiohttp's job
             return
         if any(not r.keep_alive for r in requests[:-1]):
@@ -298,9 +297,13 @@ class FastProtocol(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        if len(self._url) > MAX_FIELD:
+            self._oversize = True  # aiohttp answers these with its own 400
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
+        if len(value) > MAX_FIELD:
+            self._oversize = True
 
     def on_body(self, body: bytes) -> None:
         self._body = True

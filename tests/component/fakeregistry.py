@@ -309,6 +309,14 @@ class FakeRegistry:
             {"WWW-Authenticate": f'Bearer realm="{self.url}/token",service="{SERVICE}"{scope}'},
         )
 
+    async def _admit(
+        self, request: web.Request, host: str, kind: str, name: str, ref: str
+    ) -> tuple[Request, dict[str, Fault], web.Response | None]:
+        """Log the request, pick its faults, and play those that act before the headers."""
+        rec = self._record(request, host, kind, name, ref)
+        faults = self._apply(rec)
+        return rec, faults, await self._before_headers(rec, faults)
+
     async def _before_headers(self, rec: Request, faults: dict[str, Fault]) -> web.Response | None:
         if "slow" in faults:
             await asyncio.sleep(faults["slow"].delay)
@@ -328,9 +336,7 @@ class FakeRegistry:
         return None
 
     async def _token(self, request: web.Request) -> web.Response:
-        rec = self._record(request, "registry", "token", "", "")
-        faults = self._apply(rec)
-        early = await self._before_headers(rec, faults)
+        rec, faults, early = await self._admit(request, "registry", "token", "", "")
         if early is not None:
             return early
         if request.query.get("service") != SERVICE:
@@ -354,9 +360,7 @@ class FakeRegistry:
     async def _manifest(self, request: web.Request) -> web.StreamResponse:
         name, ref = request.match_info["name"], request.match_info["ref"]
         kind = "manifest-digest" if ref.startswith("sha256:") else "manifest-tag"
-        rec = self._record(request, "registry", kind, name, ref)
-        faults = self._apply(rec)
-        early = await self._before_headers(rec, faults)
+        rec, faults, early = await self._admit(request, "registry", kind, name, ref)
         if early is not None:
             return early
         if not self._authorized(request, name):
@@ -376,9 +380,7 @@ class FakeRegistry:
 
     async def _tags(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
-        rec = self._record(request, "registry", "tags", name, "")
-        faults = self._apply(rec)
-        early = await self._before_headers(rec, faults)
+        rec, faults, early = await self._admit(request, "registry", "tags", name, "")
         if early is not None:
             return early
         if not self._authorized(request, name):
@@ -397,9 +399,7 @@ class FakeRegistry:
 
     async def _blob(self, request: web.Request) -> web.StreamResponse:
         name, ref = request.match_info["name"], request.match_info["ref"]
-        rec = self._record(request, "registry", "blob", name, ref)
-        faults = self._apply(rec)
-        early = await self._before_headers(rec, faults)
+        rec, faults, early = await self._admit(request, "registry", "blob", name, ref)
         if early is not None:
             return early
         if not self._authorized(request, name):
@@ -416,9 +416,7 @@ class FakeRegistry:
 
     async def _cdn_blob(self, request: web.Request) -> web.StreamResponse:
         ref = request.match_info["ref"]
-        rec = self._record(request, "cdn", "cdn", "", ref)
-        faults = self._apply(rec)
-        early = await self._before_headers(rec, faults)
+        rec, faults, early = await self._admit(request, "cdn", "cdn", "", ref)
         if early is not None:
             return early
         if "Authorization" in request.headers:  # presigned URLs refuse a second credential
