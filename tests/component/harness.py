@@ -85,7 +85,10 @@ async def poll(predicate: Callable[[], bool], within: float = 5.0, what: str = "
 async def wait_cached(mirror: Mirror, digest: str) -> None:
     """Until the blob is committed (the download finishes a moment after its last reader)."""
     parsed = parse_digest(digest)
-    await poll(lambda: mirror.blobs.cached(parsed) is not None, what=f"{digest} committed")
+    await poll(
+        lambda: mirror.blobs.progress(parsed) is None and mirror.blobs.cached(parsed) is not None,
+        what=f"{digest} committed and accounted",
+    )
 
 
 def random_bytes(size: int, seed: int) -> bytes:

@@ -60,7 +60,12 @@ async def get(mirror: Mirror, blob: Blob) -> None:
     resp = await mirror.client.get(f"/v2/{NAME}/blobs/{blob[0]}", params=FAKE)
     assert resp.status == 200
     assert await resp.read() == blob[1]
-    await poll(lambda: cached(mirror, blob), what="blob committed")
+    # The file is renamed into place a moment before the cache accounts for it: wait for both,
+    # or a size check can see the file and not yet its bytes in the index.
+    await poll(
+        lambda: cached(mirror, blob) and mirror.blobs.progress(parse_digest(blob[0])) is None,
+        what="blob committed and accounted",
+    )
 
 
 async def mirror_cli(*args: str) -> str:
