@@ -74,12 +74,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         aiohttp.ClientTimeout(total=up.header_timeout, sock_connect=up.connect_timeout),
         time.monotonic,
     )
-    breaker = CircuitBreaker(
-        up.breaker_failures,
-        up.breaker_cooldown,
-        time.monotonic,
-        on_change=lambda reg, is_open: metrics.breaker_open.labels(reg).set(int(is_open)),
-    )
+    breaker = CircuitBreaker(up.breaker_failures, up.breaker_cooldown, time.monotonic)
+    metrics.watch_breakers(config.registries, breaker.is_open)
     client = RegistryClient(session, config.registries, up, tokens, breaker, metrics)
     janitor = CacheJanitor(store, AccessIndex(store.layout), config.cache, metrics)
     await janitor.start()

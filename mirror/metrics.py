@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
@@ -156,7 +157,12 @@ class Metrics:
             self.upstream_throttled.labels(registry=name)
             self.stale_served.labels(registry=name)
             self.digest_mismatches.labels(registry=name)
-            self.breaker_open.labels(registry=name).set(0)
+
+    def watch_breakers(self, names: Iterable[str], is_open: Callable[[str], bool]) -> None:
+        """Read each registry's breaker at scrape time: an open breaker closes by the clock
+        alone (its cooldown runs out), with no event that could update a stored value."""
+        for name in names:
+            self.breaker_open.labels(registry=name).set_function(partial(_as_float, is_open, name))
 
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """The exposition body and its Content-Type; OpenMetrics when `accept` asks for it."""
@@ -206,3 +212,7 @@ class Tally:
                 self._buckets[i] = 0
         self._count = 0
         self._sum = 0.0
+
+
+def _as_float(predicate: Callable[[str], bool], name: str) -> float:
+    return 1.0 if predicate(name) else 0.0

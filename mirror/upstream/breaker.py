@@ -25,14 +25,11 @@ class CircuitBreaker:
         threshold: int,
         cooldown: float,
         clock: Callable[[], float],
-        on_change: Callable[[str, bool], None] | None = None,
     ) -> None:
         self._threshold = threshold
         self._cooldown = cooldown
         self._clock = clock
-        self._on_change = on_change
         self._states: dict[str, _State] = {}
-        self._reported_open: set[str] = set()  # what on_change last said, per registry
 
     def is_open(self, registry: str) -> bool:
         state = self._states.get(registry)
@@ -49,7 +46,6 @@ class CircuitBreaker:
         if state is not None:
             state.failures = 0
             state.open_until = 0.0
-        self._report(registry)
 
     def failure(self, registry: str, hold_for: float | None = None) -> None:
         now = self._clock()
@@ -59,14 +55,3 @@ class CircuitBreaker:
             state.held_until = max(state.held_until, now + hold_for)
         elif state.failures >= self._threshold:
             state.open_until = now + self._cooldown
-        self._report(registry)
-
-    def _report(self, registry: str) -> None:
-        is_open = self.is_open(registry)
-        if is_open != (registry in self._reported_open):
-            if is_open:
-                self._reported_open.add(registry)
-            else:
-                self._reported_open.discard(registry)
-            if self._on_change:
-                self._on_change(registry, is_open)

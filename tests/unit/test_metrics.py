@@ -139,9 +139,18 @@ def test_track_registries_creates_per_registry_series() -> None:
         assert value(m, "mirror_upstream_throttled_total", registry=registry) == 0
         assert value(m, "mirror_stale_served_total", registry=registry) == 0
         assert value(m, "mirror_digest_mismatches_total", registry=registry) == 0
-        assert value(m, "mirror_upstream_breaker_open", registry=registry) == 0
         # 0 would claim the origin's limit is exhausted before it said anything
         assert value(m, "mirror_upstream_ratelimit_remaining", registry=registry) is None
+
+
+def test_breaker_gauge_reads_the_breaker_at_scrape_time() -> None:
+    m = Metrics()
+    open_now = {"docker.io"}
+    m.watch_breakers(["docker.io", "ghcr.io"], lambda name: name in open_now)
+    assert value(m, "mirror_upstream_breaker_open", registry="docker.io") == 1
+    assert value(m, "mirror_upstream_breaker_open", registry="ghcr.io") == 0
+    open_now.clear()  # a cooldown ran out: no event, and the next scrape says closed
+    assert value(m, "mirror_upstream_breaker_open", registry="docker.io") == 0
 
 
 def test_two_instances_share_no_state() -> None:
