@@ -19,6 +19,9 @@ from mirror.storage.store import FilesystemStore
 log = structlog.get_logger("mirror.janitor")
 
 
+_SLACK = 1 << 20  # free space that filesystem metadata for the rest of a blob may take
+
+
 class CacheJanitor:
     def __init__(
         self,
@@ -32,6 +35,7 @@ class CacheJanitor:
         self._index = index
         self._config = config
         self._metrics = metrics
+        self._room_lock = asyncio.Lock()  # one make_room at a time: see make_room
         self._interval = interval
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -116,12 +120,19 @@ class CacheJanitor:
         """The disk is full mid-write: free at least `needed` bytes if evicting can get there.
 
         A blob that would not fit even in an empty cache evicts nothing: emptying the cache for
-        a fill that then passes through anyway would only cost the next pulls."""
-        free = (await asyncio.to_thread(shutil.disk_usage, self._store.layout.root)).free
-        if needed > free + self._index.total:
-            return False
-        _, freed = await self.collect(max(0, self._index.total - max(needed, 64 << 20)))
-        return freed > 0
+        a fill that then passes through anyway would only cost the next pulls.
+
+        Writers that hit the full disk together (the ranged streams of one download, or several
+        downloads) take turns, and each looks at the free space again first: the one before it
+        may already have made the room, and evicting twice would only cost the next pulls."""
+        async with self._room_lock:
+            free = (await asyncio.to_thread(shutil.disk_usage, self._store.layout.root)).free
+            if free >= needed + _SLACK:
+                return True
+            if needed > free + self._index.total:
+                return False
+            _, freed = await self.collect(max(0, self._index.total - max(needed, 64 << 20)))
+            return freed > 0
 
     async def _loop(self) -> None:
         while True:

@@ -8,6 +8,7 @@ kernel, at whatever offset the concurrent Range writers happen to reach.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import subprocess
 from collections.abc import Iterator
@@ -28,18 +29,22 @@ NAME = "team/app"
 DISK = 8 * MiB
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    where = tmp_path / "small"
+@contextlib.contextmanager
+def tmpfs(where: Path, size: int) -> Iterator[Path]:
     where.mkdir()
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={DISK // MiB}m", "tmpfs", str(where)], check=True
-    )
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size // MiB}m", "tmpfs", str(where)],
+                   check=True)  # fmt: skip
     try:
         yield where
     finally:
         if subprocess.run(["umount", str(where)], check=False).returncode != 0:
             subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    with tmpfs(tmp_path / "small", DISK) as where:
+        yield where
 
 
 @pytest.fixture
@@ -171,3 +176,31 @@ async def test_disk_already_full_still_serves_manifests(
         resp = await mirror.client.get(f"/v2/{NAME}/manifests/{ref}", params=FAKE)
         assert resp.status == 200, await resp.text()
         assert await resp.read() == image.manifest
+
+
+async def test_writers_hitting_a_full_disk_together_evict_once(
+    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path
+) -> None:
+    """The ranged streams of one download reach the end of the disk at about the same moment.
+    The first to ask makes the room; the others find it made, rather than each evicting again
+    and emptying the cache for one blob."""
+    layer = 16 * MiB
+    with tmpfs(tmp_path / "disk", 160 * MiB) as disk:
+        mirror = await make_mirror(
+            config=mirror_config(disk / "cache", fake.url, chunk_size=layer, ranged_streams=4)
+        )
+        old = [fake.add_blob(NAME, random_bytes(layer, 20 + i)) for i in range(8)]  # 128 MiB
+        for digest in old:
+            await fetch(mirror, digest)
+            await poll(lambda d=digest: is_cached(mirror, d), what="old layer committed")
+        big = random_bytes(4 * layer, 30)  # a 64 MiB layer with about 30 MiB free
+        big_digest = fake.add_blob(NAME, big)
+        assert await fetch(mirror, big_digest) == big
+        await poll(lambda: is_cached(mirror, big_digest), what="the big layer committed")
+
+        # One round frees the least recently used down to the blob's need, floored at 64 MiB:
+        # four old layers. A second round would have taken the other four too.
+        assert [is_cached(mirror, d) for d in old] == [False] * 4 + [True] * 4
+        assert mirror.metric("mirror_cache_evictions_total") == 4
+        assert await enospc_count(mirror) == 0  # made room: nothing was passed through
+        await mirror.client.close()  # every file closed before the unmount
