@@ -35,10 +35,6 @@ from mirror.upstream.tokens import TokenCache
 
 log = structlog.get_logger("mirror.app")
 
-# Each cached-blob transfer holds one thread while the kernel copies (they wait in poll, off
-# the GIL); past this many at once, transfers queue for a thread rather than fail.
-_SENDFILE_THREADS = 256
-
 
 def create_app(config: Config, metrics: Metrics | None = None) -> web.Application:
     app = web.Application(middlewares=[observe], client_max_size=64 * 1024)
@@ -81,7 +77,9 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     await janitor.start()
     blobs = BlobService(store, client, up, metrics, janitor)
     manifests = ManifestService(store, client, config.cache, metrics, janitor, time.time)
-    pool = ThreadPoolExecutor(max_workers=_SENDFILE_THREADS, thread_name_prefix="sendfile")
+    pool = ThreadPoolExecutor(
+        max_workers=config.server.sendfile_threads, thread_name_prefix="sendfile"
+    )
     app[sendfile_pool_key] = pool
     app[blobs_key] = blobs
     app[janitor_key] = janitor

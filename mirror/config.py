@@ -49,6 +49,9 @@ class ServerConfig:
     access_log: bool = True
     # Answer cached manifests without aiohttp's per-request machinery (see handlers/fastpath).
     fast_path: bool = True
+    # Threads that copy cached blobs to sockets a slice at a time. A client waiting to drain
+    # holds none, so this bounds parallel disk reads, not the number of clients served.
+    sendfile_threads: int = 64
 
 
 @dataclass(frozen=True)
@@ -213,6 +216,7 @@ _SCALARS: dict[tuple[str, str], tuple[str, Any]] = {
     ("server", "admin_token"): ("admin_token", _optional_str),
     ("server", "access_log"): ("access_log", _parse_bool),
     ("server", "fast_path"): ("fast_path", _parse_bool),
+    ("server", "sendfile_threads"): ("sendfile_threads", _positive_int),
     ("cache", "dir"): ("directory", lambda v: Path(str(v))),
     ("cache", "max_size"): ("max_size", parse_size),
     ("cache", "high_watermark"): ("high_watermark", _fraction),

@@ -2,10 +2,15 @@
 
 uvloop has no loop.sendfile, so aiohttp's FileResponse falls back to reading 256 KiB pieces in
 an executor and writing them through the transport: a few hundred MB/s where nginx does GB/s.
-Here the headers go out through aiohttp as usual, then a worker thread runs os.sendfile on a
-duplicate of the socket's descriptor until the body is out. The kernel copies page cache to
-socket, the event loop never waits on a disk read, and the dup keeps the descriptor number from
-being reused under the thread if the connection is torn down meanwhile.
+Here the headers go out through aiohttp as usual, then the body goes out with os.sendfile on a
+duplicate of the socket's descriptor: the kernel copies page cache to socket.
+
+The copying runs in worker threads, one slice at a time, so the event loop never waits on a
+disk read. Waiting for the client to take more bytes happens on the loop (a writer callback on
+the duplicate), not in a thread: a thread is held only while bytes move, so a thousand slow
+nodes cannot take every thread and leave fast ones queued behind them. Slices are bounded so
+transfers take turns on the threads. The duplicate keeps the descriptor number from being
+reused under a thread if the connection is torn down meanwhile.
 """
 
 from __future__ import annotations
@@ -20,29 +25,31 @@ from pathlib import Path
 from aiohttp import web
 
 IDLE_TIMEOUT = 60.0  # a client that takes no byte for this long is dropped
+SLICE = 8 << 20  # bytes one thread call may move before it lets other transfers have a turn
+PATIENCE_MS = 20  # how long a thread waits for a full socket to drain before handing it back
 
 
-def _sendfile_blocking(sock_fd: int, file_fd: int, offset: int, count: int) -> int:
-    """Runs in a worker thread on descriptors of its own (dups), which it closes: whatever
-    the event loop closes meanwhile, these numbers cannot be reused under it."""
+def _sendfile_slice(sock_fd: int, file_fd: int, offset: int, count: int) -> tuple[int, bool]:
+    """Runs in a worker thread: send up to `count` bytes (at most SLICE). Returns (bytes sent,
+    whether the client is slow and the loop should wait for its socket to drain)."""
     sent = 0
+    limit = min(count, SLICE)
     poller = select.poll()
     poller.register(sock_fd, select.POLLOUT)
-    try:
-        while sent < count:
-            try:
-                n = os.sendfile(sock_fd, file_fd, offset + sent, count - sent)
-            except BlockingIOError:
-                if not poller.poll(IDLE_TIMEOUT * 1000):
-                    raise TimeoutError("client took no data") from None
+    while sent < limit:
+        try:
+            n = os.sendfile(sock_fd, file_fd, offset + sent, limit - sent)
+        except BlockingIOError:
+            # A client on a fast link drains its buffer within moments: waiting for it here
+            # is far cheaper than a trip through the loop and back (measured: 0.79x nginx
+            # instead of 0.94x at 50 clients). A slow one gives the thread back.
+            if poller.poll(PATIENCE_MS):
                 continue
-            if n == 0:
-                raise OSError("file ended before the announced length")
-            sent += n
-    finally:
-        os.close(sock_fd)
-        os.close(file_fd)
-    return sent
+            return sent, True
+        if n == 0:
+            raise OSError("file ended before the announced length")
+        sent += n
+    return sent, False
 
 
 async def send_file(
@@ -75,31 +82,69 @@ async def send_rest(
     sock = transport.get_extra_info("socket") if transport is not None else None
     if transport is None or sock is None:
         raise ConnectionResetError("connection lost")
-    # Whatever aiohttp wrote (headers, earlier body) must be on the wire before the thread
-    # writes around the transport.
+    # Whatever aiohttp wrote (headers, earlier body) must be on the wire before the threads
+    # write around the transport.
     loop = asyncio.get_running_loop()
     deadline = loop.time() + IDLE_TIMEOUT
     while transport.get_write_buffer_size():
         if loop.time() > deadline:
             raise TimeoutError("client took no data")
         await asyncio.sleep(0.001)
-    if count:
-        sock_fd = os.dup(sock.fileno())
-        try:
-            thread_file = os.dup(file_fd)
-        except OSError:
-            os.close(sock_fd)
-            raise
-        transfer = loop.run_in_executor(
-            executor, _sendfile_blocking, sock_fd, thread_file, offset, count
-        )
-        try:
-            await asyncio.shield(transfer)
-        except asyncio.CancelledError:
-            # Cancelled (shutdown): stop the thread by shutting the connection down under it,
-            # rather than leave it writing into a connection its owner has given up on.
-            _shutdown(sock.fileno())
-            raise
+    if not count:
+        return
+    # Descriptors of this transfer's own: whatever the caller or the loop closes meanwhile,
+    # these numbers cannot be reused under a thread. Closed by whoever finishes last.
+    sock_fd = os.dup(sock.fileno())
+    try:
+        thread_file = os.dup(file_fd)
+    except OSError:
+        os.close(sock_fd)
+        raise
+    running: asyncio.Future[tuple[int, bool]] | None = None
+    try:
+        sent = 0
+        while sent < count:
+            running = loop.run_in_executor(
+                executor, _sendfile_slice, sock_fd, thread_file, offset + sent, count - sent
+            )
+            n, full = await asyncio.shield(running)
+            running = None
+            sent += n
+            if full:
+                await _writable(loop, sock_fd)
+    except asyncio.CancelledError:
+        # Cancelled (shutdown): end the connection under the slice in flight, rather than leave
+        # it writing into a connection its owner has given up on.
+        _shutdown(sock_fd)
+        raise
+    finally:
+        if running is not None and not running.done():
+            running.add_done_callback(lambda _: _close(sock_fd, thread_file))
+        else:
+            _close(sock_fd, thread_file)
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    """Until the socket can take bytes again (or has failed: the next send says how)."""
+    ready = loop.create_future()
+    loop.add_writer(fd, _set_once, ready)
+    try:
+        async with asyncio.timeout(IDLE_TIMEOUT):
+            await ready
+    except TimeoutError:
+        raise TimeoutError("client took no data") from None
+    finally:
+        loop.remove_writer(fd)  # before the descriptor is closed: the poll must not outlive it
+
+
+def _set_once(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _close(*fds: int) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def _shutdown(fd: int) -> None:

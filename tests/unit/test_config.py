@@ -224,6 +224,7 @@ concurrency = 2
         ({"MIRROR_SERVER_ADMIN_TOKEN": ""}, "server", "admin_token", None),
         ({"MIRROR_SERVER_ACCESS_LOG": "off"}, "server", "access_log", False),
         ({"MIRROR_SERVER_ACCESS_LOG": "YES"}, "server", "access_log", True),
+        ({"MIRROR_SERVER_SENDFILE_THREADS": "8"}, "server", "sendfile_threads", 8),
         ({"MIRROR_CACHE_DIR": "/data"}, "cache", "directory", Path("/data")),
         ({"MIRROR_CACHE_MAX_SIZE": "512MiB"}, "cache", "max_size", 512 * 1024**2),
         ({"MIRROR_CACHE_MAX_SIZE": "100GB"}, "cache", "max_size", 100 * 1000**3),
@@ -385,6 +386,7 @@ default_registry = "nowhere.example"
 listen = "no-port"
 access_log = "sometimes"
 admin_tokn = "typo"
+sendfile_threads = 0
 
 [cache]
 max_size = "a lot"
@@ -415,6 +417,7 @@ oops = 1
         "--listen",  # the flag won over the file's listen, and is named as the origin
         "server.access_log",
         "server.admin_tokn: unknown setting",
+        "server.sendfile_threads",
         "cache.max_size",
         "cache.tag_ttl",
         "upstream.retries",
@@ -428,7 +431,7 @@ oops = 1
         "default_registry: 'nowhere.example'",
     ]:
         assert fragment in text, fragment
-    assert len(problems) == 16
+    assert len(problems) == 17
     assert str(ConfigError(problems)).count("\n") == len(problems)
 
 
