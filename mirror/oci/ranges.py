@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
+# ASCII only: str.isdigit() and int() also take "١" (Arabic-Indic one) or "²", which no
+# client means; such a header is garbage, ignored like any other.
+_NUMBER = re.compile(r"[0-9]*", re.ASCII)
+
 
 class UnsatisfiableRange(ValueError):
     """Answered with 416 and `Content-Range: bytes */<size>`."""
@@ -22,7 +28,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if not dash:
         return None
     first, last = first.strip(), last.strip()
-    if not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
+    if not _NUMBER.fullmatch(first) or not _NUMBER.fullmatch(last):
         return None  # signs, spaces inside numbers, garbage: not a range we answer
     if first == "" and last == "":
         return None

@@ -76,6 +76,12 @@ def test_parse_range_zero_suffix_is_unsatisfiable() -> None:
         "bytes=20-10",  # last before first: invalid, so ignored
         "bytes=5--1",
         "bytes=--5",
+        # digits outside ASCII: int() would read them, a client never sends them
+        "bytes=\u0661-",  # Arabic-Indic one
+        "bytes=0-\u0669\u0669",
+        "bytes=-\u0665",
+        "bytes=\uff11-",  # fullwidth one
+        "bytes=\u00b2-",  # superscript two: isdigit() says yes, int() says no
     ],
 )
 def test_parse_range_ignored(header: str | None) -> None:
