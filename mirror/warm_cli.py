@@ -257,6 +257,8 @@ class _LineView(_View):
                     file=self._stream,
                     flush=True,
                 )
+                for note in _notes(image):
+                    print(f"warning: {image['image']}: {note}", file=self._stream, flush=True)
 
 
 def print_summary(job: dict[str, Any], out: TextIO) -> None:
@@ -281,17 +283,33 @@ def print_summary(job: dict[str, Any], out: TextIO) -> None:
         cells = [cell.ljust(w) for cell, w in zip(row, widths, strict=False)]
         print("  ".join([*cells, row[-1]]).rstrip(), file=out)
     seconds = _seconds(job)
+    warnings = [
+        f"warning: {i['image']}: {note}" for i in job.get("images", []) for note in _notes(i)
+    ]
+    warned = sum(bool(_notes(i)) for i in job.get("images", []))
     print(
         f"{job['images_total']} image(s): {job['images_done']} done, "
         f"{job['images_failed']} failed; {format_size(job['bytes_done'])}"
-        + ("" if seconds is None else f" in {seconds:.1f}s"),
+        + ("" if seconds is None else f" in {seconds:.1f}s")
+        + (f"; {warned} with warnings" if warned else ""),
         file=out,
     )
+    # Last, so that a scroll-back shows them: a done image may still lack a platform.
+    for line in warnings:
+        print(line, file=out)
 
 
 def _reason(image: dict[str, Any]) -> str:
-    reason = image.get("reason") or ""
+    return str(image.get("reason") or ("see warning below" if _notes(image) else ""))
+
+
+def _notes(image: dict[str, Any]) -> list[str]:
+    """Warnings for an image that was warmed, e.g. a requested platform missing from its index;
+    a failed image has its reason instead."""
+    if image.get("state") == "failed":
+        return []
+    notes = [str(n) for n in image.get("notes") or []]
     missing = image.get("missing_platforms") or []
-    if missing and not reason:
-        return f"not in the index: {', '.join(missing)}"
-    return reason
+    if missing and not notes:  # a mirror from before notes existed
+        notes = [f"not in the index: {', '.join(missing)}"]
+    return notes

@@ -26,6 +26,7 @@ class ImageStatus:
     digest: str | None = None  # what the tag resolved to (an index, for multi-arch images)
     platforms: list[str] = field(default_factory=list)  # index entries chosen
     missing_platforms: list[str] = field(default_factory=list)  # requested, not in the index
+    notes: list[str] = field(default_factory=list)  # warnings for an image that still got done
     bytes_done: int = 0
     bytes_total: int = 0
     blobs_done: int = 0
@@ -45,6 +46,7 @@ class ImageStatus:
             "digest": self.digest,
             "platforms": self.platforms,
             "missing_platforms": self.missing_platforms,
+            "notes": self.notes,
             "bytes_done": self.bytes_done,
             "bytes_total": self.bytes_total,
             "blobs_done": self.blobs_done,

@@ -35,7 +35,13 @@ from mirror.config import WarmConfig
 from mirror.metrics import Metrics
 from mirror.oci.digest import Digest
 from mirror.oci.errors import RegistryError
-from mirror.oci.manifest import Descriptor, InvalidManifest, parse_manifest, platform_matches
+from mirror.oci.manifest import (
+    Descriptor,
+    InvalidManifest,
+    choose_platform,
+    parse_manifest,
+    same_platform,
+)
 from mirror.oci.reference import ImageReference, InvalidReference, parse_image_reference
 
 log = structlog.get_logger("mirror.warming")
@@ -259,21 +265,31 @@ class WarmService:
             raise _Failed(f"manifest {ref.reference}: {exc}") from exc
         image.digest = answer.manifest.digest
         if not parsed.is_index:
+            # As in a pull: a single image manifest is what every node gets, whatever its
+            # platform (containerd checks no platform for the manifest a tag names).
             return list(parsed.children)
+        offered = [e.platform for e in parsed.children]
+        # unknown/unknown entries are attestations (buildx), not something a node runs
+        has = ", ".join(sorted({p for p in offered if p and not p.startswith("unknown/")}))
+        has = has or "none"
         chosen: dict[str, Descriptor] = {}
-        for entry in parsed.children:
-            if any(platform_matches(p, entry.platform) for p in platforms):
-                chosen.setdefault(entry.digest.hex, entry)
-        image.missing_platforms = [
-            p
-            for p in platforms
-            if not any(platform_matches(p, e.platform) for e in parsed.children)
-        ]
+        for wanted in platforms:
+            position = choose_platform(wanted, offered)
+            if position is None:
+                image.missing_platforms.append(wanted)
+                continue
+            entry = parsed.children[position]
+            chosen.setdefault(entry.digest.hex, entry)
+            if not same_platform(wanted, entry.platform or ""):
+                image.notes.append(
+                    f"{wanted}: not in the index; warmed {entry.platform}, "
+                    f"which a {wanted} node pulls instead"
+                )
         if not chosen:
-            offered = sorted({e.platform for e in parsed.children if e.platform})
-            raise _Failed(
-                f"the index has no manifest for {', '.join(platforms)} "
-                f"(it has: {', '.join(offered) or 'none'})"
+            raise _Failed(f"the index has no manifest for {', '.join(platforms)} (it has: {has})")
+        if image.missing_platforms:
+            image.notes.insert(
+                0, f"not in the index: {', '.join(image.missing_platforms)} (it has: {has})"
             )
         image.platforms = [e.platform or "" for e in chosen.values()]
         children = await asyncio.gather(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,16 +84,80 @@ def parse_manifest(body: bytes, media_type: str) -> ParsedManifest:
     return ParsedManifest(media_type, False, children)
 
 
-def platform_matches(wanted: str, actual: str | None) -> bool:
-    """linux/arm64 matches linux/arm64/v8; linux/arm/v7 needs the variant to match."""
-    if actual is None:
-        return False
-    w = wanted.split("/")
-    a = actual.split("/")
-    if w[:2] != a[:2]:
-        return False
-    if len(w) < 3:
-        return True
-    # containerd's normalisation: arm64 without a variant is v8
-    variant = a[2] if len(a) >= 3 else ("v8" if a[1] == "arm64" else "")
-    return w[2] == variant
+# containerd's canonical spellings (its platforms package, normalizeArch): what an index entry
+# says and what an operator types are compared only after both went through this.
+_ARCH_ALIASES = {"x86_64": "amd64", "x86-64": "amd64", "aarch64": "arm64", "i386": "386"}
+_ARM64_VARIANTS = {"8": "", "v8": "", "v8.0": "", "9": "v9", "9.0": "v9", "v9.0": "v9"}
+_ARM64_VARIANT = re.compile(r"v([89])(?:\.([0-9]))?")
+
+
+def normalize_platform(platform: str) -> tuple[str, str, str]:
+    """(os, architecture, variant) as containerd compares them: linux/arm is linux/arm/v7,
+    linux/arm64/v8 is linux/arm64, linux/amd64/v1 is linux/amd64, armhf is arm/v7."""
+    os_, _, rest = platform.lower().partition("/")
+    arch, _, variant = rest.partition("/")
+    os_ = "darwin" if os_ == "macos" else os_
+    arch = _ARCH_ALIASES.get(arch, arch)
+    if arch == "386":
+        variant = ""
+    elif arch == "amd64" and variant == "v1":
+        variant = ""
+    elif arch == "arm64":
+        variant = _ARM64_VARIANTS.get(variant, variant)
+    elif arch in ("armhf", "armel"):
+        arch, variant = "arm", "v7" if arch == "armhf" else "v6"
+    elif arch == "arm" and variant in ("", "5", "6", "7", "8"):
+        variant = "v" + (variant or "7")
+    return os_, arch, variant
+
+
+def _compatible(os_: str, arch: str, variant: str) -> list[tuple[str, str, str]]:
+    """What a node of this (normalised) platform runs, best first: containerd's platformVector.
+    amd64/vN also runs vN-1..v1 and 386; arm/vN runs down to v5; arm64 runs its lower
+    versions and then arm/v8..v5."""
+    found: list[tuple[str, str, str]] = []
+    if arch == "amd64":
+        level = int(variant[1:]) if re.fullmatch(r"v[0-9]+", variant) else 1
+        found = [(os_, arch, variant)]
+        found += [(os_, arch, f"v{n}") for n in range(level - 1, 0, -1)]
+        found.append((os_, "386", ""))
+    elif arch == "arm":
+        found = [(os_, arch, variant)]
+        if re.fullmatch(r"v[0-9]+", variant):
+            found += [(os_, arch, f"v{n}") for n in range(int(variant[1:]) - 1, 4, -1)]
+    elif arch == "arm64":
+        m = _ARM64_VARIANT.fullmatch(variant or "v8")
+        if m is None:
+            return [(os_, arch, variant)]
+        major, minor = int(m.group(1)), int(m.group(2) or 0)
+        # an arm64/v9.x CPU also implements v8.(x+5) and below
+        ladder = [(9, minor), (8, min(minor + 5, 9))] if major == 9 else [(8, minor)]
+        found = [
+            (os_, arch, f"v{mj}.{mn}" if mn else f"v{mj}")
+            for mj, top in ladder
+            for mn in range(top, -1, -1)
+        ]
+        found += _compatible(os_, "arm", "v8")
+    else:
+        found = [(os_, arch, variant)]
+    return [normalize_platform("/".join(p).rstrip("/")) for p in found]
+
+
+def choose_platform(wanted: str, offered: Sequence[str | None]) -> int | None:
+    """The position in `offered` of the one entry a `wanted` node pulls, as containerd picks it:
+    the most preferred compatible platform (exact variant first), the first such entry on a tie.
+    None when the node could not pull any of them."""
+    ranks: dict[tuple[str, str, str], int] = {}
+    for preference, compatible in enumerate(_compatible(*normalize_platform(wanted))):
+        ranks.setdefault(compatible, preference)
+    best: tuple[int, int] | None = None
+    for position, platform in enumerate(offered):
+        rank = None if platform is None else ranks.get(normalize_platform(platform))
+        if rank is not None and (best is None or rank < best[0]):
+            best = (rank, position)
+    return None if best is None else best[1]
+
+
+def same_platform(a: str, b: str) -> bool:
+    """Whether two spellings name one platform once normalised (linux/arm == linux/arm/v7)."""
+    return normalize_platform(a) == normalize_platform(b)

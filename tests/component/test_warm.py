@@ -203,6 +203,85 @@ async def test_a_digest_pinned_reference_and_default_platforms(
     assert all(upstream.count("blob", b) == 0 for b in image.platforms["linux/arm64"].blobs)
 
 
+@pytest.mark.parametrize(
+    ("wanted", "expected"),
+    [
+        (["linux/arm"], ["linux/arm/v7"]),  # arm is arm/v7: never v6 as well
+        (["linux/arm/v6"], ["linux/arm/v6"]),
+        (["linux/arm64", "linux/arm/v7"], ["linux/arm64/v8", "linux/arm/v7"]),
+        (["linux/arm", "linux/arm/v7"], ["linux/arm/v7"]),  # one platform, spelt twice
+    ],
+    ids=["arm", "arm-v6", "arm64-and-arm", "same-twice"],
+)
+async def test_each_requested_platform_fetches_the_one_manifest_a_node_pulls(
+    upstream: WarmRegistry, start_mirror: StartMirror, wanted: list[str], expected: list[str]
+) -> None:
+    offered = ["linux/arm/v6", "linux/arm/v7", "linux/arm64/v8", "linux/amd64"]
+    image = upstream.image("team/arm", "1.0", offered)
+    client = await start_mirror()
+
+    job = await wait_job(client, await submit(client, ["team/arm:1.0"], wanted))
+
+    [status] = job["images"]
+    assert job["state"] == "done" and status["platforms"] == expected
+    assert status["notes"] == [] and status["missing_platforms"] == []
+    for platform, content in image.platforms.items():
+        fetched = [upstream.count("blob", b) for b in content.blobs]
+        assert fetched == [int(platform in expected)] * len(content.blobs), platform
+        assert upstream.count("manifest", content.manifest) == int(platform in expected)
+
+
+async def test_a_platform_missing_from_the_index_is_a_note_when_others_were_warmed(
+    upstream: WarmRegistry, start_mirror: StartMirror
+) -> None:
+    image = upstream.image("team/app", "1.0", ["linux/amd64", "linux/arm64/v8"])
+    client = await start_mirror()
+
+    job = await wait_job(
+        client, await submit(client, ["team/app:1.0"], ["linux/amd64", "linux/s390x"])
+    )
+
+    assert job["state"] == "done"
+    [status] = job["images"]
+    assert status["state"] == "done" and status["reason"] is None
+    assert status["platforms"] == ["linux/amd64"]
+    assert status["missing_platforms"] == ["linux/s390x"]
+    assert status["notes"] == [
+        "not in the index: linux/s390x (it has: linux/amd64, linux/arm64/v8)"
+    ]
+    assert status["blobs_done"] == len(image.platforms["linux/amd64"].blobs)
+
+
+async def test_a_fallback_platform_is_warmed_with_a_note(
+    upstream: WarmRegistry, start_mirror: StartMirror
+) -> None:
+    image = upstream.image("team/old", "1.0", ["linux/arm/v7", "linux/amd64"])
+    client = await start_mirror()
+
+    job = await wait_job(client, await submit(client, ["team/old:1.0"], ["linux/arm64"]))
+
+    [status] = job["images"]
+    assert status["state"] == "done" and status["platforms"] == ["linux/arm/v7"]
+    assert "warmed linux/arm/v7, which a linux/arm64 node pulls instead" in status["notes"][0]
+    assert all(upstream.count("blob", b) == 1 for b in image.platforms["linux/arm/v7"].blobs)
+
+
+async def test_a_single_platform_image_is_warmed_whatever_the_platforms(
+    upstream: WarmRegistry, start_mirror: StartMirror
+) -> None:
+    image = upstream.image("team/plain", "1.0", ["linux/amd64"])
+    amd64 = image.platforms["linux/amd64"]
+    upstream.tags[("team/plain", "1.0")] = amd64.manifest  # a tag naming a manifest, no index
+    client = await start_mirror()
+
+    job = await wait_job(client, await submit(client, ["team/plain:1.0"], ["linux/arm64"]))
+
+    [status] = job["images"]
+    assert job["state"] == "done" and status["digest"] == amd64.manifest
+    assert status["platforms"] == [] and status["notes"] == []
+    assert status["blobs_done"] == len(amd64.blobs)
+
+
 async def test_images_that_cannot_be_warmed_fail_with_a_reason(
     upstream: WarmRegistry, start_mirror: StartMirror
 ) -> None:
@@ -224,7 +303,7 @@ async def test_images_that_cannot_be_warmed_fail_with_a_reason(
     assert gone["state"] == "failed" and "MANIFEST_UNKNOWN" in gone["reason"]
     armonly = by_image["team/armonly:1.0"]
     assert armonly["state"] == "failed"
-    assert "no manifest for linux/amd64" in armonly["reason"] and "linux/arm64" in armonly["reason"]
+    assert armonly["reason"] == "the index has no manifest for linux/amd64 (it has: linux/arm64)"
     assert armonly["missing_platforms"] == ["linux/amd64"]
     assert by_image["team/broken:1.0"]["reason"].startswith(f"blob {lost}: BLOB_UNKNOWN")
     metrics = client.app[metrics_key].registry

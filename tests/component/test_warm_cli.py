@@ -79,7 +79,8 @@ def rows(summary: str) -> dict[str, list[str]]:
     """The summary table, by image."""
     lines = summary.splitlines()
     assert lines[0].split()[:3] == ["IMAGE", "STATE", "PLATFORMS"]
-    return {line.split()[0]: line.split() for line in lines[1:-1]}
+    end = next(n for n, line in enumerate(lines) if " image(s): " in line)
+    return {line.split()[0]: line.split() for line in lines[1:end]}
 
 
 async def test_warming_images_from_arguments_and_a_file(
@@ -96,7 +97,11 @@ async def test_warming_images_from_arguments_and_a_file(
     assert table["team/app:1.0"][1:4] == ["done", "linux/amd64,linux/arm64", "6/6"]
     assert table["team/tool:2.1"][1:4] == ["done", "linux/amd64", "2/2"]
     assert "fake.test/team/app:1.0" not in table  # the same image as team/app:1.0
-    assert run.out.splitlines()[-1].startswith("2 image(s): 2 done, 0 failed;")
+    summary = run.out.splitlines()
+    assert summary[-2].startswith("2 image(s): 2 done, 0 failed;")
+    assert (
+        summary[-1] == "warning: team/tool:2.1: not in the index: linux/arm64 (it has: linux/amd64)"
+    )
     assert "job " in run.err and "2 image(s) queued" in run.err
     assert "done   team/app:1.0: 6 blobs" in run.err  # one line per image when not a terminal
     assert "\x1b[" not in run.err
@@ -116,6 +121,35 @@ async def test_a_failed_image_makes_the_exit_status_non_zero(
     assert missing[1] == "failed" and "MANIFEST_UNKNOWN:" in missing
     assert run.out.splitlines()[-1].startswith("2 image(s): 1 done, 1 failed;")
     assert "failed team/missing:1.0: manifest 1.0: MANIFEST_UNKNOWN" in run.err
+
+
+@pytest.mark.parametrize("tty", [False, True], ids=["log", "terminal"])
+async def test_a_platform_missing_from_an_index_is_a_visible_warning(
+    start_mirror: Callable[..., Awaitable[str]], warm: Warm, tty: bool
+) -> None:
+    url = await start_mirror()
+
+    run = await warm(
+        url, ["team/app:1.0", "team/tool:2.1"], ["linux/arm64", "linux/s390x"], tty=tty
+    )
+
+    assert run.code == 1  # team/tool has neither platform
+    table = rows(run.out)
+    assert table["team/app:1.0"][1:3] == ["done", "linux/arm64"]
+    assert "see warning below" in " ".join(table["team/app:1.0"])
+    assert table["team/tool:2.1"][1] == "failed"
+    lines = run.out.splitlines()
+    assert lines[-2].startswith("2 image(s): 1 done, 1 failed;")
+    assert lines[-2].endswith("; 1 with warnings")
+    warning = (
+        "warning: team/app:1.0: not in the index: linux/s390x (it has: linux/amd64, linux/arm64)"
+    )
+    assert lines[-1] == warning
+    assert "the index has no manifest for linux/arm64, linux/s390x (it has: linux/amd64)" in (
+        run.out
+    )
+    if not tty:
+        assert warning in run.err.splitlines()  # as the image finishes, too
 
 
 async def test_a_terminal_gets_live_progress_bars(

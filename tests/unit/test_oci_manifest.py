@@ -12,8 +12,9 @@ from mirror.oci.manifest import (
     Descriptor,
     InvalidManifest,
     ParsedManifest,
+    choose_platform,
+    normalize_platform,
     parse_manifest,
-    platform_matches,
 )
 from mirror.oci.mediatypes import (
     DOCKER_LIST,
@@ -205,19 +206,65 @@ def test_parse_manifest_v1_bad_blobsum_is_invalid_manifest() -> None:
 
 
 @pytest.mark.parametrize(
-    ("wanted", "actual", "expected"),
+    ("written", "canonical"),
     [
-        ("linux/amd64", "linux/amd64", True),
-        ("linux/arm64", "linux/arm64/v8", True),  # no variant wanted: any variant
-        ("linux/arm/v7", "linux/arm/v7", True),
-        ("linux/arm/v7", "linux/arm/v6", False),
-        ("linux/arm/v7", "linux/arm", False),  # a variant wanted must be present
-        ("linux/amd64", "linux/arm64", False),
-        ("linux/amd64", "windows/amd64", False),
-        ("linux/amd64", "unknown/unknown", False),
-        ("linux/amd64", None, False),
-        ("linux/amd64", "linux/amd64/v3", True),
+        ("linux/arm", ("linux", "arm", "v7")),
+        ("linux/arm/7", ("linux", "arm", "v7")),
+        ("linux/armhf", ("linux", "arm", "v7")),
+        ("linux/armel", ("linux", "arm", "v6")),
+        ("linux/arm/v6", ("linux", "arm", "v6")),
+        ("linux/arm64", ("linux", "arm64", "")),
+        ("linux/arm64/v8", ("linux", "arm64", "")),
+        ("linux/aarch64", ("linux", "arm64", "")),
+        ("linux/arm64/v9.0", ("linux", "arm64", "v9")),
+        ("linux/amd64", ("linux", "amd64", "")),
+        ("linux/amd64/v1", ("linux", "amd64", "")),
+        ("linux/x86_64", ("linux", "amd64", "")),
+        ("linux/amd64/v3", ("linux", "amd64", "v3")),
+        ("linux/i386", ("linux", "386", "")),
+        ("Linux/AMD64", ("linux", "amd64", "")),
+        ("macos/arm64", ("darwin", "arm64", "")),
+        ("linux/s390x", ("linux", "s390x", "")),
     ],
 )
-def test_platform_matches(wanted: str, actual: str | None, expected: bool) -> None:
-    assert platform_matches(wanted, actual) is expected
+def test_normalize_platform_like_containerd(written: str, canonical: tuple[str, ...]) -> None:
+    assert normalize_platform(written) == canonical
+
+
+ARM_ALL = ["linux/arm/v5", "linux/arm/v6", "linux/arm/v7", "linux/arm64/v8", "linux/amd64"]
+
+
+@pytest.mark.parametrize(
+    ("wanted", "offered", "chosen"),
+    [
+        # one manifest per requested platform, the exact variant first
+        ("linux/arm", ARM_ALL, "linux/arm/v7"),
+        ("linux/arm/v7", ARM_ALL, "linux/arm/v7"),
+        ("linux/arm/v6", ARM_ALL, "linux/arm/v6"),
+        ("linux/arm", ["linux/arm/v6", "linux/arm"], "linux/arm"),  # no variant is v7
+        ("linux/arm/v7", ["linux/arm/v5", "linux/arm/v6"], "linux/arm/v6"),  # best lower one
+        ("linux/arm/v6", ["linux/arm/v7"], None),  # a v6 CPU cannot run v7
+        ("linux/arm64", ARM_ALL, "linux/arm64/v8"),
+        ("linux/arm64/v8", ["linux/arm64"], "linux/arm64"),
+        ("linux/arm64", ["linux/arm/v6", "linux/arm/v7"], "linux/arm/v7"),  # 32-bit fallback
+        ("linux/arm64/v8.2", ["linux/arm64/v8.1", "linux/arm64/v8"], "linux/arm64/v8.1"),
+        ("linux/amd64", ARM_ALL, "linux/amd64"),
+        ("linux/amd64", ["linux/amd64/v3", "linux/amd64/v1"], "linux/amd64/v1"),
+        ("linux/amd64", ["linux/amd64/v3", "linux/amd64/v2"], None),  # a v1 CPU
+        ("linux/amd64/v3", ["linux/amd64", "linux/amd64/v2"], "linux/amd64/v2"),
+        ("linux/amd64", ["linux/386", "linux/arm64"], "linux/386"),
+        ("linux/amd64", ["windows/amd64", "linux/arm64"], None),
+        ("linux/amd64", ["unknown/unknown", None], None),
+        ("linux/s390x", ARM_ALL, None),
+    ],
+)
+def test_choose_platform_picks_what_a_node_of_that_platform_pulls(
+    wanted: str, offered: list[str | None], chosen: str | None
+) -> None:
+    position = choose_platform(wanted, offered)
+    assert (None if position is None else offered[position]) == chosen
+
+
+def test_choose_platform_takes_the_first_of_equal_entries() -> None:
+    offered = ["linux/amd64", "linux/arm/v7", "linux/arm", "linux/arm/7"]
+    assert choose_platform("linux/arm", offered) == 1
