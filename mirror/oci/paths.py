@@ -73,20 +73,30 @@ def parse_v2_path(tail: str) -> V2Path:
 def route(name: str, ns: str | None, registries: Container[str], default_registry: str) -> Target:
     """Pick the upstream registry for a request, in this order:
 
-    1. a registry host as the first name component (`/v2/ghcr.io/org/app/...`): how
+    1. a configured registry as the first name component (`/v2/ghcr.io/org/app/...`): how
        skopeo/podman/CRI-O mirrors and containerd's override_path name the registry;
-    2. containerd's `?ns=<registry>` (percent-encoded: `127.0.0.1%3A5000`);
-    3. the default registry (Docker Engine's registry-mirrors, plain clients).
-    Raises UnknownRegistry for a registry that is not configured, InvalidName for a bad name.
+    2. containerd's `?ns=<registry>` (percent-encoded: `127.0.0.1%3A5000`), with the whole
+       name as the repository: `my.group/project` is a repository there, not a registry;
+    3. a first component that looks like a registry host but is not configured: refused, so
+       the mirror is no open proxy;
+    4. the default registry (Docker Engine's registry-mirrors, plain clients).
+    Host names are case-insensitive. Raises UnknownRegistry for a registry that is not
+    configured, InvalidName for a bad name.
     """
     first, slash, rest = name.partition("/")
-    if slash and looks_like_host(first):
-        registry = canonical_registry(first)
-        name = rest
+    prefix = _host(first) if slash and looks_like_host(first) else None
+    if prefix is not None and prefix in registries:
+        registry, name = prefix, rest
     elif ns:
-        registry = canonical_registry(unquote(ns).strip())
+        registry = _host(unquote(ns).strip())
+    elif prefix is not None:
+        raise UnknownRegistry(prefix)
     else:
         registry = default_registry
     if registry not in registries:
         raise UnknownRegistry(registry)
     return Target(registry, validate_name(normalize_name(registry, name)))
+
+
+def _host(text: str) -> str:
+    return canonical_registry(text.lower())

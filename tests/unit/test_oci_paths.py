@@ -72,8 +72,27 @@ REGISTRIES = frozenset({"docker.io", "ghcr.io", "quay.io", "127.0.0.1:5000", "lo
         ("registry-1.docker.io/a/b", None, "ghcr.io", Target("docker.io", "a/b")),
         ("127.0.0.1:5000/a/b", None, "docker.io", Target("127.0.0.1:5000", "a/b")),
         ("localhost:5000/x", None, "docker.io", Target("localhost:5000", "x")),
-        # the path's host wins over ?ns=
+        # a configured registry in the path wins over ?ns=
         ("ghcr.io/org/app", "quay.io", "docker.io", Target("ghcr.io", "org/app")),
+        ("127.0.0.1:5000/a/b", "ghcr.io", "docker.io", Target("127.0.0.1:5000", "a/b")),
+        # ...but a host-like first component that is not configured is part of the
+        # repository name when ?ns= names the registry (containerd sends the whole name)
+        (
+            "my.group/project",
+            "127.0.0.1%3A5000",
+            "docker.io",
+            Target("127.0.0.1:5000", "my.group/project"),
+        ),
+        ("evil.example.com/x", "ghcr.io", "docker.io", Target("ghcr.io", "evil.example.com/x")),
+        ("localhost/x", "quay.io", "docker.io", Target("quay.io", "localhost/x")),
+        ("a.b/c/d", "docker.io", "ghcr.io", Target("docker.io", "a.b/c/d")),
+        # host names are case-insensitive, in the path and in ?ns=
+        ("GHCR.IO/org/app", None, "docker.io", Target("ghcr.io", "org/app")),
+        ("Docker.IO/nginx", None, "ghcr.io", Target("docker.io", "library/nginx")),
+        ("LocalHost:5000/x", None, "docker.io", Target("localhost:5000", "x")),
+        ("org/app", "GHCR.io", "docker.io", Target("ghcr.io", "org/app")),
+        ("nginx", "Index.Docker.IO", "ghcr.io", Target("docker.io", "library/nginx")),
+        ("a/b", "LOCALHOST%3A5000", "docker.io", Target("localhost:5000", "a/b")),
         # containerd's ?ns=, percent-encoded or not
         ("org/app", "ghcr.io", "docker.io", Target("ghcr.io", "org/app")),
         ("nginx", "docker.io", "ghcr.io", Target("docker.io", "library/nginx")),
@@ -96,6 +115,9 @@ def test_route(name: str, ns: str | None, default: str, expected: Target) -> Non
         ("evil.example.com/x", None, "docker.io", "evil.example.com"),
         ("ghcr.io:443/org/app", None, "docker.io", "ghcr.io:443"),
         ("localhost/x", None, "docker.io", "localhost"),
+        ("my.group/project", None, "docker.io", "my.group"),  # no ns: not an open proxy
+        ("Evil.Example.COM/x", None, "docker.io", "evil.example.com"),
+        ("x", "Evil.Example.COM", "docker.io", "evil.example.com"),
         ("x", "evil.example.com", "docker.io", "evil.example.com"),
         ("x", "127.0.0.1%3A5001", "docker.io", "127.0.0.1:5001"),
         ("x", None, "registry.k8s.io", "registry.k8s.io"),
