@@ -10,6 +10,8 @@ from pathlib import Path
 
 from mirror.config import DEFAULT_REGISTRIES, Config, ConfigError, load_config
 
+ADMIN_TOKEN_ENV = "MIRROR_SERVER_ADMIN_TOKEN"  # server.admin_token, as load_config reads it
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mirror", description=__doc__)
@@ -36,7 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     warm.add_argument(
         "--url", default="http://127.0.0.1:5000", help="the mirror (default %(default)s)"
     )
-    warm.add_argument("--token", help="admin token (default: env MIRROR_ADMIN_TOKEN)")
+    warm.add_argument(
+        "--token", help=f"admin token (default: env {ADMIN_TOKEN_ENV}, the server's own setting)"
+    )
 
     cache = sub.add_parser("cache", help="inspect or trim the cache directory")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
@@ -82,7 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "warm":
             from mirror.warm_cli import run_warm
 
-            token = args.token or os.environ.get("MIRROR_ADMIN_TOKEN") or None
+            # The server's own variable, so `kubectl exec <pod> -- mirror warm` needs no flag.
+            token = args.token or os.environ.get(ADMIN_TOKEN_ENV) or None
             return run_warm(args.url, args.images, args.platforms, args.file, token)
         if args.command == "cache":
             from mirror.cache_cli import run_cache

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import re
 import socket
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from mirror.config import load_config
 from mirror.warm_cli import run_warm
 
 from .warm_fakes import WarmRegistry, mirror_app, warm_config
@@ -199,6 +202,26 @@ async def test_the_admin_token(start_mirror: Callable[..., Awaitable[str]], warm
     assert "401 UNAUTHORIZED" in without.err and "401 UNAUTHORIZED" in wrong.err
     assert right.code == 0, right.err
     assert TOKEN not in right.out + right.err
+
+
+async def test_the_command_reads_the_servers_own_token_variable(
+    start_mirror: Callable[..., Awaitable[str]],
+) -> None:
+    """One environment serves both `mirror serve` and `mirror warm` (kubectl exec into the pod):
+    the CLI takes the token from MIRROR_SERVER_ADMIN_TOKEN, the variable the server reads."""
+    url = await start_mirror(admin_token=TOKEN)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
+    environ["MIRROR_SERVER_ADMIN_TOKEN"] = TOKEN
+    assert load_config(environ).server.admin_token == TOKEN  # the server starts with it
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mirror", "warm", "--url", url, "team/tool:2.1",
+        env=environ, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+
+    assert proc.returncode == 0, err.decode()
+    assert rows(out.decode())["team/tool:2.1"][1] == "done"
 
 
 async def test_an_unreachable_mirror_exits_2(warm: Warm) -> None:
