@@ -103,6 +103,8 @@ async def submit_warm(request: web.Request) -> web.Response:
         doc = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _bad(f"the body is not JSON: {exc}") from exc
+    except RecursionError as exc:  # the parser recurses per level: b"[" * 100000 gets here
+        raise _bad("the body is not a warm request: JSON nested too deeply") from exc
     if not isinstance(doc, dict):
         raise _bad('the body must be a JSON object: {"images": [...], "platforms": [...]}')
     unknown = sorted(set(doc) - _FIELDS)

@@ -330,11 +330,13 @@ BIG_BODY = b'{"images": ["' + b"a" * (1024 * 1024) + b'"]}'
         (b'{"images": ["a"], "platforms": []}', 400, "platforms: the list is empty"),
         (b'{"images": ["a"], "platform": ["linux/amd64"]}', 400, "unknown fields: platform"),
         (BIG_BODY, 413, "larger than 1048576 bytes"),
+        (b"[" * 100_000, 400, "JSON nested too deeply"),
+        (b'{"images": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "nested too deeply"),
     ],
     ids=[
         "not-json", "not-object", "no-images", "images-not-list", "image-not-string",
         "empty", "too-many", "bad-name", "bad-tag", "unknown-registry", "bad-platform",
-        "no-platforms", "unknown-field", "too-big",
+        "no-platforms", "unknown-field", "too-big", "nested-array", "nested-in-object",
     ],
 )  # fmt: skip
 async def test_bad_requests_are_refused_with_an_oci_error(
@@ -345,11 +347,30 @@ async def test_bad_requests_are_refused_with_an_oci_error(
     resp = await client.post("/admin/warm", data=body)
 
     assert resp.status == status
+    assert resp.content_type == "application/json"
     [error] = (await resp.json())["errors"]
     assert error["code"] == "BAD_REQUEST"
     assert message in error["message"]
     listed = await client.get("/admin/warm")
     assert (await listed.json())["jobs"] == []
+
+
+async def test_an_oversized_body_without_a_length_is_413_with_an_oci_error(
+    start_mirror: StartMirror,
+) -> None:
+    client = await start_mirror()
+
+    async def chunks() -> AsyncIterator[bytes]:  # chunked: no Content-Length to refuse early
+        yield b'{"images": ["'
+        for _ in range(20):
+            yield b"a" * 64 * 1024
+        yield b'"]}'
+
+    resp = await client.post("/admin/warm", data=chunks())
+
+    assert resp.status == 413 and resp.content_type == "application/json"
+    [error] = (await resp.json())["errors"]
+    assert error == {"code": "BAD_REQUEST", "message": "the body is larger than 1048576 bytes"}
 
 
 async def test_an_unknown_job_is_404(start_mirror: StartMirror) -> None:
