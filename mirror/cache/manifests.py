@@ -105,7 +105,7 @@ class ManifestService:
                 raise to_registry_error(exc, ErrorCode.MANIFEST_UNKNOWN) from exc
             answer = ManifestAnswer(manifest, "coalesced" if shared else "miss")
         if not is_acceptable(answer.manifest.media_type, accepted):
-            raise self._not_acceptable(answer.manifest, accepted)  # content by digest is fixed
+            raise _not_acceptable(f"manifest {digest}", answer.manifest, accepted)  # fixed
         return answer
 
     def _fetch_shared(
@@ -164,13 +164,11 @@ class ManifestService:
         if record is not None and self._fresh(record):
             found = self.local(parse_digest(record.digest))
             if found is not None:
-                return await self._acceptable(
-                    registry, name, tag, ManifestAnswer(found, "hit"), accepted
-                )
+                return _acceptable(tag, ManifestAnswer(found, "hit"), accepted)
         answer, shared = await self._by_tag.do(key, lambda: self._resolve(key, record))
         if shared and answer.result == "miss":
             answer = ManifestAnswer(answer.manifest, "coalesced")
-        return await self._acceptable(registry, name, tag, answer, accepted)
+        return _acceptable(tag, answer, accepted)
 
     def _fresh(self, record: TagRecord) -> bool:
         """Served without asking upstream: the one place the tag TTL is applied."""
@@ -264,33 +262,6 @@ class ManifestService:
                 return ManifestAnswer(found, "stale")
         raise to_registry_error(exc, ErrorCode.MANIFEST_UNKNOWN) from exc
 
-    async def _acceptable(
-        self, registry: str, name: str, tag: str, answer: ManifestAnswer, accepted: frozenset[str]
-    ) -> ManifestAnswer:
-        """A manifest of a type the client did not list is not served to it: ask the origin
-        with the client's own Accept (it may hold another form), and cache that by digest only."""
-        if is_acceptable(answer.manifest.media_type, accepted):
-            return answer
-        try:
-            fetched = await self._client.get_manifest(
-                registry, name, tag, ", ".join(sorted(accepted))
-            )
-        except Exception as exc:  # noqa: BLE001
-            raise self._not_acceptable(answer.manifest, accepted) from exc
-        media_type = _media_type(fetched)
-        if not is_acceptable(media_type, accepted):
-            raise self._not_acceptable(answer.manifest, accepted)
-        digest = digest_of(fetched.body)
-        return ManifestAnswer(await self._keep(digest, fetched.body, media_type), "miss")
-
-    @staticmethod
-    def _not_acceptable(manifest: Manifest, accepted: frozenset[str]) -> RegistryError:
-        return RegistryError(
-            ErrorCode.MANIFEST_UNKNOWN,
-            f"manifest is {manifest.media_type}, which the Accept header does not include",
-            {"media_type": manifest.media_type, "accepted": sorted(accepted)},
-        )
-
     async def tags(self, registry: str, name: str, query: dict[str, str]) -> bytes:
         try:
             return await self._client.get_tags(registry, name, query)
@@ -300,3 +271,21 @@ class ManifestService:
     async def close(self) -> None:
         await self._by_digest.close()
         await self._by_tag.close()
+
+
+def _acceptable(tag: str, answer: ManifestAnswer, accepted: frozenset[str]) -> ManifestAnswer:
+    """The tag's manifest, unless the client does not accept its type. The mirror fetched it
+    with every manifest type in its Accept, so the origin's answer is already known: asking again
+    with the client's narrower Accept would cost a pull on Docker Hub for every such request."""
+    if is_acceptable(answer.manifest.media_type, accepted):
+        return answer
+    raise _not_acceptable(f"tag {tag}", answer.manifest, accepted)
+
+
+def _not_acceptable(reference: str, manifest: Manifest, accepted: frozenset[str]) -> RegistryError:
+    return RegistryError(
+        ErrorCode.MANIFEST_UNKNOWN,
+        f"{reference} has media type {manifest.media_type}; the Accept header lists only "
+        f"{', '.join(sorted(accepted))}",
+        {"media_type": manifest.media_type, "accepted": sorted(accepted)},
+    )

@@ -217,3 +217,57 @@ async def test_fast_path_keeps_the_ttl_and_revalidates_with_one_head(
         assert upstream_counts(fake) == Counter({("HEAD", "manifest-tag"): 1})
         assert await head() == image.digest  # fresh again
         assert len(fake.log) == 1
+
+
+DOCKER_V2 = "application/vnd.docker.distribution.manifest.v2+json"
+
+
+async def refused(mirror: Mirror, method: str, accept: str) -> str:
+    """The error message of a 404 MANIFEST_UNKNOWN (HEAD answers carry no body: empty)."""
+    resp = await mirror.client.request(method, TAG_URL, params=FAKE, headers={"Accept": accept})
+    assert resp.status == 404
+    if method == "HEAD":
+        return ""
+    error = (await resp.json())["errors"][0]
+    assert error["code"] == "MANIFEST_UNKNOWN"
+    return str(error["message"])
+
+
+async def test_a_fresh_tag_of_another_media_type_is_refused_from_the_cache(
+    fake: FakeRegistry, mirror: Mirror
+) -> None:
+    """The mirror fetched the tag with every manifest type in its Accept, so its answer is the
+    origin's: asking again with a narrower Accept would cost a pull on Docker Hub each time."""
+    image = seed(fake)  # an OCI image manifest
+    assert await ask(mirror) == (image.digest, image.manifest)
+    fake.reset_log()
+    for method in ("GET", "HEAD") * 3:
+        message = await refused(mirror, method, DOCKER_V2)
+        if method == "GET":
+            assert "application/vnd.oci.image.manifest.v1+json" in message
+            assert DOCKER_V2 in message
+    assert fake.log == []
+
+
+async def test_an_expired_tag_of_another_media_type_costs_one_head(
+    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path
+) -> None:
+    # tag_ttl 0: every request finds the tag expired, without waiting on a clock.
+    mirror = await make_mirror(config=config(tmp_path, fake, tag_ttl=0.0))
+    seed(fake)
+    await ask(mirror)
+    fake.reset_log()
+    for method in ("GET", "HEAD"):
+        await refused(mirror, method, DOCKER_V2)
+    assert upstream_counts(fake) == Counter({("HEAD", "manifest-tag"): 2})
+
+    # The tag moved to a manifest of the client's type: the HEAD finds it, one GET by digest.
+    body = b'{"schemaVersion": 2, "mediaType": "%s", "layers": []}' % DOCKER_V2.encode()
+    moved = fake.add_manifest("team/app", body, DOCKER_V2, tag="v1")
+    fake.reset_log()
+    resp = await mirror.client.get(TAG_URL, params=FAKE, headers={"Accept": DOCKER_V2})
+    assert resp.status == 200
+    assert (resp.headers["Docker-Content-Digest"], await resp.read()) == (moved, body)
+    assert upstream_counts(fake) == Counter(
+        {("HEAD", "manifest-tag"): 1, ("GET", "manifest-digest"): 1}
+    )
