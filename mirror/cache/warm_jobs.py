@@ -27,15 +27,32 @@ class ImageStatus:
     platforms: list[str] = field(default_factory=list)  # index entries chosen
     missing_platforms: list[str] = field(default_factory=list)  # requested, not in the index
     notes: list[str] = field(default_factory=list)  # warnings for an image that still got done
-    bytes_done: int = 0
-    bytes_total: int = 0
-    blobs_done: int = 0
-    blobs_total: int = 0
     blobs_cached: int = 0  # of blobs_done, those already in the cache
     started: float | None = None
     finished: float | None = None
-    bytes_finished: int = field(default=0, repr=False)  # blobs fetched completely
+    # Per distinct blob (digest hex): its size (0 until known, for schema 1) and the bytes of it
+    # done so far. A job adds these up across its images, so a blob two images share is
+    # counted once in the job's totals while each image still shows all of its own.
+    blob_sizes: dict[str, int] = field(default_factory=dict, repr=False)
+    blob_bytes: dict[str, int] = field(default_factory=dict, repr=False)
+    blobs_fetched: set[str] = field(default_factory=set, repr=False)
     in_flight: dict[str, Descriptor] = field(default_factory=dict, repr=False)
+
+    @property
+    def bytes_done(self) -> int:
+        return sum(self.blob_bytes.values())
+
+    @property
+    def bytes_total(self) -> int:
+        return sum(self.blob_sizes.values())
+
+    @property
+    def blobs_done(self) -> int:
+        return len(self.blobs_fetched)
+
+    @property
+    def blobs_total(self) -> int:
+        return len(self.blob_sizes)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -78,11 +95,26 @@ class Job:
             "images_total": len(self.images),
             "images_done": sum(i.state == DONE for i in self.images),
             "images_failed": sum(i.state == FAILED for i in self.images),
-            "bytes_done": sum(i.bytes_done for i in self.images),
-            "bytes_total": sum(i.bytes_total for i in self.images),
-            "blobs_done": sum(i.blobs_done for i in self.images),
-            "blobs_total": sum(i.blobs_total for i in self.images),
+            **self.distinct_blobs(),
         }
         if with_images:
             out["images"] = [i.to_json() for i in self.images]
         return out
+
+    def distinct_blobs(self) -> dict[str, int]:
+        """Bytes and blobs, done and total, each blob once however many images share it."""
+        sizes: dict[str, int] = {}
+        done: dict[str, int] = {}
+        fetched: set[str] = set()
+        for image in self.images:
+            for blob, size in image.blob_sizes.items():
+                sizes[blob] = max(sizes.get(blob, 0), size)
+            for blob, part in image.blob_bytes.items():
+                done[blob] = max(done.get(blob, 0), part)
+            fetched |= image.blobs_fetched
+        return {
+            "bytes_done": sum(done.values()),
+            "bytes_total": sum(sizes.values()),
+            "blobs_done": len(fetched),
+            "blobs_total": len(sizes),
+        }

@@ -216,7 +216,7 @@ class WarmService:
             log.info(
                 "warm_job_finished", job=job.id, state=job.state,
                 images=len(job.images), failed=sum(i.state == FAILED for i in job.images),
-                bytes=sum(i.bytes_done for i in job.images),
+                bytes=job.distinct_blobs()["bytes_done"],
                 seconds=round(job.finished - job.started, 3),
             )  # fmt: skip
 
@@ -238,15 +238,15 @@ class WarmService:
             self._fail(image, f"internal error: {type(exc).__name__}")
         else:
             image.state = DONE
-            image.bytes_done = image.bytes_finished
             image.finished = self._clock()
 
     def _fail(self, image: ImageStatus, reason: str) -> None:
         image.state = FAILED
         image.reason = reason
         image.finished = self._clock()
+        # What unfinished downloads had written no longer counts: only whole blobs do.
+        image.blob_bytes = {b: n for b, n in image.blob_bytes.items() if b in image.blobs_fetched}
         image.in_flight.clear()
-        image.bytes_done = image.bytes_finished
         log.warning("warm_image_failed", image=str(image.reference), reason=reason)
 
     async def _resolve(
@@ -314,8 +314,7 @@ class WarmService:
         for d in descriptors:
             if not any(word in d.media_type for word in _NOT_DISTRIBUTED):
                 unique.setdefault(d.digest.hex, d)
-        image.blobs_total = len(unique)
-        image.bytes_total = sum(max(d.size, 0) for d in unique.values())
+        image.blob_sizes = {blob: max(d.size, 0) for blob, d in unique.items()}
         limit = asyncio.Semaphore(self._blobs_per_image)
         tasks = [asyncio.create_task(self._fetch_blob(image, d, limit)) for d in unique.values()]
         try:
@@ -341,10 +340,9 @@ class WarmService:
         if size < 0:  # schema 1 manifests carry no sizes: learn it from the cache
             cached = self._blobs.cached(blob.digest)
             size = cached.size if cached else 0
-            image.bytes_total += size
-        image.bytes_finished += size
-        image.bytes_done = image.bytes_finished
-        image.blobs_done += 1
+        image.blob_sizes[blob.digest.hex] = size
+        image.blob_bytes[blob.digest.hex] = size
+        image.blobs_fetched.add(blob.digest.hex)
         if result == "hit":
             image.blobs_cached += 1
 
@@ -353,9 +351,10 @@ class WarmService:
         for image in job.images:
             if image.state != FETCHING:
                 continue
-            done = image.bytes_finished
-            for blob in image.in_flight.values():
+            for blob in list(image.in_flight.values()):
                 progress = self._blobs.progress(blob.digest)
-                if progress is not None:
-                    done += min(progress[0], blob.size) if blob.size >= 0 else progress[0]
-            image.bytes_done = done
+                if progress is not None and blob.digest.hex not in image.blobs_fetched:
+                    written = progress[0]
+                    image.blob_bytes[blob.digest.hex] = (
+                        min(written, blob.size) if blob.size >= 0 else written
+                    )

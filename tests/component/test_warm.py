@@ -155,6 +155,40 @@ async def test_a_warm_and_a_live_pull_of_one_blob_share_one_download(
     assert metrics.get_sample_value("mirror_requests_total", sample) == 1
 
 
+async def test_a_job_counts_a_blob_its_images_share_once(
+    upstream: WarmRegistry, start_mirror: StartMirror
+) -> None:
+    image = upstream.image("team/app", "1.0", ["linux/amd64"], (4000, 300_000))
+    upstream.tags[("team/app", "stable")] = image.index  # one image under two tags
+    amd64 = image.platforms["linux/amd64"]
+    total = sum(amd64.sizes.values())
+    big = amd64.blobs[2]
+    held = upstream.hold(big)
+    client = await start_mirror()
+
+    job_id = await submit(client, ["team/app:1.0", "team/app:stable"])
+    await asyncio.wait_for(held.reached.wait(), 5)
+    halfway = total - amd64.sizes[big] + amd64.sizes[big] // 2
+    job = await wait_job(
+        client,
+        job_id,
+        lambda job: all((i["blobs_done"], i["bytes_done"]) == (2, halfway) for i in job["images"]),
+    )
+    # Each image shows its own blobs; the job counts the shared ones (all three) once.
+    assert [(i["blobs_done"], i["blobs_total"]) for i in job["images"]] == [(2, 3), (2, 3)]
+    assert (job["bytes_done"], job["bytes_total"]) == (halfway, total)
+    assert (job["blobs_done"], job["blobs_total"]) == (2, 3)
+
+    held.release()
+    job = await wait_job(client, job_id)
+
+    assert job["state"] == "done"
+    assert [i["bytes_done"] for i in job["images"]] == [total, total]
+    assert job["bytes_done"] == job["bytes_total"] == total
+    assert job["blobs_done"] == job["blobs_total"] == 3
+    assert upstream.count("blob", big) == 1
+
+
 @pytest.mark.parametrize(
     ("tag_ttl", "expected"),
     [(300.0, []), (0.0, [("HEAD", "manifest", "1.0")])],
