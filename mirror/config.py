@@ -374,8 +374,7 @@ def _load_registries(
                 problems.append(f"{where}: unknown keys {sorted(unknown)}")
             url = entry.get("url")
             if not isinstance(url, str) or not _URL.match(url):
-                shown = url if isinstance(url, str) and "@" not in url else "<a url with user info>"
-                problems.append(f"{where}.url: expected http(s)://host[:port], got {shown!r}")
+                problems.append(f"{where}.url: expected http(s)://host[:port], got {_shown(url)}")
                 continue
             try:
                 is_mirror = _parse_bool(entry.get("mirror", False))
@@ -400,7 +399,9 @@ def _load_registries(
                 name = by_id[rest[: -len(suffix)]]
                 if attr == "url":
                     if not _URL.match(value):
-                        problems.append(f"${var}: expected http(s)://host[:port], got {value!r}")
+                        problems.append(
+                            f"${var}: expected http(s)://host[:port], got {_shown(value)}"
+                        )
                         break
                     result[name] = replace(result[name], url=value.rstrip("/"))
                 elif attr == "username":
@@ -411,6 +412,11 @@ def _load_registries(
         else:
             problems.append(f"${var}: names no configured registry (ids: {sorted(by_id)})")
     return result
+
+
+def _shown(url: Any) -> str:
+    """A rejected URL for an error message, unless it may carry a password (user:pass@)."""
+    return repr(url) if not isinstance(url, str) or "@" not in url else "<a url with user info>"
 
 
 def describe(config: Config) -> dict[str, Any]:

@@ -469,6 +469,17 @@ def test_registry_url_from_env_is_validated(url: str) -> None:
     assert problems[0].startswith("$MIRROR_REGISTRY_DOCKER_IO_URL")
 
 
+@pytest.mark.parametrize(
+    "url", ["https://user:hunter2@x.io", "https://user:hunter2@x.io/v2", "http://:hunter2@x.io"]
+)
+def test_a_refused_env_url_never_shows_its_password(url: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config({"MIRROR_REGISTRY_DOCKER_IO_URL": url})
+    message = str(caught.value)
+    assert "$MIRROR_REGISTRY_DOCKER_IO_URL: expected http(s)://host[:port]" in message
+    assert "hunter2" not in message and "<a url with user info>" in message
+
+
 # ---------------------------------------------------------------- describe()
 
 SECRETS = ("hub-secret-123", "admin-token-456", "file-pass-789")
