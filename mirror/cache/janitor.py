@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import shutil
 import sqlite3
+from collections.abc import Callable
 
 import structlog
 
@@ -40,6 +41,7 @@ class CacheJanitor:
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._evicted: list[Callable[[Digest], None]] = []
 
     async def start(self) -> None:
         await asyncio.to_thread(self._index.load)
@@ -72,11 +74,11 @@ class CacheJanitor:
         if eviction_target(total, cfg.max_size, cfg.high_watermark, cfg.low_watermark) is not None:
             self._wake.set()
 
-    def accessed(self, digest: Digest, size: int) -> None:
-        if digest.hex in self._index:
-            self._index.touch(digest.hex)
-        else:  # put there by another process (a CLI warm-up, a restore): adopt it
-            self.stored(digest, size)
+    def accessed(self, digest: Digest, size: int | None = None) -> None:
+        """Never adds: a copy served from memory, or a file read a moment before its eviction,
+        must not bring back an entry whose file is gone. Only `stored` adds, after a write.
+        (`size` is unused; it stays until BlobService stops passing it.)"""
+        self._index.touch(digest.hex)
 
     def missing(self, digest: Digest) -> None:
         """A blob the index knew is gone from disk (evicted by `mirror cache gc`, say)."""
@@ -86,6 +88,11 @@ class CacheJanitor:
 
     def pinned(self, digest: Digest) -> contextlib.AbstractContextManager[None]:
         return self._index.pinned(digest.hex)
+
+    def on_evicted(self, listener: Callable[[Digest], None]) -> None:
+        """Told of every file the janitor deletes, once it is gone: a service that keeps copies in
+        memory drops them, so the next request fetches and stores the content again."""
+        self._evicted.append(listener)
 
     # -- eviction ----------------------------------------------------------------------------
 
@@ -108,7 +115,10 @@ class CacheJanitor:
                 if key in self._index.in_use:
                     continue  # pinned since the choice was made (a request just opened it)
                 self._index.discard(key)
-                freed += await asyncio.to_thread(self._store.remove_blob, Digest("sha256", key))
+                digest = Digest("sha256", key)
+                freed += await asyncio.to_thread(self._store.remove_blob, digest)
+                for listener in self._evicted:
+                    listener(digest)
             if victims:
                 self._metrics.evictions.inc(len(victims))
                 self._metrics.evicted_bytes.inc(freed)

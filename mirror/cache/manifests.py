@@ -78,6 +78,7 @@ class ManifestService:
         self._tags: LRUCache[_TagKey, TagRecord] = LRUCache(_MEMORY_TAGS)
         self._by_digest: SingleFlight[Manifest] = SingleFlight()
         self._by_tag: SingleFlight[ManifestAnswer] = SingleFlight()
+        janitor.on_evicted(self._forget)
 
     # -- by digest ---------------------------------------------------------------------------
 
@@ -89,8 +90,13 @@ class ManifestService:
                 return None
             found = Manifest(stored[0], stored[1], str(digest))
             self._memory[digest.hex] = found
-        self._janitor.accessed(digest, len(found.body))
+        self._janitor.accessed(digest)
         return found
+
+    def _forget(self, digest: Digest) -> None:
+        """Its file was evicted: a copy kept here would be served without ever being stored
+        again, so the next request fetches it and writes it back."""
+        self._memory.pop(digest.hex, None)
 
     async def by_digest(
         self, registry: str, name: str, digest: Digest, accepted: frozenset[str] = frozenset()
@@ -142,7 +148,7 @@ class ManifestService:
         found = self._memory.get(digest.hex)
         if found is None or not is_acceptable(found.media_type, accepted):
             return None
-        self._janitor.accessed(digest, len(found.body))
+        self._janitor.accessed(digest)
         return found
 
     def peek_tag(

@@ -172,10 +172,13 @@ async def test_disk_already_full_still_serves_manifests(
     mirror = disk_mirror
     image = fake.add_image(NAME, "v1", [random_bytes(64 * 1024, 12)])
     fill(small_disk)
-    for ref in ("v1", image.digest):
+    for ref in ("v1", image.digest, image.digest):
         resp = await mirror.client.get(f"/v2/{NAME}/manifests/{ref}", params=FAKE)
         assert resp.status == 200, await resp.text()
         assert await resp.read() == image.manifest
+    # Served from memory: no file, so nothing for the cache to count (or one day to evict).
+    assert not is_cached(mirror, image.digest)
+    assert mirror.metric("mirror_cache_entries") == mirror.metric("mirror_cache_bytes") == 0
 
 
 async def test_writers_hitting_a_full_disk_together_evict_once(

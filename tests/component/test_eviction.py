@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mirror.config import Config
-from mirror.keys import janitor_key, store_key
+from mirror.keys import janitor_key, manifests_key, store_key
 from mirror.oci.digest import parse_digest
 
 from .conftest import MakeMirror
@@ -264,3 +264,34 @@ async def test_cache_cli_status_and_gc(
     assert fake.log == []
     await get(again, b)
     assert fake.download_sessions() == 1
+
+
+def index_matches_disk(mirror: Mirror, cache_dir: Path) -> None:
+    files = [p for p in (cache_dir / "blobs").rglob("*") if p.is_file()]
+    assert mirror.metric("mirror_cache_bytes") == sum(p.stat().st_size for p in files)
+    assert mirror.metric("mirror_cache_entries") == len(files)
+
+
+async def test_an_evicted_manifest_is_fetched_again_not_resurrected(
+    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path
+) -> None:
+    """A manifest still in memory after its file was evicted was served from there, and the
+    access put it back in the index: bytes counted that no file holds, never written again."""
+    cfg = config(tmp_path, fake)
+    mirror = await make_mirror(config=cfg)
+    image = fake.add_image(NAME, "v1", [random_bytes(50 * KiB, 3)])
+    resp = await mirror.client.get(f"/v2/{NAME}/manifests/v1", params=FAKE)
+    assert await resp.read() == image.manifest
+    await mirror.app[janitor_key].collect(target=0)
+    index_matches_disk(mirror, cfg.cache.directory)
+    assert mirror.app[manifests_key].peek_digest(parse_digest(image.digest), frozenset()) is None
+
+    fake.reset_log()
+    for ref in (image.digest, "v1", image.digest):
+        resp = await mirror.client.get(f"/v2/{NAME}/manifests/{ref}", params=FAKE)
+        assert await resp.read() == image.manifest
+    assert fake.count("manifest-digest", "GET") == 1  # the tag is fresh: no GET by tag
+    assert fake.count("manifest-tag", "GET") == 0
+    stored = mirror.app[store_key].read_manifest(parse_digest(image.digest))
+    assert stored is not None and stored[0] == image.manifest
+    index_matches_disk(mirror, cfg.cache.directory)
