@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mirror.config import DEFAULT_REGISTRIES, Config, ConfigError, load_config
+from mirror.config import Config, ConfigError, load_config
 
 ADMIN_TOKEN_ENV = "MIRROR_SERVER_ADMIN_TOKEN"  # server.admin_token, as load_config reads it
 
@@ -95,10 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = _load(args, {"cache.dir": args.cache_dir})
             return run_cache(config.cache, args.cache_command, getattr(args, "target", None))
         if args.command == "containerd-config":
-            from mirror.containerd_config import run_containerd_config
+            from mirror.containerd_config import fallback_origins, run_containerd_config
 
             config = _load(args)
-            origins = {n: DEFAULT_REGISTRIES.get(n, r.url) for n, r in config.registries.items()}
+            origins = fallback_origins(config.registries)
             return run_containerd_config(args.mirror, args.registries, args.out, origins)
     except ConfigError as exc:
         print(f"mirror: {exc}", file=sys.stderr)

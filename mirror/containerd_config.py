@@ -8,7 +8,8 @@ registry host as written in the image reference. For a host with a port it tries
       myregistry.io:5000/hosts.toml     then the literal host:port
       _default/hosts.toml               last, for any registry without its own directory (1.7+)
 
-Hosts listed under `[host."..."]` are tried in order; `server` is the fallback after them all.
+Hosts listed under `[host."..."]` are tried in order; `server` is the fallback after them all,
+and without a `server` line containerd falls back to `https://<registry>` itself.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TextIO
 from urllib.parse import urlsplit
+
+from mirror.config import DEFAULT_REGISTRIES, RegistryConfig
 
 DEFAULT_NAMESPACE = "_default"
 
@@ -51,6 +54,19 @@ def _check_url(url: str, what: str) -> str:
     ):
         raise ValueError(f"{what} must be an http:// or https:// URL, got {url!r}")
     return url.rstrip("/")
+
+
+def fallback_origins(registries: Mapping[str, RegistryConfig]) -> dict[str, str]:
+    """registry -> the origin containerd falls back to when the mirror cannot answer; "" for
+    none, which leaves containerd its own default, https://<registry>.
+
+    A `mirror = true` url is another mirror (the regional tier), not the origin: falling back
+    to it would send a node whose mirror chain is failing down that same chain again.
+    """
+    return {
+        name: DEFAULT_REGISTRIES.get(name, "" if registry.is_mirror else registry.url)
+        for name, registry in registries.items()
+    }
 
 
 def hosts_dir_candidates(registry: str) -> tuple[str, ...]:
@@ -94,9 +110,23 @@ def render_hosts_toml(
     """
     _check_registry(registry)
     mirror = _check_url(mirror_url, "mirror URL")
+    if urlsplit(mirror).path:
+        # containerd appends /v2/... to a host's path: /prefix/v2/<name> is nothing the
+        # mirror serves (override_path below is the way to put a registry in the path).
+        raise ValueError(
+            f"mirror URL must be the mirror's root, scheme://host[:port] without a path, "
+            f"got {mirror_url!r}: containerd would ask for {mirror}/v2/..."
+        )
+    fallback = (
+        "the server below"
+        if origin_url
+        else "the registry named in the image reference"
+        if registry == DEFAULT_NAMESPACE
+        else f"{registry} itself (containerd's default)"
+    )
     lines = [
         "# Written by `mirror containerd-config`. Pull through the mirror; if it cannot answer,",
-        "# containerd falls back to the server below.",
+        f"# containerd falls back to {fallback}.",
     ]
     if origin_url:
         lines.append(f'server = "{_check_url(origin_url, "origin URL")}"')

@@ -10,7 +10,10 @@ from typing import Any
 
 import pytest
 
+from mirror.cli import main
+from mirror.config import DEFAULT_REGISTRIES, RegistryConfig
 from mirror.containerd_config import (
+    fallback_origins,
     hosts_dir_candidates,
     hosts_dir_name,
     render_hosts_toml,
@@ -210,3 +213,75 @@ def test_run_containerd_config_reports_unwritable_output(tmp_path: Path) -> None
     status = run_containerd_config("http://mirror:5000", None, blocker, ORIGINS, stderr=err)
     assert status == 1
     assert "cannot write" in err.getvalue()
+
+
+REGIONAL = "http://mirror.mirror.svc.cluster.local:5000"
+
+
+@pytest.mark.parametrize(
+    ("name", "url", "is_mirror", "origin"),
+    [
+        # a mirror = true url is the regional tier: the fallback is the real origin
+        ("docker.io", REGIONAL, True, "https://registry-1.docker.io"),
+        ("ghcr.io", REGIONAL, True, "https://ghcr.io"),
+        # not a well-known registry: no server line, containerd uses https://<host>
+        ("registry.internal:5000", REGIONAL, True, ""),
+        ("registry.internal:5000", "http://registry.internal:5000", False,
+         "http://registry.internal:5000"),
+        ("docker.io", "https://registry-1.docker.io", False, "https://registry-1.docker.io"),
+    ],
+)  # fmt: skip
+def test_fallback_origins_never_name_the_regional_tier(
+    name: str, url: str, is_mirror: bool, origin: str
+) -> None:
+    registries = {name: RegistryConfig(name, url, is_mirror=is_mirror)}
+    assert fallback_origins(registries) == {name: origin}
+
+
+def test_containerd_config_for_a_node_tier_falls_back_to_the_origins(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f'[registries."docker.io"]\nurl = "{REGIONAL}"\nmirror = true\n'
+        f'[registries."registry.internal:5000"]\nurl = "{REGIONAL}"\nmirror = true\n'
+    )
+    out = tmp_path / "certs.d"
+
+    status = main(
+        ["containerd-config", "--mirror", "http://127.0.0.1:5001", "--out", str(out),
+         "--config", str(config)]
+    )  # fmt: skip
+
+    assert status == 0
+    hub = (out / "docker.io" / "hosts.toml").read_text()
+    internal = (out / "registry.internal_5000_" / "hosts.toml").read_text()
+    assert _parse(hub)["server"] == DEFAULT_REGISTRIES["docker.io"]
+    assert "server" not in _parse(internal)
+    assert REGIONAL not in hub + internal
+    assert "falls back to registry.internal:5000 itself (containerd's default)" in internal
+
+
+@pytest.mark.parametrize(
+    "url", ["http://mirror:5000/docker.io", "http://mirror:5000/v2", "https://mirror/prefix/"]
+)
+def test_a_mirror_url_with_a_path_is_refused(tmp_path: Path, url: str) -> None:
+    err = io.StringIO()
+
+    status = run_containerd_config(url, None, tmp_path, ORIGINS, stderr=err)
+
+    assert status == 2
+    assert "without a path" in err.getvalue() and "/v2/..." in err.getvalue()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("registry", "origin", "says"),
+    [
+        ("docker.io", "https://registry-1.docker.io", "falls back to the server below."),
+        ("_default", None, "falls back to the registry named in the image reference."),
+        ("ghcr.io", None, "falls back to ghcr.io itself (containerd's default)."),
+    ],
+)
+def test_the_comment_names_the_real_fallback(registry: str, origin: str | None, says: str) -> None:
+    text = render_hosts_toml(registry, "http://mirror:5000", origin)
+    assert says in text.splitlines()[1]
+    assert ("server" in _parse(text)) is (origin is not None)
