@@ -42,6 +42,10 @@ class CacheJanitor:
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._evicted: list[Callable[[Digest], None]] = []
+        # Stored since the cache went over its cap and no automatic round has run since: the
+        # blobs just committed, which that round must not evict (see collect).
+        self._fresh: set[str] = set()
+        self._fresh_weighed = False
 
     async def start(self) -> None:
         await asyncio.to_thread(self._index.load)
@@ -67,12 +71,28 @@ class CacheJanitor:
     # -- what the services report ------------------------------------------------------------
 
     def stored(self, digest: Digest, size: int) -> None:
+        cfg = self._config
+        if self._fresh_weighed or not self._over_cap():
+            # A round has weighed the earlier ones, or they fit: ordinary entries from now on.
+            self._fresh.clear()
+            self._fresh_weighed = False
+        self._fresh.add(digest.hex)
         self._index.add(digest.hex, size)
         self._gauges()
+        if cfg.max_size and size > cfg.max_size * cfg.high_watermark:
+            log.warning(
+                "blob_exceeds_cache_cap", digest=str(digest), bytes=size, cap=cfg.max_size,
+                high_watermark=cfg.high_watermark,
+            )  # fmt: skip
+        if self._over_cap():
+            self._wake.set()
+
+    def _over_cap(self) -> bool:
         cfg = self._config
         total = self._index.total
-        if eviction_target(total, cfg.max_size, cfg.high_watermark, cfg.low_watermark) is not None:
-            self._wake.set()
+        return (
+            eviction_target(total, cfg.max_size, cfg.high_watermark, cfg.low_watermark) is not None
+        )
 
     def accessed(self, digest: Digest, size: int | None = None) -> None:
         """Never adds: a copy served from memory, or a file read a moment before its eviction,
@@ -97,34 +117,49 @@ class CacheJanitor:
     # -- eviction ----------------------------------------------------------------------------
 
     async def collect(self, target: int | None = None) -> tuple[int, int]:
-        """Evict least recently used blobs down to `target` bytes (default: the low watermark
-        when above the high one). Returns (blobs, bytes) evicted."""
+        """Evict least recently used blobs down to `target` bytes. Returns (blobs, bytes) deleted.
+
+        Without a target this is the automatic round: above the high watermark, down to the low
+        one, and never what was stored since the last round. A blob too big for the low
+        watermark then evicts only what the cap needs, and one too big for the cap evicts
+        nothing: it goes later, in its turn as least recently used."""
         async with self._lock:
+            keep: frozenset[str] = self._index.in_use
+            ceiling = None
             if target is None:
                 cfg = self._config
+                self._fresh_weighed = True
                 target = eviction_target(
                     self._index.total, cfg.max_size, cfg.high_watermark, cfg.low_watermark
                 )
                 if target is None:
                     return 0, 0
-            victims = choose_victims(
-                self._index.rows(), self._index.total, target, self._index.in_use
-            )
-            freed = 0
+                keep |= self._fresh
+                ceiling = int(cfg.max_size * cfg.high_watermark)
+            victims = choose_victims(self._index.rows(), self._index.total, target, keep, ceiling)
+            deleted = freed = 0
             for key, _ in victims:
                 if key in self._index.in_use:
                     continue  # pinned since the choice was made (a request just opened it)
                 self._index.discard(key)
                 digest = Digest("sha256", key)
-                freed += await asyncio.to_thread(self._store.remove_blob, digest)
+                size = await asyncio.to_thread(self._delete, digest)
                 for listener in self._evicted:
                     listener(digest)
+                if size is not None:
+                    deleted += 1
+                    freed += size
             if victims:
-                self._metrics.evictions.inc(len(victims))
+                self._metrics.evictions.inc(deleted)
                 self._metrics.evicted_bytes.inc(freed)
                 self._gauges()
-                log.info("cache_evicted", blobs=len(victims), bytes=freed, total=self._index.total)
-            return len(victims), freed
+                log.info("cache_evicted", blobs=deleted, bytes=freed, total=self._index.total)
+            return deleted, freed
+
+    def _delete(self, digest: Digest) -> int | None:
+        """Bytes freed, or None when there was no file left to delete."""
+        size = self._store.blob_size(digest)
+        return None if size is None else self._store.remove_blob(digest)
 
     async def make_room(self, needed: int) -> bool:
         """The disk is full mid-write: free at least `needed` bytes if evicting can get there.

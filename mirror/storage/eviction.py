@@ -10,20 +10,42 @@ def choose_victims(
     total: int,
     target: int,
     in_use: Container[str],
+    ceiling: int | None = None,
 ) -> list[tuple[str, int]]:
     """(key, size, last_access) entries -> the (key, size) to delete, oldest access first, until
-    `total` is at most `target`. Entries in use are skipped, so the result may fall short."""
+    `total` is at most `target`. Entries in use are skipped, so the result may fall short.
+
+    Victims the target turns out not to need are kept: when a big blob comes late in the order,
+    the smaller, older ones taken before it were not what made the room.
+
+    With a `ceiling` (the cap the automatic round enforces), entries in use that alone exceed the
+    target lower the goal to the ceiling, and when they exceed even that nothing is chosen:
+    emptying the rest of the cache could not bring it under its cap."""
+    rows = sorted(entries, key=lambda e: e[2])
+    if ceiling is not None:
+        kept = sum(size for key, size, _ in rows if key in in_use)
+        if kept > ceiling:
+            return []
+        if kept > target:
+            target = ceiling
     if total <= target:
         return []
     victims: list[tuple[str, int]] = []
-    for key, size, _ in sorted(entries, key=lambda e: e[2]):
+    for key, size, _ in rows:
         if key in in_use:
             continue
         victims.append((key, size))
         total -= size
         if total <= target:
             break
-    return victims
+    needed: list[tuple[str, int]] = []
+    for key, size in reversed(victims):  # the most recently used first: they are the ones to keep
+        if total + size <= target:
+            total += size
+        else:
+            needed.append((key, size))
+    needed.reverse()
+    return needed
 
 
 def eviction_target(total: int, cap: int, high: float, low: float) -> int | None:

@@ -5,6 +5,7 @@ history survives a restart (and a lost index costs history, never consistency)."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import re
@@ -14,9 +15,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from structlog.testing import capture_logs
+
 from mirror.config import Config
 from mirror.keys import janitor_key, manifests_key, store_key
-from mirror.oci.digest import parse_digest
+from mirror.oci.digest import Digest, parse_digest
 
 from .conftest import MakeMirror
 from .fakeregistry import FakeRegistry
@@ -294,4 +297,76 @@ async def test_an_evicted_manifest_is_fetched_again_not_resurrected(
     assert fake.count("manifest-tag", "GET") == 0
     stored = mirror.app[store_key].read_manifest(parse_digest(image.digest))
     assert stored is not None and stored[0] == image.manifest
+    index_matches_disk(mirror, cfg.cache.directory)
+
+
+async def test_a_blob_larger_than_the_cap_evicts_nothing_else(
+    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path
+) -> None:
+    """Least recently used order would take every other blob and then the big one itself: an
+    empty cache, for a blob that can never fit. It stays, over the cap, until it is the least
+    recently used and something newer needs its room."""
+    cap = 3 * MiB  # high watermark 2.7 MiB, low 1.8 MiB
+    cfg = config(tmp_path, fake, max_size=cap, high_watermark=0.9, low_watermark=0.6)
+    mirror = await make_mirror(config=cfg)
+    janitor = mirror.app[janitor_key]
+    small = blobs(fake, 3, 500 * KiB)
+    huge = (fake.add_blob(NAME, data := random_bytes(4 * MiB, 99)), data)
+    for blob in small:
+        await get(mirror, blob)
+    with capture_logs() as logs:
+        await get(mirror, huge)
+        assert await janitor.collect() == (0, 0)  # the round the commit woke, whenever it runs
+    assert [cached(mirror, x) for x in (*small, huge)] == [True] * 4
+    assert mirror.metric("mirror_cache_evictions_total") == 0
+    assert [e["bytes"] for e in logs if e["event"] == "blob_exceeds_cache_cap"] == [4 * MiB]
+
+    newer = blobs(fake, 4, 500 * KiB)[3]
+    await get(mirror, newer)
+    await janitor.collect()
+    # The big blob, now older than `newer`, goes; and of the rest only what the low watermark
+    # still needs: the oldest.
+    assert [cached(mirror, x) for x in (*small, huge, newer)] == [False, True, True, False, True]
+    index_matches_disk(mirror, cfg.cache.directory)
+
+
+async def test_a_blob_over_the_low_watermark_evicts_only_what_the_cap_needs(
+    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path
+) -> None:
+    """The low watermark cannot be reached without the blob just stored; the cap can."""
+    cfg = config(tmp_path, fake, max_size=3 * MiB, high_watermark=0.9, low_watermark=0.6)
+    mirror = await make_mirror(config=cfg)
+    small = blobs(fake, 3, 500 * KiB)
+    big = (fake.add_blob(NAME, data := random_bytes(2200 * KiB, 98)), data)  # 1.8 < it < 2.7 MiB
+    for blob in (*small, big):
+        await get(mirror, blob)
+    await mirror.app[janitor_key].collect()
+    assert [cached(mirror, x) for x in (*small, big)] == [False, False, True, True]
+    assert disk_bytes(cfg.cache.directory) <= 3 * MiB * 0.9
+    assert mirror.metric("mirror_cache_evictions_total") == 2
+
+
+async def test_evictions_count_only_files_deleted(
+    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path
+) -> None:
+    """A victim a request pins while the round runs is skipped, and one whose file is already
+    gone frees nothing: neither is an eviction."""
+    cfg = config(tmp_path, fake)
+    mirror = await make_mirror(config=cfg)
+    janitor = mirror.app[janitor_key]
+    a, b, c, d = blobs(fake, 4, 100 * KiB)
+    for blob in (a, b, c, d):
+        await get(mirror, blob)
+    blob_file(mirror, c).unlink()  # gone behind the index's back
+    with contextlib.ExitStack() as pins:
+
+        def pin_b(digest: Digest) -> None:  # a request opens b just as a goes
+            if str(digest) == a[0]:
+                pins.enter_context(janitor.pinned(parse_digest(b[0])))
+
+        janitor.on_evicted(pin_b)
+        assert await janitor.collect(target=0) == (2, 2 * 100 * KiB)  # a and d
+    assert [cached(mirror, x) for x in (a, b, c, d)] == [False, True, False, False]
+    assert mirror.metric("mirror_cache_evictions_total") == 2
+    assert mirror.metric("mirror_cache_evicted_bytes_total") == 2 * 100 * KiB
     index_matches_disk(mirror, cfg.cache.directory)
