@@ -114,3 +114,95 @@ def test_registries_are_independent() -> None:
     assert breaker.retry_in(REG) == 0.0
     breaker.success(REG)  # unknown registry: nothing to do
     assert breaker.is_open("ghcr.io")
+
+
+def _tripped(threshold: int = 3, cooldown: float = 30.0) -> tuple[CircuitBreaker, Clock]:
+    """A breaker that opened and has just waited out its cooldown: half-open."""
+    breaker, clock = _breaker(threshold, cooldown)
+    for _ in range(threshold):
+        breaker.failure(REG)
+    clock.now += cooldown
+    return breaker, clock
+
+
+def test_closed_breaker_admits_everyone() -> None:
+    breaker, _ = _breaker(threshold=3)
+    assert all(breaker.admit(REG) for _ in range(10))
+    breaker.failure(REG)
+    breaker.failure(REG)  # below the threshold: still closed
+    assert all(breaker.admit(REG) for _ in range(10))
+
+
+def test_open_breaker_admits_no_one() -> None:
+    breaker, clock = _breaker(threshold=1, cooldown=30.0)
+    breaker.failure(REG)
+    clock.now += 29.9
+    assert not breaker.admit(REG)
+    assert not breaker.admit(REG)
+
+
+def test_half_open_admits_exactly_one_trial() -> None:
+    breaker, _ = _tripped()
+    assert [breaker.admit(REG) for _ in range(5)] == [True, False, False, False, False]
+    assert not breaker.is_open(REG)  # the gauge: the cooldown is over, a trial is out
+
+
+@pytest.mark.parametrize(
+    ("outcome", "admitted_after"),
+    [("success", [True, True, True]), ("failure", [False, False, False])],
+)
+def test_the_trial_decides(outcome: str, admitted_after: list[bool]) -> None:
+    breaker, _ = _tripped(cooldown=30.0)
+    assert breaker.admit(REG)
+    getattr(breaker, outcome)(REG)
+    assert [breaker.admit(REG) for _ in range(3)] == admitted_after
+    assert breaker.retry_in(REG) == (0.0 if outcome == "success" else 30.0)
+
+
+def test_after_a_failed_trial_the_next_cooldown_ends_in_one_trial_again() -> None:
+    breaker, clock = _tripped(cooldown=30.0)
+    assert breaker.admit(REG)
+    breaker.failure(REG)
+    clock.now += 30.0
+    assert [breaker.admit(REG) for _ in range(3)] == [True, False, False]
+
+
+def test_a_trial_that_never_reports_lapses_after_a_cooldown() -> None:
+    """Its caller may have been cancelled: the breaker must not stay shut for good."""
+    breaker, clock = _tripped(cooldown=30.0)
+    assert breaker.admit(REG)
+    clock.now += 29.9
+    assert not breaker.admit(REG)
+    assert breaker.retry_in(REG) == pytest.approx(0.1)
+    clock.now += 0.1
+    assert [breaker.admit(REG) for _ in range(2)] == [True, False]
+
+
+def test_after_a_retry_after_hold_one_trial_goes_first() -> None:
+    breaker, clock = _breaker(threshold=5, cooldown=30.0)
+    breaker.failure(REG, hold_for=10.0)
+    assert not breaker.admit(REG)
+    clock.now += 10.0
+    assert [breaker.admit(REG) for _ in range(3)] == [True, False, False]
+    breaker.success(REG)
+    assert breaker.admit(REG)
+
+
+@pytest.mark.parametrize("hold_for", [None, 0.0])
+def test_a_429_without_a_usable_retry_after_still_counts(hold_for: float | None) -> None:
+    """`Retry-After: 0` asks for no wait, but the failure is one all the same."""
+    breaker, _ = _breaker(threshold=3, cooldown=30.0)
+    for _ in range(3):
+        breaker.failure(REG, hold_for=hold_for)
+    assert breaker.is_open(REG)
+    assert not breaker.admit(REG)
+    assert breaker.retry_in(REG) == 30.0
+
+
+def test_a_hold_is_not_lifted_by_a_success() -> None:
+    breaker, clock = _breaker(threshold=5)
+    breaker.failure(REG, hold_for=60.0)
+    breaker.success(REG)  # a request that left before the 429
+    assert not breaker.admit(REG)
+    clock.now += 60.0
+    assert breaker.admit(REG)
