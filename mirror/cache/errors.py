@@ -2,18 +2,38 @@
 
 from __future__ import annotations
 
+import math
+from types import MappingProxyType
+
+import aiohttp
+
 from mirror.cache.transfer import DigestMismatch, DownloadFailed
 from mirror.oci.errors import ErrorCode, RegistryError
 from mirror.storage.store import StoreError
-from mirror.upstream.errors import UpstreamError, UpstreamUnavailable
+from mirror.upstream.errors import UpstreamBodyError, UpstreamError, UpstreamUnavailable
+
+# An upstream's own answer about the request, passed on with the spec's status: the client's
+# request is what is wrong, and asking elsewhere would not help. Never UNAUTHORIZED (a 401
+# makes containerd send the node's credentials) nor TOOMANYREQUESTS (skopeo backs off ~30 s).
+_PASSED_ON = MappingProxyType(
+    {
+        code.code: code
+        for code in (
+            ErrorCode.BLOB_UNKNOWN, ErrorCode.DIGEST_INVALID, ErrorCode.MANIFEST_UNKNOWN,
+            ErrorCode.MANIFEST_INVALID, ErrorCode.NAME_INVALID, ErrorCode.NAME_UNKNOWN,
+            ErrorCode.TAG_INVALID, ErrorCode.DENIED, ErrorCode.UNSUPPORTED,
+            ErrorCode.RANGE_INVALID,
+        )
+    }
+)  # fmt: skip
 
 
 def to_registry_error(exc: BaseException, unknown: ErrorCode) -> RegistryError:
     """`unknown` is what a 404 means here (BLOB_UNKNOWN or MANIFEST_UNKNOWN).
 
     Never 401 (containerd would answer a challenge with the node's Docker Hub credentials) and
-    never 429 (skopeo backs off ~30 s): "cannot serve now" is a fast 503 that every client
-    falls back from.
+    never 429 (skopeo backs off ~30 s): "cannot serve now" (upstream 5xx, 429, timeouts,
+    unreachable, breaker open) is a fast 503 UNAVAILABLE that every client falls back from.
     """
     if isinstance(exc, DownloadFailed):
         exc = exc.cause
@@ -25,29 +45,46 @@ def to_registry_error(exc: BaseException, unknown: ErrorCode) -> RegistryError:
             {"expected": str(exc.expected), "actual": f"sha256:{exc.actual}"},
         )  # fmt: skip
     if isinstance(exc, UpstreamError):
-        if exc.status == 404:
-            return RegistryError(unknown, detail={"upstream": exc.code or "NOT_FOUND"})
-        if exc.status in (401, 403):
-            return RegistryError(
-                ErrorCode.DENIED, "the upstream registry refused the mirror's credentials",
-                {"upstream_status": exc.status},
-            )  # fmt: skip
-        if exc.status == 429:
-            headers = {"Retry-After": str(int(exc.retry_after))} if exc.retry_after else {}
-            return RegistryError(
-                ErrorCode.UNAVAILABLE, "the upstream registry is rate limiting the mirror",
-                {"upstream_status": 429}, headers=headers,
-            )  # fmt: skip
-        return RegistryError(
-            ErrorCode.UPSTREAM_ERROR, f"upstream registry answered {exc.status}",
-            {"upstream_status": exc.status, "upstream_message": str(exc)},
-        )  # fmt: skip
+        return _answered(exc, unknown)
     if isinstance(exc, StoreError):
         return RegistryError(ErrorCode.UNAVAILABLE, f"cache storage failed: {exc}")
-    if isinstance(exc, OSError) and not isinstance(exc, ConnectionError):
-        return RegistryError(ErrorCode.UNAVAILABLE, f"cache storage failed: {exc.strerror}")
-    if isinstance(exc, TimeoutError):
-        return RegistryError(ErrorCode.UNAVAILABLE, "the upstream registry did not answer in time")
     if isinstance(exc, UpstreamUnavailable):
-        return RegistryError(ErrorCode.UNAVAILABLE, str(exc))
+        return RegistryError(ErrorCode.UNAVAILABLE, str(exc), _origin(exc.registry))
+    if isinstance(exc, UpstreamBodyError | ConnectionError | aiohttp.ClientError):
+        return RegistryError(ErrorCode.UNAVAILABLE, f"the upstream registry failed: {exc}")
+    if isinstance(exc, TimeoutError):  # an OSError too: before the storage case below
+        return RegistryError(ErrorCode.UNAVAILABLE, "the upstream registry did not answer in time")
+    if isinstance(exc, OSError):
+        return RegistryError(ErrorCode.UNAVAILABLE, f"cache storage failed: {exc.strerror}")
     return RegistryError(ErrorCode.UNKNOWN, f"{type(exc).__name__}")
+
+
+def _answered(exc: UpstreamError, unknown: ErrorCode) -> RegistryError:
+    """The origin answered with a status: what that status means for the client."""
+    name = exc.registry or "the upstream registry"
+    detail = {**_origin(exc.registry), "upstream_status": exc.status}
+    if exc.status == 404:
+        return RegistryError(unknown, detail={**detail, "upstream": exc.code or "NOT_FOUND"})
+    if exc.status in (401, 403):
+        return RegistryError(
+            ErrorCode.DENIED, f"{name} refused the mirror's credentials", detail
+        )  # fmt: skip
+    if exc.status == 429:
+        wait = exc.retry_after
+        headers = {"Retry-After": str(math.ceil(wait))} if wait and math.isfinite(wait) else {}
+        return RegistryError(
+            ErrorCode.UNAVAILABLE, f"{name} is rate limiting the mirror", detail, headers=headers
+        )
+    detail["upstream_message"] = str(exc)
+    if exc.status >= 500:
+        return RegistryError(ErrorCode.UNAVAILABLE, f"{name} answered {exc.status}", detail)
+    passed_on = _PASSED_ON.get(exc.code or "")
+    if passed_on is not None:
+        return RegistryError(passed_on, str(exc), detail)
+    if exc.code:
+        detail["upstream_code"] = exc.code
+    return RegistryError(ErrorCode.UPSTREAM_ERROR, f"{name} answered {exc.status}", detail)
+
+
+def _origin(registry: str) -> dict[str, str]:
+    return {"registry": registry} if registry else {}

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlencode
@@ -18,7 +20,7 @@ from mirror.oci.mediatypes import UPSTREAM_ACCEPT
 from mirror.oci.ratelimit import parse_ratelimit_remaining
 from mirror.upstream.auth import Challenge, parse_challenges, pull_scope
 from mirror.upstream.breaker import CircuitBreaker
-from mirror.upstream.errors import UpstreamError, UpstreamUnavailable
+from mirror.upstream.errors import UpstreamError, UpstreamUnavailable, parse_retry_after
 from mirror.upstream.tokens import Credentials, TokenCache
 
 log = structlog.get_logger("mirror.upstream")
@@ -26,6 +28,9 @@ log = structlog.get_logger("mirror.upstream")
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _MAX_REDIRECTS = 5
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # Distribution refuses larger manifests too
+# Below this many pulls left, every change of Docker Hub's count is logged (at most one line
+# per pull); above it only the first count seen is, so a healthy budget stays quiet.
+RATELIMIT_LOW = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +45,12 @@ class FetchedManifest:
     body: bytes
     media_type: str
     digest: str | None  # Docker-Content-Digest, when the registry sent one
+
+
+@dataclass(frozen=True, slots=True)
+class TagList:
+    body: bytes
+    link: str | None  # the registry's `Link: <...>; rel="next"`, pointing at its own path
 
 
 @dataclass(slots=True)
@@ -81,13 +92,6 @@ async def _read_capped(resp: aiohttp.ClientResponse, cap: int, what: str) -> byt
     return bytes(body)
 
 
-def _retry_after(value: str | None) -> float | None:
-    try:
-        return max(0.0, float(value)) if value else None
-    except ValueError:
-        return None  # an HTTP-date: rare from registries; fall back to our own backoff
-
-
 class RegistryClient:
     def __init__(
         self,
@@ -98,6 +102,7 @@ class RegistryClient:
         breaker: CircuitBreaker,
         metrics: Metrics,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        wall_clock: Callable[[], float] = time.time,  # what an HTTP-date Retry-After is read by
     ) -> None:
         self._session = session
         self._registries = registries
@@ -106,7 +111,9 @@ class RegistryClient:
         self._breaker = breaker
         self._metrics = metrics
         self._sleep = sleep
+        self._wall_clock = wall_clock
         self._challenges: dict[str, Challenge] = {}  # last challenge seen, per registry
+        self._ratelimits: dict[str, int] = {}  # last ratelimit-remaining seen, per registry
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=config.connect_timeout, sock_read=config.read_timeout
         )
@@ -114,12 +121,20 @@ class RegistryClient:
     # -- the registry API, as the services use it -------------------------------------------
 
     async def head_manifest(
-        self, registry: str, name: str, reference: str, *, retry: bool = True
+        self,
+        registry: str,
+        name: str,
+        reference: str,
+        *,
+        retry: bool = True,
+        attempt_timeout: float | None = None,
     ) -> ManifestHead:
-        """retry=False when the caller has a stale answer to fall back on: one try, then that."""
+        """retry=False when the caller has a stale answer to fall back on: one try, then that.
+        `attempt_timeout`: how long that answer may wait for this one (see `open`)."""
         resp = await self.open(
             registry, name, f"manifests/{reference}", "HEAD",
             {"Accept": UPSTREAM_ACCEPT}, kind="manifest_head", retry=retry,
+            attempt_timeout=attempt_timeout,
         )  # fmt: skip
         resp.release()
         return ManifestHead(
@@ -169,17 +184,24 @@ class RegistryClient:
         return BlobBody(resp, 0, resp.content_length, False)
 
     async def get_tags(self, registry: str, name: str, query: Mapping[str, str]) -> bytes:
+        """The tag list's body alone; `list_tags` keeps the pagination link too."""
+        return (await self.list_tags(registry, name, query)).body
+
+    async def list_tags(self, registry: str, name: str, query: Mapping[str, str]) -> TagList:
         suffix = "tags/list"
         if query:
             # Encoded: the values come from the client and go into an already-encoded URL.
             suffix += "?" + urlencode({k: v for k, v in query.items() if k in ("n", "last")})
         resp = await self.open(registry, name, suffix, "GET", {}, kind="tags")
         try:
-            return await _read_capped(resp, MAX_MANIFEST_BYTES, "tag list")
+            body = await _read_capped(resp, MAX_MANIFEST_BYTES, "tag list")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamUnavailable(f"tag list body failed: {type(exc).__name__}") from exc
+            raise UpstreamUnavailable(
+                f"tag list body from {registry} failed: {type(exc).__name__}", registry=registry
+            ) from exc
         finally:
             resp.release()
+        return TagList(body, resp.headers.get("Link"))
 
     def record_bytes(self, registry: str, count: int) -> None:
         self._metrics.upstream_bytes.labels(registry).inc(count)
@@ -196,12 +218,18 @@ class RegistryClient:
         *,
         kind: str,
         retry: bool = True,
+        attempt_timeout: float | None = None,
     ) -> aiohttp.ClientResponse:
         """A 2xx response (the caller releases it), or UpstreamError / UpstreamUnavailable.
 
         Connection failures and 5xx are retried with jittered backoff (every request here is
         idempotent); 429 and deadlines are not: they open the breaker and fail fast, so the
         services can serve stale instead of making clients wait.
+
+        `attempt_timeout` bounds each attempt, token fetch and redirects included, for a
+        caller that cannot wait as long as the configured deadlines. It must be given here,
+        not by wrapping the call in asyncio.timeout: a cancelled call cannot count its
+        timeout as a failure, and a silent registry would then never open the breaker.
         """
         reg = self._registries[registry]
         url = URL(f"{reg.url}/v2/{name}/{suffix}", encoded=True)
@@ -209,27 +237,40 @@ class RegistryClient:
             url = url.update_query(ns=registry)
         attempts = self._config.retries + 1 if retry else 1
         for attempt in range(attempts):
-            if self._breaker.is_open(registry):
+            if not self._breaker.admit(registry):
                 raise UpstreamUnavailable(
-                    f"{registry} is failing; next try in {self._breaker.retry_in(registry):.0f}s"
+                    f"{registry} is failing; next try in {self._breaker.retry_in(registry):.0f}s",
+                    registry=registry,
                 )
             try:
-                resp = await self._authorized(reg, name, method, url, headers)
+                async with asyncio.timeout(attempt_timeout):
+                    resp = await self._authorized(reg, name, method, url, headers)
             except TimeoutError as exc:
                 self._failed(registry, kind, "timeout")
-                raise UpstreamUnavailable(f"{registry} sent no response headers in time") from exc
+                raise UpstreamUnavailable(
+                    f"{registry} sent no response headers in time", registry=registry
+                ) from exc
             except (aiohttp.ClientError, OSError) as exc:
                 self._failed(registry, kind, "error")
                 if attempt + 1 < attempts:
                     await self._sleep(self._backoff(attempt))
                     continue
-                raise UpstreamUnavailable(f"{registry} unreachable: {type(exc).__name__}") from exc
+                raise UpstreamUnavailable(
+                    f"{registry} unreachable: {type(exc).__name__}", registry=registry
+                ) from exc
+            except (UpstreamError, UpstreamUnavailable) as exc:  # from the token endpoint
+                exc.registry = registry
+                if exc.transient:
+                    self._failed(registry, kind, "error")
+                else:
+                    self._breaker.success(registry)  # it answered: the registry is alive
+                raise
             status = resp.status
             self._observe(registry, kind, resp)
             if status < 300:
                 self._breaker.success(registry)
                 return resp
-            error = await self._error_from(resp)
+            error = await self._error_from(resp, registry)
             if status == 429:
                 self._metrics.upstream_throttled.labels(registry).inc()
                 self._breaker.failure(registry, hold_for=error.retry_after)
@@ -256,8 +297,23 @@ class RegistryClient:
         remaining = parse_ratelimit_remaining(resp.headers.get("ratelimit-remaining"))
         if remaining is not None:
             self._metrics.ratelimit_remaining.labels(registry).set(remaining)
+            self._note_ratelimit(registry, remaining, resp.headers.get("ratelimit-limit"))
 
-    async def _error_from(self, resp: aiohttp.ClientResponse) -> UpstreamError:
+    def _note_ratelimit(self, registry: str, remaining: int, limit: str | None) -> None:
+        """Operators grep logs, not only dashboards, when pulls start failing with 429."""
+        last = self._ratelimits.get(registry)
+        self._ratelimits[registry] = remaining
+        if last is not None and (remaining == last or remaining >= RATELIMIT_LOW):
+            return
+        log.log(
+            logging.WARNING if remaining < RATELIMIT_LOW else logging.INFO,
+            "upstream_ratelimit",
+            registry=registry,
+            remaining=remaining,
+            limit=parse_ratelimit_remaining(limit),
+        )
+
+    async def _error_from(self, resp: aiohttp.ClientResponse, registry: str) -> UpstreamError:
         code = message = None
         try:
             if resp.method != "HEAD":
@@ -272,7 +328,8 @@ class RegistryClient:
             resp.status,
             message or f"upstream answered {resp.status}",
             code=code,
-            retry_after=_retry_after(resp.headers.get("Retry-After")),
+            retry_after=parse_retry_after(resp.headers.get("Retry-After"), self._wall_clock()),
+            registry=registry,
         )
 
     async def _authorized(
@@ -282,31 +339,47 @@ class RegistryClient:
         scope = pull_scope(name)
         sent = dict(headers)
         sent.setdefault("Accept-Encoding", "identity")  # exact bytes: digests cover them
-        auth = self._known_auth(reg.name, scope, creds)
+        known = self._challenges.get(reg.name)
+        auth = self._known_auth(known, scope, creds)
         if auth:
             sent["Authorization"] = auth
         resp = await self._follow(method, url, sent)
-        if resp.status != 401:
+        if not self._challenged(resp, url):
             return resp
         challenges = parse_challenges(resp.headers.get("WWW-Authenticate", ""))
         bearer = next((c for c in challenges if c.scheme == "bearer" and c.realm), None)
         basic = next((c for c in challenges if c.scheme == "basic"), None)
         if bearer is not None:
             resp.release()
+            if known is not None and auth and auth.startswith("Bearer "):
+                # Refused though unexpired (revoked, or the registry restarted with new
+                # keys): fetch a new one, once, instead of sending it until it expires.
+                self._tokens.forget(known, scope, creds, auth.removeprefix("Bearer "))
             self._challenges[reg.name] = bearer
-            token = await self._tokens.token(bearer, bearer.scope or scope, creds)
+            token = await self._tokens.token(bearer, scope, creds, requested=bearer.scope)
             sent["Authorization"] = f"Bearer {token}"
-        elif basic is not None and creds is not None and "Authorization" not in sent:
+            resp = await self._follow(method, url, sent)
+            if self._challenged(resp, url):
+                self._tokens.forget(bearer, scope, creds, token)  # refused even fresh: give up
+            return resp
+        if basic is not None and creds is not None and auth != creds.basic():
             resp.release()
             self._challenges[reg.name] = basic
             sent["Authorization"] = creds.basic()
-        else:
-            return resp
-        return await self._follow(method, url, sent)
+            return await self._follow(method, url, sent)
+        return resp
 
-    def _known_auth(self, registry: str, scope: str, creds: Credentials | None) -> str | None:
+    @staticmethod
+    def _challenged(resp: aiohttp.ClientResponse, url: URL) -> bool:
+        """A 401 from the registry itself. One from a host a redirect led to (a CDN) is never
+        answered with the registry's credentials or tokens, nor taken as the registry's
+        challenge: that host could name any realm, and it would get them."""
+        return resp.status == 401 and resp.url.origin() == url.origin()
+
+    def _known_auth(
+        self, challenge: Challenge | None, scope: str, creds: Credentials | None
+    ) -> str | None:
         """Skip the 401 round trip when a usable token for this scope is already cached."""
-        challenge = self._challenges.get(registry)
         if challenge is None:
             return None
         if challenge.scheme == "basic":

@@ -2,6 +2,34 @@
 
 from __future__ import annotations
 
+import re
+from datetime import UTC
+from email.utils import parsedate_to_datetime
+
+# However long a registry asks us to wait, we ask again after this: one bad header must not
+# lock a registry out until the next restart.
+MAX_RETRY_AFTER = 3600.0
+_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?", re.ASCII)
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a Retry-After value (delay-seconds or an HTTP-date, RFC 9110),
+    at most MAX_RETRY_AFTER; None when absent or unreadable. `now` is wall-clock epoch
+    seconds, which an HTTP-date is compared with."""
+    text = (value or "").strip()
+    if not text:
+        return None
+    if _SECONDS.fullmatch(text):
+        return min(float(text), MAX_RETRY_AFTER)
+    try:
+        when = parsedate_to_datetime(text)
+        if when.tzinfo is None:  # "-0000" and asctime dates: HTTP-dates are always GMT
+            when = when.replace(tzinfo=UTC)
+        wait = when.timestamp() - now
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None  # garbage (or "inf", "nan", "-5"): fall back to our own backoff
+    return min(max(0.0, wait), MAX_RETRY_AFTER)
+
 
 class UpstreamError(Exception):
     """The registry answered with a non-success status."""
@@ -13,10 +41,12 @@ class UpstreamError(Exception):
         *,
         code: str | None = None,
         retry_after: float | None = None,
+        registry: str = "",
     ) -> None:
         self.status = status
         self.code = code
         self.retry_after = retry_after
+        self.registry = registry  # which origin, for the client's error message
         super().__init__(message or f"upstream answered {status}")
 
     @property
@@ -35,6 +65,10 @@ class UpstreamUnavailable(Exception):
     transient = True
     status = 503
     retry_after: float | None = None
+
+    def __init__(self, message: str = "", *, registry: str = "") -> None:
+        self.registry = registry
+        super().__init__(message or "upstream registry unavailable")
 
 
 class UpstreamBodyError(Exception):

@@ -35,6 +35,10 @@ class Credentials:
 _Key = tuple[str, str, str, str]
 
 
+def _key(challenge: Challenge, scope: str, creds: Credentials | None) -> _Key:
+    return (challenge.realm, challenge.service, scope, creds.username if creds else "")
+
+
 class TokenCache:
     def __init__(
         self,
@@ -50,26 +54,40 @@ class TokenCache:
         self._inflight: dict[_Key, asyncio.Future[tuple[str, float]]] = {}
 
     def cached(self, challenge: Challenge, scope: str, creds: Credentials | None) -> str | None:
-        key = (challenge.realm, challenge.service, scope, creds.username if creds else "")
-        hit = self._tokens.get(key)
+        hit = self._tokens.get(_key(challenge, scope, creds))
         if hit and hit[1] > self._clock():
             return hit[0]
         return None
 
-    async def token(self, challenge: Challenge, scope: str, creds: Credentials | None) -> str:
-        key = (challenge.realm, challenge.service, scope, creds.username if creds else "")
+    async def token(
+        self, challenge: Challenge, scope: str, creds: Credentials | None, *, requested: str = ""
+    ) -> str:
+        """A token kept under `scope`, which is what a later cached() asks with; `requested`
+        is what the realm is asked for when the registry's challenge named a scope of its
+        own (`repository:a/b:pull,push`), which need not be the scope the caller looks up."""
+        key = _key(challenge, scope, creds)
         hit = self._tokens.get(key)
         if hit and hit[1] > self._clock():
             return hit[0]
         pending = self._inflight.get(key)
         if pending is None:
-            pending = asyncio.ensure_future(self._fetch(challenge, scope, creds))
+            pending = asyncio.ensure_future(self._fetch(challenge, requested or scope, creds))
             self._inflight[key] = pending
             pending.add_done_callback(lambda _: self._inflight.pop(key, None))
         # shield: one waiter hanging up must not cancel the fetch the others wait for
         token, expires_at = await asyncio.shield(pending)
         self._tokens[key] = (token, expires_at)
         return token
+
+    def forget(
+        self, challenge: Challenge, scope: str, creds: Credentials | None, token: str
+    ) -> None:
+        """The registry refused `token` (revoked, or the registry restarted with new keys):
+        the next token() fetches a new one. A newer token another request put there stays."""
+        key = _key(challenge, scope, creds)
+        hit = self._tokens.get(key)
+        if hit is not None and hit[0] == token:
+            del self._tokens[key]
 
     async def _fetch(
         self, challenge: Challenge, scope: str, creds: Credentials | None

@@ -41,8 +41,12 @@ MODES = frozenset(
         "cut",  # send `after` bytes of the body, then close the connection cleanly (FIN)
         "stall",  # send `after` bytes, then wait until `release()` (or shutdown)
         "wrong_bytes",  # flip the byte at blob offset `position`
-        "status",  # answer `status` (404, 500, 429 + Retry-After: `retry_after`) instead
+        "status",  # answer `status` (404, 500, 429 + Retry-After: `retry_after`) instead,
+        # with OCI error code `code` if given
         "ignore_range",  # answer every Range request with 200 and the whole body
+        "first_range_only",  # honour a Range from byte 0; answer any other with 200, whole
+        "drip",  # send the body in writes of `rate` bytes, `delay` seconds apart
+        "challenge",  # answer 401 with `WWW-Authenticate: <challenge>` (a CDN can, too)
     }
 )
 
@@ -67,6 +71,8 @@ class Fault:
     position: int = 0
     status: int = 500
     retry_after: str | None = None
+    code: str | None = None  # the OCI error code a "status" fault answers with
+    challenge: str = ""
     hits: int = 0
     reached: asyncio.Event = field(default_factory=asyncio.Event)  # hold, stall: pause began
     _released: asyncio.Event = field(default_factory=asyncio.Event)
@@ -127,6 +133,12 @@ class FakeRegistry:
         self.auth = False  # Docker-Hub-like bearer tokens on every /v2/ request
         self.token_lifetime = 300
         self.redirect = False  # blob GETs answer 307 to the cdn
+        self.blob_streams = 0  # blob bodies being sent right now ...
+        self.peak_blob_streams = 0  # ... and the most at once
+        # The actions the challenge asks for and a token must have ("pull,push": as some
+        # registries answer a pull), and headers added to every registry response.
+        self.actions = "pull"
+        self.response_headers: dict[str, str] = {}
         self.tokens: dict[str, tuple[str, float]] = {}  # token -> (scope, expires at)
         self._closing = asyncio.Event()
         self._registry: TestServer | None = None
@@ -136,6 +148,7 @@ class FakeRegistry:
 
     async def start(self) -> None:
         registry = web.Application()
+        registry.on_response_prepare.append(self._add_response_headers)
         registry.router.add_get("/token", self._token)
         registry.router.add_get("/v2/", self._base)
         registry.router.add_get(r"/v2/{name:.+}/manifests/{ref}", self._manifest)
@@ -275,6 +288,11 @@ class FakeRegistry:
 
     # -- handlers -----------------------------------------------------------------------------
 
+    async def _add_response_headers(
+        self, request: web.Request, response: web.StreamResponse
+    ) -> None:
+        response.headers.update(self.response_headers)
+
     def _record(self, request: web.Request, host: str, kind: str, name: str, ref: str) -> Request:
         rec = Request(
             host=host,
@@ -297,11 +315,11 @@ class FakeRegistry:
         if not header.startswith("Bearer "):
             return False
         scope, expires = self.tokens.get(header[7:], ("", 0.0))
-        return time.monotonic() < expires and scope in ("*", f"repository:{name}:pull")
+        return time.monotonic() < expires and scope in ("*", f"repository:{name}:{self.actions}")
 
     def _challenge(self, rec: Request, name: str) -> web.Response:
         rec.status = 401
-        scope = f',scope="repository:{name}:pull"' if name else ""
+        scope = f',scope="repository:{name}:{self.actions}"' if name else ""
         return _error(
             401,
             "UNAUTHORIZED",
@@ -331,8 +349,12 @@ class FakeRegistry:
             f = faults["status"]
             rec.status = f.status
             headers = {"Retry-After": f.retry_after} if f.retry_after is not None else {}
-            code = {404: "NOT_FOUND", 429: "TOOMANYREQUESTS"}.get(f.status, "UNKNOWN")
+            code = f.code or {404: "NOT_FOUND", 429: "TOOMANYREQUESTS"}.get(f.status, "UNKNOWN")
             return _error(f.status, code, f"injected {f.status}", headers)
+        if "challenge" in faults:
+            rec.status = 401
+            challenge = {"WWW-Authenticate": faults["challenge"].challenge}
+            return _error(401, "UNAUTHORIZED", "injected challenge", challenge)
         return None
 
     async def _token(self, request: web.Request) -> web.Response:
@@ -412,7 +434,12 @@ class FakeRegistry:
             rec.status = 307
             location = f"{self.cdn_url}/cdn/{ref}?X-Amz-Signature={secrets.token_hex(8)}"
             return web.Response(status=307, headers={"Location": location})
-        return await self._send_blob(request, rec, repo.blobs[ref], faults)
+        self.blob_streams += 1
+        self.peak_blob_streams = max(self.peak_blob_streams, self.blob_streams)
+        try:
+            return await self._send_blob(request, rec, repo.blobs[ref], faults)
+        finally:
+            self.blob_streams -= 1
 
     async def _cdn_blob(self, request: web.Request) -> web.StreamResponse:
         ref = request.match_info["ref"]
@@ -438,6 +465,8 @@ class FakeRegistry:
             "Accept-Ranges": "bytes",
         }
         span = None if "ignore_range" in faults else _parse_range_header(rec.range)
+        if "first_range_only" in faults and span is not None and span[0] != 0:
+            span = None
         status = 200
         start, end = 0, size - 1
         if span is not None:
@@ -467,6 +496,9 @@ class FakeRegistry:
                 limit = min(limit, faults[mode].after)
         rate = faults["slow_body"].rate if "slow_body" in faults else 0
         piece = max(1, rate // 50) if rate else WRITE_SIZE
+        drip = faults.get("drip")
+        if drip is not None:
+            piece = drip.rate
         pos = 0
         while pos < limit:
             chunk = bytes(body[pos : min(pos + piece, limit)])
@@ -475,6 +507,8 @@ class FakeRegistry:
             rec.sent = pos
             if rate:
                 await asyncio.sleep(len(chunk) / rate)
+            elif drip is not None:
+                await asyncio.sleep(drip.delay)
         if "stall" in faults and pos < len(body):
             stall = faults["stall"]
             stall.reached.set()

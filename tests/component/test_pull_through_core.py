@@ -395,7 +395,7 @@ async def test_upstream_404_is_blob_or_manifest_unknown(fake: FakeRegistry, mirr
 
 
 @pytest.mark.parametrize("kind", ["manifest-tag", "manifest-digest", "blob"])
-async def test_upstream_500_is_502(fake: FakeRegistry, mirror: Mirror, kind: str) -> None:
+async def test_upstream_500_is_503(fake: FakeRegistry, mirror: Mirror, kind: str) -> None:
     image = seed(fake)
     fake.fault("status", status=500)
     path = {
@@ -404,8 +404,8 @@ async def test_upstream_500_is_502(fake: FakeRegistry, mirror: Mirror, kind: str
         "blob": f"/v2/team/app/blobs/{image.layers[0]}",
     }[kind]
     resp = await mirror.client.get(path, params=FAKE)
-    assert resp.status == 502
-    assert "errors" in await resp.json()
+    assert resp.status == 503  # "try elsewhere" for every client
+    assert (await resp.json())["errors"][0]["code"] == "UNAVAILABLE"
     assert fake.count(kind=kind) == 3  # retried (retries=2), and no more than that
 
 
