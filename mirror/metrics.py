@@ -108,6 +108,16 @@ class Metrics:
         )
 
         self.cache_bytes = Gauge("mirror_cache_bytes", "Bytes held in the local cache.", registry=r)
+        # The limits come from config and never change, but a dashboard can only show fill as a
+        # fraction, or the eviction thresholds as lines, if they are series too.
+        self.cache_capacity, self.cache_high_watermark, self.cache_low_watermark = (
+            Gauge(name, f"{what}, in bytes; 0 when the cache is unbounded.", registry=r)
+            for name, what in (
+                ("mirror_cache_capacity_bytes", "The cache's size cap (cache.max_size)"),
+                ("mirror_cache_high_watermark_bytes", "Cache size above which eviction starts"),
+                ("mirror_cache_low_watermark_bytes", "Cache size eviction brings it back down to"),
+            )
+        )
         self.cache_entries = Gauge(
             "mirror_cache_entries", "Blobs and manifests held in the local cache.", registry=r
         )
@@ -157,6 +167,15 @@ class Metrics:
             self.upstream_throttled.labels(registry=name)
             self.stale_served.labels(registry=name)
             self.digest_mismatches.labels(registry=name)
+
+    def track_cache_limits(
+        self, max_size: int, high_watermark: float, low_watermark: float
+    ) -> None:
+        """Export the size cap and the eviction watermarks, in bytes (call once, from the app
+        root, with cache.max_size and its two fractions)."""
+        self.cache_capacity.set(max_size)
+        self.cache_high_watermark.set(int(max_size * high_watermark))
+        self.cache_low_watermark.set(int(max_size * low_watermark))
 
     def watch_breakers(self, names: Iterable[str], is_open: Callable[[str], bool]) -> None:
         """Read each registry's breaker at scrape time: an open breaker closes by the clock

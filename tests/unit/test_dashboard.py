@@ -109,6 +109,9 @@ def test_dashboard_covers_the_promised_panels(dashboard: dict[str, Any]) -> None
         "mirror_stale_served_total",
         "mirror_upstream_breaker_open",
         "mirror_cache_bytes",
+        "mirror_cache_capacity_bytes",
+        "mirror_cache_high_watermark_bytes",
+        "mirror_cache_low_watermark_bytes",
         "mirror_cache_entries",
         "mirror_cache_evictions_total",
         "mirror_cache_evicted_bytes_total",
@@ -158,3 +161,74 @@ def test_every_variable_is_defined(dashboard: dict[str, Any]) -> None:
     text = json.dumps(dashboard["panels"])
     for name in _VARIABLE.findall(text):
         assert name in defined, f"${name} is not a dashboard variable"
+
+
+def _panels_titled(dashboard: dict[str, Any], title: str) -> list[dict[str, Any]]:
+    found = [p for p in all_panels(dashboard["panels"]) if p.get("title") == title]
+    assert found, f"no panel {title!r}"
+    return found
+
+
+# Results that were answered from the cache: everything but a miss (fetched) and an error.
+FROM_CACHE = set(REQUEST_RESULTS) - {"miss", "error"}
+
+
+@pytest.mark.parametrize("title", ["Hit ratio", "Hit ratio by kind"])
+def test_hit_ratios_count_every_answer_from_the_cache(
+    dashboard: dict[str, Any], title: str
+) -> None:
+    assert "revalidated" in FROM_CACHE  # a tag the origin confirmed, served from the cache
+    for panel in _panels_titled(dashboard, title):
+        (target,) = panel["targets"]
+        numerator, _, _ = target["expr"].partition(" / ")
+        results = dict((k, v) for k, _, v in _MATCHER.findall(numerator))["result"]
+        assert set(results.split("|")) == FROM_CACHE, target["expr"]
+
+
+def _denominators(expr: str) -> list[str]:
+    """The operand right of each `/`: a parenthesised group or a function call."""
+    found = []
+    for match in re.finditer(r" / ", expr):
+        rest = expr[match.end() :]
+        depth = 0
+        for n, char in enumerate(rest):
+            depth += {"(": 1, ")": -1}.get(char, 0)
+            if char == ")" and depth == 0:
+                found.append(rest[: n + 1])
+                break
+        else:
+            found.append(rest)
+    return found
+
+
+def test_every_division_guards_a_zero_denominator(dashboard: dict[str, Any]) -> None:
+    """Nothing served (only warming) or no cap must show "no data", never -Inf or NaN."""
+    divisions = 0
+    for expr in expressions(dashboard):
+        for denominator in _denominators(expr):
+            divisions += 1
+            guarded = denominator.startswith("clamp_min(") or (
+                denominator.startswith("(") and denominator.endswith(" > 0)")
+            )
+            assert guarded, f"unguarded denominator {denominator!r} in {expr!r}"
+    assert divisions >= 4
+
+
+def test_egress_saved_is_one_minus_upstream_over_served(dashboard: dict[str, Any]) -> None:
+    ((target,),) = [p["targets"] for p in _panels_titled(dashboard, "Egress saved")]
+    upstream, _, served = target["expr"].partition(" / ")
+    assert upstream.startswith("1 - sum(increase(mirror_upstream_bytes_total{")
+    assert "mirror_served_bytes_total" in served
+
+
+def test_cache_fill_is_a_fraction_of_the_cap(dashboard: dict[str, Any]) -> None:
+    panels = _panels_titled(dashboard, "Cache fill")
+    assert {p["type"] for p in panels} == {"stat", "timeseries"}
+    for panel in panels:
+        assert panel["fieldConfig"]["defaults"]["unit"] == "percentunit"
+        fill = panel["targets"][0]["expr"]
+        assert re.match(r".*mirror_cache_bytes\{.*\} ?\)? / \(.*mirror_cache_capacity_bytes", fill)
+    (over_time,) = [p for p in panels if p["type"] == "timeseries"]
+    used = " ".join(t["expr"] for t in over_time["targets"])
+    assert "mirror_cache_high_watermark_bytes" in used
+    assert "mirror_cache_low_watermark_bytes" in used

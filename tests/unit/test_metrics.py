@@ -6,7 +6,6 @@ from typing import Any
 
 import prometheus_client
 import pytest
-from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -33,6 +32,9 @@ COLLECTORS: list[tuple[str, str, str, dict[str, str]]] = [
     ("stale_served", "mirror_stale_served", "counter", {"registry": "docker.io"}),
     ("cache_bytes", "mirror_cache_bytes", "gauge", {}),
     ("cache_entries", "mirror_cache_entries", "gauge", {}),
+    ("cache_capacity", "mirror_cache_capacity_bytes", "gauge", {}),
+    ("cache_high_watermark", "mirror_cache_high_watermark_bytes", "gauge", {}),
+    ("cache_low_watermark", "mirror_cache_low_watermark_bytes", "gauge", {}),
     ("evictions", "mirror_cache_evictions", "counter", {}),
     ("evicted_bytes", "mirror_cache_evicted_bytes", "counter", {}),
     ("downloads_in_flight", "mirror_downloads_in_flight", "gauge", {}),
@@ -83,31 +85,24 @@ def test_the_table_covers_every_collector() -> None:
     assert all(name.startswith("mirror_") for name in exposed)
 
 
-def test_counters_and_gauges_move() -> None:
+@pytest.mark.parametrize(
+    ("max_size", "high", "low", "expected"),
+    [
+        (1000, 0.9, 0.8, (1000, 900, 800)),
+        (900 * 1024**3, 0.95, 0.5, (900 * 1024**3, int(900 * 1024**3 * 0.95), 450 * 1024**3)),
+        (0, 0.9, 0.8, (0, 0, 0)),  # unbounded: no fill fraction, no thresholds
+    ],
+)
+def test_cache_limits_are_exported_in_bytes(
+    max_size: int, high: float, low: float, expected: tuple[int, int, int]
+) -> None:
     m = Metrics()
-    m.requests.labels(kind="blob", result="miss").inc()
-    m.requests.labels(kind="blob", result="miss").inc()
-    m.served_bytes.labels(source="upstream").inc(1024)
-    m.upstream_requests.labels(registry="ghcr.io", kind="manifest", status=status_class(429)).inc()
-    m.ratelimit_remaining.labels(registry="docker.io").set(76)
-    m.downloads_in_flight.inc()
-    m.downloads_in_flight.inc()
-    m.downloads_in_flight.dec()
-    m.cache_bytes.set(5e9)
-    m.evicted_bytes.inc(123)
-
-    assert value(m, "mirror_requests_total", kind="blob", result="miss") == 2
-    assert value(m, "mirror_served_bytes_total", source="upstream") == 1024
+    m.track_cache_limits(max_size, high, low)
     assert (
-        value(
-            m, "mirror_upstream_requests_total", registry="ghcr.io", kind="manifest", status="429"
-        )
-        == 1
-    )
-    assert value(m, "mirror_upstream_ratelimit_remaining", registry="docker.io") == 76
-    assert value(m, "mirror_downloads_in_flight") == 1
-    assert value(m, "mirror_cache_bytes") == 5e9
-    assert value(m, "mirror_cache_evicted_bytes_total") == 123
+        value(m, "mirror_cache_capacity_bytes"),
+        value(m, "mirror_cache_high_watermark_bytes"),
+        value(m, "mirror_cache_low_watermark_bytes"),
+    ) == expected
 
 
 def test_histogram_buckets_span_fast_hits_and_long_blobs() -> None:
@@ -153,14 +148,21 @@ def test_breaker_gauge_reads_the_breaker_at_scrape_time() -> None:
     assert value(m, "mirror_upstream_breaker_open", registry="docker.io") == 0
 
 
-def test_two_instances_share_no_state() -> None:
-    a, b = Metrics(), Metrics()
-    a.requests.labels(kind="tags", result="hit").inc(5)
-    a.cache_entries.set(9)
-    assert value(a, "mirror_requests_total", kind="tags", result="hit") == 5
-    assert value(b, "mirror_requests_total", kind="tags", result="hit") == 0
-    assert value(b, "mirror_cache_entries") == 0
-    assert a.registry is not b.registry
+def test_tallies_are_batched_until_a_render_flushes_them_all() -> None:
+    m = Metrics()
+    hits, misses = m.tally("manifest", "hit"), m.tally("blob", "miss")
+    for _ in range(3):
+        hits.record(0.0002)
+    misses.record(2.0)
+    sample = "mirror_requests_total"
+    # Nothing reaches the collectors per request: the fast path only bumps plain ints...
+    assert m.registry.get_sample_value(sample, {"kind": "manifest", "result": "hit"}) == 0
+    # ...and every tally is pushed before a scrape is answered.
+    assert value(m, sample, kind="manifest", result="hit") == 3
+    assert value(m, sample, kind="blob", result="miss") == 1
+    assert value(m, "mirror_request_duration_seconds_count", kind="blob") == 1
+    assert value(m, "mirror_request_duration_seconds_bucket", kind="blob", le="2.5") == 1
+    assert value(m, "mirror_request_duration_seconds_bucket", kind="blob", le="1.0") == 0
 
 
 def test_the_global_default_registry_is_never_used() -> None:
@@ -169,12 +171,17 @@ def test_the_global_default_registry_is_never_used() -> None:
     assert not any(n.startswith("mirror_") for n in names)
 
 
-def test_an_injected_registry_is_used() -> None:
-    registry = CollectorRegistry()
-    m = Metrics(registry)
-    m.evictions.inc()
-    assert m.registry is registry
-    assert registry.get_sample_value("mirror_cache_evictions_total") == 1
+def test_per_registry_series_only_for_the_registries_given() -> None:
+    m = Metrics()
+    m.track_registries(["docker.io"])
+    m.watch_breakers(["docker.io"], lambda name: False)
+    registries = {
+        s.labels["registry"]
+        for family in families(m).values()
+        for s in family.samples
+        if "registry" in s.labels
+    }
+    assert registries == {"docker.io"}  # nothing created for registries nobody configured
 
 
 def test_render_content_types() -> None:
