@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from structlog.testing import capture_logs
 
 from mirror.keys import metrics_key
 
-from .warm_fakes import WarmRegistry, mirror_app, warm_config
+from .warm_fakes import WarmRegistry, serve_mirror, serve_registry
 
 # What containerd sends when it resolves a tag.
 CONTAINERD_ACCEPT = (
@@ -30,21 +31,14 @@ StartMirror = Callable[..., Awaitable[TestClient]]
 
 @pytest.fixture
 async def upstream(aiohttp_server: Any) -> AsyncIterator[WarmRegistry]:
-    registry = WarmRegistry()
-    server = await aiohttp_server(registry.app())
-    registry.url = str(server.make_url("")).rstrip("/")
+    registry = await serve_registry(aiohttp_server)
     yield registry
     registry.release_all()  # a held body must not keep the server from closing
 
 
 @pytest.fixture
 def start_mirror(aiohttp_client: Any, upstream: WarmRegistry, tmp_path: Path) -> StartMirror:
-    async def start(**cache_settings: Any) -> TestClient:
-        config = warm_config(tmp_path / "cache", upstream.url, **cache_settings)
-        client: TestClient = await aiohttp_client(mirror_app(config))
-        return client
-
-    return start
+    return partial(serve_mirror, aiohttp_client, tmp_path / "cache", upstream.url)
 
 
 async def submit(client: TestClient, images: list[str], platforms: list[str] | None = None) -> str:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import re
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ import pytest
 from mirror.config import load_config
 from mirror.warm_cli import run_warm
 
-from .warm_fakes import WarmRegistry, mirror_app, warm_config
+from .warm_fakes import WarmRegistry, mirror_app, serve_registry, warm_config
 
 TOKEN = "cli-admin-token"
 
@@ -35,9 +37,7 @@ Warm = Callable[..., Awaitable[Run]]
 
 @pytest.fixture
 async def upstream(aiohttp_server: Any) -> AsyncIterator[WarmRegistry]:
-    registry = WarmRegistry()
-    server = await aiohttp_server(registry.app())
-    registry.url = str(server.make_url("")).rstrip("/")
+    registry = await serve_registry(aiohttp_server)
     registry.image("team/app", "1.0", ["linux/amd64", "linux/arm64"], (2000, 9000))
     registry.image("team/tool", "2.1", ["linux/amd64"])
     yield registry
@@ -155,17 +155,46 @@ async def test_a_platform_missing_from_an_index_is_a_visible_warning(
         assert warning in run.err.splitlines()  # as the image finishes, too
 
 
+def _largest_layer(upstream: WarmRegistry, name: str, tag: str, platform: str) -> str:
+    index = json.loads(upstream.manifests[upstream.tags[(name, tag)]][0])
+    [entry] = [
+        e for e in index["manifests"]
+        if "/".join((e["platform"]["os"], e["platform"]["architecture"])) == platform
+    ]  # fmt: skip
+    manifest = json.loads(upstream.manifests[entry["digest"]][0])
+    return str(max(manifest["layers"], key=lambda layer: layer["size"])["digest"])
+
+
 async def test_a_terminal_gets_live_progress_bars(
-    start_mirror: Callable[..., Awaitable[str]], warm: Warm
+    start_mirror: Callable[..., Awaitable[str]], upstream: WarmRegistry
 ) -> None:
     url = await start_mirror()
+    # The origin sends half of team/app's big layer, then stalls until the test saw that.
+    held = upstream.hold(_largest_layer(upstream, "team/app", "1.0", "linux/amd64"))
+    err = io.StringIO()
+    run = asyncio.create_task(
+        asyncio.to_thread(
+            run_warm, url, ["team/app:1.0", "team/tool:2.1"], [], None, None, 0.02,
+            stdout=io.StringIO(), stderr=err, tty=True,
+        )
+    )  # fmt: skip
+    await asyncio.wait_for(held.reached.wait(), 10)
 
-    run = await warm(url, ["team/app:1.0", "team/tool:2.1"], tty=True)
+    partial = re.compile(r"team/app:1\.0 +\[#+-+\] +([0-9]+)% .* fetching")
+    deadline = time.monotonic() + 10
+    while not (seen := partial.search(err.getvalue())):  # a frame drawn mid-transfer
+        assert time.monotonic() < deadline and not run.done(), err.getvalue()
+        await asyncio.sleep(0.01)
+    held.release()
+    code = await run
 
-    assert run.code == 0
-    assert "\x1b[2K" in run.err  # lines redrawn in place
-    final = run.err.rsplit("\x1b[J", 2)[-2]  # the last frame drawn
+    assert code == 0
+    assert 0 < int(seen.group(1)) < 100
+    frames = err.getvalue().split("\x1b[J")
+    assert len(frames) >= 3 and "\x1b[2K" in frames[0]  # lines redrawn in place
+    final = frames[-2]  # the last frame drawn
     assert "team/app:1.0" in final and "team/tool:2.1" in final
+    assert re.search(r"team/app:1.0 +\[#+\] 100% .* done", final)
     assert re.search(r"team/tool:2.1 +\[#+\] 100% ", final)
     assert "2/2 images" in final.splitlines()[-1] and "total" in final.splitlines()[-1]
 

@@ -22,6 +22,7 @@ from types import MappingProxyType
 from typing import Any
 
 from aiohttp import web
+from aiohttp.test_utils import TestClient
 
 from mirror.app import create_app
 from mirror.config import CacheConfig, Config, RegistryConfig, ServerConfig
@@ -79,6 +80,7 @@ class WarmRegistry:
         self.tags: dict[tuple[str, str], str] = {}
         self.log: list[Logged] = []
         self.holds: dict[str, Hold] = {}
+        self.headers: dict[str, str] = {}  # added to every answer, e.g. ratelimit-remaining
 
     # -- content -----------------------------------------------------------------------------
 
@@ -156,7 +158,11 @@ class WarmRegistry:
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_route("*", "/v2/{tail:.*}", self._handle)
+        app.on_response_prepare.append(self._add_headers)
         return app
+
+    async def _add_headers(self, request: web.Request, response: web.StreamResponse) -> None:
+        response.headers.update(self.headers)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         tail = request.match_info["tail"]
@@ -232,3 +238,21 @@ def warm_config(
         registries=MappingProxyType({"fake.test": RegistryConfig("fake.test", upstream_url)}),
         default_registry="fake.test",
     )
+
+
+async def serve_registry(aiohttp_server: Any) -> WarmRegistry:
+    """A WarmRegistry served by pytest-aiohttp's `aiohttp_server` fixture."""
+    registry = WarmRegistry()
+    server = await aiohttp_server(registry.app())
+    registry.url = str(server.make_url("")).rstrip("/")
+    return registry
+
+
+async def serve_mirror(
+    aiohttp_client: Any, cache: Path, upstream_url: str, **settings: Any
+) -> TestClient:
+    """The mirror in front of `upstream_url`, as a client of pytest-aiohttp's fixture."""
+    client: TestClient = await aiohttp_client(
+        mirror_app(warm_config(cache, upstream_url, **settings))
+    )
+    return client
