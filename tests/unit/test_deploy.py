@@ -11,7 +11,11 @@ from typing import Any
 
 import pytest
 
+from mirror.cache.warm_jobs import ImageStatus, Job
+from mirror.cli import ADMIN_TOKEN_ENV
 from mirror.config import _SCALARS, DEFAULT_REGISTRIES, Config, ConfigError, load_config
+from mirror.handlers.admin import MAX_BODY
+from mirror.oci.reference import parse_image_reference
 
 # PyYAML arrives with the test extras: moto[server] (and responses) require it.
 try:
@@ -381,3 +385,30 @@ def test_unknown_mirror_variables_are_refused() -> None:
     """Why enableServiceLinks is off: the variables Kubernetes would inject stop the mirror."""
     with pytest.raises(ConfigError):
         load_config({"MIRROR_SERVICE_HOST": "10.0.0.1", "MIRROR_PORT": "tcp://10.0.0.1:5000"})
+
+
+# ---------------------------------------------------------------- README: cache warming
+
+
+def _readme_section(title: str) -> str:
+    text = (PROJECT / "README.md").read_text()
+    assert f"\n### {title}\n" in text, f"no README section {title!r}"
+    return text.split(f"\n### {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_documents_mirror_warm_and_the_warm_api() -> None:
+    section = _readme_section("Cache warming")
+    assert "(see below)" not in (PROJECT / "README.md").read_text()  # the link has a target
+    # the request body, the CLI's options and token, and every exit status run_warm returns
+    assert '{"images": [' in section and '"platforms": [' in section
+    assert ADMIN_TOKEN_ENV in section and "--file" in section and "--platform" in section
+    for status in (0, 1, 2, 130):
+        assert f"\n| {status} |" in section
+    assert f"over {MAX_BODY // 1024 // 1024} MiB" in section
+    # every field of a job as GET /admin/warm/<id> returns it is in the example
+    ref = parse_image_reference("nginx:1.27", "docker.io")
+    job = Job("0", [ImageStatus("nginx:1.27", ref)], ("linux/amd64",), 0.0).to_json()
+    for key in [*job, *job["images"][0]]:
+        assert f'"{key}":' in section, key
+    # single-platform images and the platform rules are stated
+    assert "single image manifest" in section and "`linux/arm/v7`" in section
