@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Container
 from dataclasses import dataclass
 from enum import Enum
-from urllib.parse import unquote
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 from mirror.oci.reference import (
     canonical_registry,
@@ -100,3 +101,29 @@ def route(name: str, ns: str | None, registries: Container[str], default_registr
 
 def _host(text: str) -> str:
     return canonical_registry(text.lower())
+
+
+_LINK = re.compile(r"<([^>]*)>((?:\s*;\s*[^;,]*)*)")
+_REL = re.compile(r';\s*rel\s*=\s*"?([^";]*)"?', re.IGNORECASE)
+
+
+def next_page_link(header: str | None, path: str, ns: str | None) -> str | None:
+    """A registry's tag list `Link: <...>; rel="next"`, rewritten to point at the mirror:
+    `path` is this request's own (encoded) path, registry prefix and all, `ns` is kept, and
+    the registry's `last` and `n` carry over. None when there is no next page we can follow:
+    a link without `last` would lead the client back to the first page, forever."""
+    for link in _LINK.finditer(header or ""):
+        rel = _REL.search(link.group(2))
+        if rel is None or "next" not in rel.group(1).lower().split():
+            continue
+        query = [
+            (key, value)
+            for key, value in parse_qsl(urlsplit(link.group(1)).query, keep_blank_values=True)
+            if key in ("last", "n")
+        ]
+        if not any(key == "last" for key, _ in query):
+            return None
+        if ns:
+            query.insert(0, ("ns", ns))
+        return f'<{path}?{urlencode(query, quote_via=quote)}>; rel="next"'
+    return None

@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlencode
 
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -139,6 +140,7 @@ class FakeRegistry:
         # registries answer a pull), and headers added to every registry response.
         self.actions = "pull"
         self.response_headers: dict[str, str] = {}
+        self.tag_links = False  # a paged tag list links its next page, as Distribution does
         self.tokens: dict[str, tuple[str, float]] = {}  # token -> (scope, expires at)
         self._closing = asyncio.Event()
         self._registry: TestServer | None = None
@@ -414,10 +416,15 @@ class FakeRegistry:
         tags = sorted(repo.tags)
         if "last" in request.query:
             tags = [t for t in tags if t > request.query["last"]]
+        headers = {}
         if "n" in request.query:
+            more = len(tags) > int(request.query["n"])
             tags = tags[: int(request.query["n"])]
+            if self.tag_links and more and tags:
+                query = urlencode({"last": tags[-1], "n": request.query["n"]})
+                headers["Link"] = f'</v2/{name}/tags/list?{query}>; rel="next"'
         rec.status = 200
-        return web.json_response({"name": name, "tags": tags})
+        return web.json_response({"name": name, "tags": tags}, headers=headers)
 
     async def _blob(self, request: web.Request) -> web.StreamResponse:
         name, ref = request.match_info["name"], request.match_info["ref"]

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from mirror.oci.paths import Kind, Target, UnknownRegistry, V2Path, parse_v2_path, route
+from mirror.oci.paths import (
+    Kind,
+    Target,
+    UnknownRegistry,
+    V2Path,
+    next_page_link,
+    parse_v2_path,
+    route,
+)
 from mirror.oci.reference import InvalidName
 
 DIGEST = "sha256:a3ed95caeb02ffe68cdd9fd84406680ae93d633cb16422d00e8a7c22955b46d4"
@@ -147,3 +155,42 @@ def test_route_unknown_registry(name: str, ns: str | None, default: str, registr
 def test_route_invalid_name(name: str, ns: str | None) -> None:
     with pytest.raises(InvalidName):
         route(name, ns, REGISTRIES, "docker.io")
+
+
+TAGS = "/v2/docker.io/library/nginx/tags/list"
+
+
+@pytest.mark.parametrize(
+    ("header", "path", "ns", "expected"),
+    [
+        # Distribution: a relative link to its own path
+        ('</v2/library/nginx/tags/list?last=1.25&n=100>; rel="next"', TAGS, None,
+         f'<{TAGS}?last=1.25&n=100>; rel="next"'),
+        # absolute, unquoted rel, parameters in another order: the mirror's path all the same
+        ("<https://ghcr.io/v2/org/app/tags/list?n=2&last=v1>; rel=next",
+         "/v2/org/app/tags/list", None, '</v2/org/app/tags/list?n=2&last=v1>; rel="next"'),
+        # containerd's ns is kept, percent-encoded
+        ('</v2/org/app/tags/list?last=b&n=1>; rel="next"', "/v2/org/app/tags/list",
+         "127.0.0.1:5000", '</v2/org/app/tags/list?ns=127.0.0.1%3A5000&last=b&n=1>; rel="next"'),
+        # anything else the registry put in the query stays with the registry
+        ('</v2/a/tags/list?last=b&n=1&cursor=x&ns=evil.example>; rel="next"', "/v2/a/tags/list",
+         None, '</v2/a/tags/list?last=b&n=1>; rel="next"'),
+        # several links: the next one is picked
+        ('</v2/a/tags/list?last=a>; rel="prev", </v2/a/tags/list?last=z>; rel="next"',
+         "/v2/a/tags/list", None, '</v2/a/tags/list?last=z>; rel="next"'),
+        ('</v2/a/tags/list?last=z>; title="x"; REL="Next"', "/v2/a/tags/list", None,
+         '</v2/a/tags/list?last=z>; rel="next"'),
+        # no next page, or one that would loop back to the first page
+        (None, TAGS, None, None),
+        ("", TAGS, None, None),
+        ('</v2/a/tags/list?last=a>; rel="prev"', TAGS, None, None),
+        ('</v2/a/tags/list?n=5>; rel="next"', TAGS, None, None),
+        ('</v2/a/tags/list?cursor=abc>; rel="next"', TAGS, None, None),
+        ("garbage", TAGS, None, None),
+        ('</v2/a/tags/list?last=b>', TAGS, None, None),  # no rel at all
+    ],
+)  # fmt: skip
+def test_next_page_link(
+    header: str | None, path: str, ns: str | None, expected: str | None
+) -> None:
+    assert next_page_link(header, path, ns) == expected
