@@ -1,4 +1,11 @@
-"""Keeps the cache within its size cap: access tracking, LRU eviction, index persistence."""
+"""Keeps the cache within its size cap: access tracking, LRU eviction, index persistence.
+
+Access times live in memory and reach index.sqlite in batches, every FLUSH_INTERVAL seconds
+and at a clean stop, never on the request path. A kill -9 therefore loses at most the last
+FLUSH_INTERVAL of access history: a blob used only in those seconds looks as old as its
+previous use after the restart and may be evicted early. Nothing else is lost: the tree is the
+truth and the index is reconciled with it at start (see mirror.storage.index).
+"""
 
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ log = structlog.get_logger("mirror.janitor")
 
 
 _SLACK = 1 << 20  # free space that filesystem metadata for the rest of a blob may take
+FLUSH_INTERVAL = 10.0  # seconds between index writes: the access history a kill -9 may lose
 
 
 class CacheJanitor:
@@ -30,7 +38,7 @@ class CacheJanitor:
         index: AccessIndex,
         config: CacheConfig,
         metrics: Metrics,
-        interval: float = 10.0,
+        interval: float = FLUSH_INTERVAL,
     ) -> None:
         self._store = store
         self._index = index
@@ -41,6 +49,7 @@ class CacheJanitor:
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self._evicted: list[Callable[[Digest], None]] = []
         # Stored since the cache went over its cap and no automatic round has run since: the
         # blobs just committed, which that round must not evict (see collect).
@@ -54,10 +63,12 @@ class CacheJanitor:
         self._task = asyncio.create_task(self._loop(), name="cache janitor")
 
     async def close(self) -> None:
+        """Let a round in progress finish, then write what is left. Cancelling the round could
+        leave its save running in a thread, landing after this one with older access times."""
+        self._closing = True
+        self._wake.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await self._task
         await self._save_index()
 
     async def _save_index(self) -> None:
@@ -185,6 +196,8 @@ class CacheJanitor:
                 async with asyncio.timeout(self._interval):
                     await self._wake.wait()
             self._wake.clear()
+            if self._closing:
+                return
             try:
                 await self.collect()
                 await self._save_index()
