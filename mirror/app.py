@@ -41,6 +41,9 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
     app[config_key] = config
     app[metrics_key] = metrics or Metrics()
     app[metrics_key].track_registries(config.registries)
+    app[metrics_key].track_cache_limits(
+        config.cache.max_size, config.cache.high_watermark, config.cache.low_watermark
+    )
     app[store_key] = FilesystemStore(config.cache.directory)
     app.cleanup_ctx.append(_services)
     add_admin_routes(app)  # after _services: the warm service is built from its blobs/manifests

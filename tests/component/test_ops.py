@@ -216,16 +216,10 @@ async def test_each_app_counts_only_its_own_traffic(
     assert at(await scrape(second), "mirror_requests_total", **labels) == 0
 
 
-# Remove the mark when create_app calls metrics.track_cache_limits (mirror/app.py).
-NEEDS_APP_WIRING = pytest.mark.xfail(
-    strict=True, reason="create_app does not call metrics.track_cache_limits yet"
-)
-
-
 @pytest.mark.parametrize(
     ("max_size", "expected"),
     [
-        pytest.param(10_000, (10_000, 9_000, 8_000), marks=NEEDS_APP_WIRING),
+        (10_000, (10_000, 9_000, 8_000)),
         (0, (0, 0, 0)),  # unbounded: the dashboard shows no fill
     ],
 )
