@@ -99,8 +99,10 @@ def test_private_repository_with_credentials(
 def test_private_repository_without_credentials_fails_fast(
     mirror: Mirror, upstream: Upstream
 ) -> None:
-    """Anonymous tokens lack the scope: a quick client error, not a hang or a 500."""
+    """Anonymous tokens lack the scope: a quick 403 DENIED (never a 401, which would make
+    containerd send the node's credentials), not a hang or a 500."""
     resp = http_request(
         "GET", mirror.host, f"/v2/private/single/manifests/1.0?{ns(upstream)}", ACCEPT, timeout=5
     )
-    assert 400 <= resp.status < 500, (resp.status, resp.body)
+    assert resp.status == 403, (resp.status, resp.body)
+    assert error_codes(resp) == ["DENIED"]

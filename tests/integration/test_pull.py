@@ -8,6 +8,7 @@ if the mirror served it.
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import quote
 
@@ -258,7 +259,8 @@ def test_unconfigured_registry_is_refused(mirror: Mirror, upstream: Upstream) ->
         f"/v2/registry.example.com/{HELLO}/manifests/1.0?ns=registry.example.com",
     ):
         resp = http_request("GET", mirror.host, path, [("Accept", t) for t in ACCEPT_ALL])
-        assert 400 <= resp.status < 500, (path, resp.status, resp.body)
+        assert resp.status == 403, (path, resp.status, resp.body)
+        assert json.loads(resp.body)["errors"][0]["code"] == "DENIED", path
     assert_no_upstream_requests(upstream)
 
 
