@@ -94,16 +94,18 @@ class AccessIndex:
 
     # -- persistence (blocking: call from a worker thread or the CLI) ------------------------
 
-    def load(self) -> None:
-        """Scan the tree and merge in the remembered access times."""
+    def load(self, readonly: bool = False) -> None:
+        """Scan the tree and merge in the remembered access times, then write back what the
+        scan corrected. `readonly` (`mirror cache status` beside a running server) neither
+        writes nor repairs the database: it belongs to the server."""
         remembered: dict[str, float] = {}
         try:
-            with self._connect() as db:
-                remembered = dict(db.execute("SELECT key, last_access FROM blobs").fetchall())
+            remembered = self._read_database(readonly)
         except sqlite3.OperationalError:
             pass  # unreadable now (disk full, locked): run on mtimes, keep the file for later
         except sqlite3.DatabaseError:
-            self._reset_database()  # corrupt: the tree is the truth, history starts again
+            if not readonly:
+                self._reset_database()  # corrupt: the tree is the truth, history starts again
         self._entries.clear()
         self.total = 0
         for key, size, mtime in self._scan():
@@ -112,6 +114,8 @@ class AccessIndex:
         stale = set(remembered) - set(self._entries)
         self._deleted |= stale
         self._dirty = {k for k in self._entries if k not in remembered}
+        if readonly:
+            return
         changes = self.take_changes()
         try:
             self.write(changes)
@@ -159,6 +163,18 @@ class AccessIndex:
                 if len(item.name) == 64 and item.name[:2] == shard.name:
                     st = item.stat(follow_symlinks=False)
                     yield item.name, st.st_size, st.st_mtime
+
+    def _read_database(self, readonly: bool) -> dict[str, float]:
+        query = "SELECT key, last_access FROM blobs"
+        if not readonly:
+            with self._connect() as db:
+                return dict(db.execute(query).fetchall())
+        uri = f"{(self._layout.root / 'index.sqlite').absolute().as_uri()}?mode=ro"
+        db = sqlite3.connect(uri, uri=True, timeout=10)
+        try:
+            return dict(db.execute(query).fetchall())
+        finally:
+            db.close()
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:

@@ -6,6 +6,7 @@
       tags/<registry>/<name...>/_tags/<tag> {"digest", "media_type", "size", "fetched_at"}
       tmp/                                  writes in progress; swept at start, never served
       index.sqlite                          last access per blob (rebuilt from the tree if lost)
+      mirror.lock                           flock held by the one server using this directory
 
 Every component is validated before it gets here: digests are 64 lowercase hex, names follow the
 distribution grammar (no "..", no leading "_" so "_tags" cannot collide), tags cannot start
@@ -31,6 +32,10 @@ class Layout:
     @property
     def tmp(self) -> Path:
         return self.root / "tmp"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "mirror.lock"
 
     def blob(self, digest: Digest) -> Path:
         return self.root / "blobs" / digest.algorithm / digest.hex[:2] / digest.hex

@@ -1,17 +1,26 @@
-"""The janitor on its own: what a clean stop writes to the index, with an injected clock."""
+"""Cache pieces on their own: what a clean stop writes to the index (with an injected clock),
+and the lock that keeps a cache directory to one server."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 from pathlib import Path
+
+import pytest
 
 from mirror.cache.janitor import CacheJanitor
 from mirror.config import CacheConfig
 from mirror.metrics import Metrics
 from mirror.oci.digest import Digest
 from mirror.storage.index import AccessIndex, Changes
+from mirror.storage.layout import Layout
+from mirror.storage.lock import CacheInUse, CacheLock, in_use
 from mirror.storage.store import FilesystemStore
 
 HEX = "ab" * 32
@@ -84,3 +93,51 @@ async def test_a_clean_stop_writes_the_last_access_times(tmp_path: Path) -> None
     await closing
     await asyncio.to_thread(index.first_done.wait, 10)
     assert remembered(root) == 2000.0
+
+
+def test_one_holder_per_cache_directory(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "cache")
+    assert in_use(layout) is None
+    with CacheLock(layout):
+        with pytest.raises(CacheInUse, match=f"in use by process {os.getpid()}") as refused:
+            CacheLock(layout).acquire()  # a second server, even in this process
+        assert refused.value.pid == os.getpid()
+        held = in_use(layout)
+        assert held is not None and held.pid == os.getpid()
+    assert in_use(layout) is None
+    with CacheLock(layout):  # released: free for the next one
+        pass
+
+
+HOLD = """
+import sys
+from pathlib import Path
+from mirror.storage.layout import Layout
+from mirror.storage.lock import CacheLock
+CacheLock(Layout(Path(sys.argv[1]))).acquire()
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path: Path) -> None:
+    """kill -9 must never leave a cache that no server can open again: the kernel drops the
+    lock with the process, whatever the file says."""
+    layout = Layout(tmp_path / "cache")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(layout.root)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "held\n"
+        held = in_use(layout)
+        assert held is not None and held.pid == proc.pid
+        with pytest.raises(CacheInUse):
+            CacheLock(layout).acquire()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert layout.lock.exists()
+    assert in_use(layout) is None
+    with CacheLock(layout):
+        pass

@@ -10,6 +10,7 @@ import hashlib
 import os
 import re
 import socket
+import sqlite3
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +21,8 @@ from structlog.testing import capture_logs
 from mirror.config import Config
 from mirror.keys import janitor_key, manifests_key, store_key
 from mirror.oci.digest import Digest, parse_digest
+from mirror.storage.layout import Layout
+from mirror.storage.lock import CacheLock
 
 from .conftest import MakeMirror
 from .fakeregistry import FakeRegistry
@@ -71,15 +74,22 @@ async def get(mirror: Mirror, blob: Blob) -> None:
     )
 
 
-async def mirror_cli(*args: str) -> str:
+async def run_cli(*args: str) -> tuple[int, str, str]:
+    """`mirror cache ...` in a process of its own: (exit status, stdout, stderr)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "mirror", "cache", *args,
         cwd=REPO_ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, err = await proc.communicate()
-    assert proc.returncode == 0, err.decode()
-    return out.decode()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def mirror_cli(*args: str) -> str:
+    status, out, err = await run_cli(*args)
+    assert status == 0, err
+    return out
 
 
 def status_numbers(text: str) -> tuple[int, int]:
@@ -370,3 +380,43 @@ async def test_evictions_count_only_files_deleted(
     assert mirror.metric("mirror_cache_evictions_total") == 2
     assert mirror.metric("mirror_cache_evicted_bytes_total") == 2 * 100 * KiB
     index_matches_disk(mirror, cfg.cache.directory)
+
+
+def index_rows(root: Path) -> list[tuple[str, int, float]]:
+    with sqlite3.connect(root / "index.sqlite") as db:
+        return sorted(db.execute("SELECT key, size, last_access FROM blobs").fetchall())
+
+
+async def test_cache_cli_beside_a_running_server(
+    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path
+) -> None:
+    """gc beside a server would delete blobs it is sending, on access times up to a flush
+    interval old, and leave its size gauges wrong: it is refused. status only reads."""
+    cfg = config(tmp_path, fake)
+    root = cfg.cache.directory
+    mirror = await make_mirror(config=cfg)
+    a, b = blobs(fake, 2, 100 * KiB)
+    for blob in (a, b):
+        await get(mirror, blob)
+    await mirror.client.close()
+    blob_file(mirror, b).unlink()  # the index still remembers it
+    rows = index_rows(root)
+
+    with CacheLock(Layout(root)):  # what the server holds while it runs
+        status, out, err = await run_cli("gc", "--cache-dir", str(root), "--target", "0")
+        assert status == 1
+        assert f"in use by process {os.getpid()}" in err
+        assert "cache.max_size" in err
+        assert cached(mirror, a)
+
+        out = await mirror_cli("status", "--cache-dir", str(root))
+        assert status_numbers(out) == (100 * KiB, 1)  # from the tree, as always
+        assert re.search(rf"^server\s+running \(pid {os.getpid()}\).*lag", out, re.M), out
+        assert index_rows(root) == rows  # the server's index: read, never corrected
+
+    # Stopped: gc runs, and status says nothing of a server.
+    assert (await mirror_cli("gc", "--cache-dir", str(root), "--target", "0")).startswith(
+        "evicted 1 blobs"
+    )
+    assert not cached(mirror, a)
+    assert "server" not in await mirror_cli("status", "--cache-dir", str(root))

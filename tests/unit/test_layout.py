@@ -25,6 +25,7 @@ def _inside(path: Path, root: Path) -> bool:
 def test_fixed_places() -> None:
     assert LAYOUT.blobs == ROOT / "blobs"
     assert LAYOUT.tmp == ROOT / "tmp"
+    assert LAYOUT.lock == ROOT / "mirror.lock"  # beside blobs/, never scanned as one
 
 
 @pytest.mark.parametrize(
