@@ -25,8 +25,8 @@ from mirror.storage.layout import Layout
 from mirror.storage.lock import CacheLock
 
 from .conftest import MakeMirror
-from .fakeregistry import FakeRegistry
-from .harness import KiB, MiB, Mirror, mirror_config, poll, random_bytes
+from .fakeregistry import FakeRegistry, Image
+from .harness import KiB, MiB, Mirror, mirror_config, poll, random_bytes, wait_cached
 
 FAKE = {"ns": "fake.test"}
 NAME = "team/app"
@@ -420,3 +420,60 @@ async def test_cache_cli_beside_a_running_server(
     )
     assert not cached(mirror, a)
     assert "server" not in await mirror_cli("status", "--cache-dir", str(root))
+
+
+async def pull(mirror: Mirror, image: Image) -> None:
+    resp = await mirror.client.get(f"/v2/{image.name}/manifests/{image.tag}", params=FAKE)
+    assert await resp.read() == image.manifest
+    for digest in (image.config, *image.layers):
+        resp = await mirror.client.get(f"/v2/{image.name}/blobs/{digest}", params=FAKE)
+        assert resp.status == 200
+        await resp.read()
+        await wait_cached(mirror, digest)
+
+
+async def test_a_shared_layer_is_one_file_counted_once(
+    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path
+) -> None:
+    cfg = config(tmp_path, fake)
+    mirror = await make_mirror(config=cfg)
+    base = random_bytes(300 * KiB, 1)
+    one = fake.add_image(NAME, "one", [base, random_bytes(100 * KiB, 2)])
+    two = fake.add_image(NAME, "two", [base, random_bytes(100 * KiB, 3)])
+    assert one.layers[0] == two.layers[0]
+    for image in (one, two):
+        await pull(mirror, image)
+    sizes = {one.digest: len(one.manifest), two.digest: len(two.manifest)}
+    for image in (one, two):
+        for digest in (image.config, *image.layers):
+            sizes[digest] = mirror.app[store_key].blob_size(parse_digest(digest)) or 0
+    assert len(sizes) == 6  # two manifests, one config and one base layer shared, two layers
+    assert mirror.metric("mirror_cache_entries") == 6
+    assert mirror.metric("mirror_cache_bytes") == sum(sizes.values())
+    index_matches_disk(mirror, cfg.cache.directory)
+
+
+async def test_manifests_count_toward_the_cap(
+    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path
+) -> None:
+    """A manifest is a file under blobs/ like any other: counted, and evicted in its turn."""
+    cfg = config(tmp_path, fake)
+    mirror = await make_mirror(config=cfg)
+    image = fake.add_image(NAME, "v1", [random_bytes(100 * KiB, 4)])
+    await pull(mirror, image)
+    layer = mirror.app[store_key].blob_size(parse_digest(image.layers[0]))
+    config_size = mirror.app[store_key].blob_size(parse_digest(image.config))
+    assert layer is not None and config_size is not None
+    total = len(image.manifest) + config_size + layer
+    assert mirror.metric("mirror_cache_bytes") == total
+    assert mirror.metric("mirror_cache_entries") == 3
+
+    # The manifest was used first: it is the least recently used, and goes first.
+    assert await mirror.app[janitor_key].collect(target=total - 1) == (1, len(image.manifest))
+    assert not blob_file(mirror, (image.digest, image.manifest)).exists()
+    fake.reset_log()
+    resp = await mirror.client.get(f"/v2/{NAME}/manifests/v1", params=FAKE)
+    assert await resp.read() == image.manifest
+    assert fake.count("manifest-digest", "GET") == 1  # fetched again, and stored again
+    assert mirror.metric("mirror_cache_bytes") == total
+    index_matches_disk(mirror, cfg.cache.directory)
