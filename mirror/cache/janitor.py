@@ -112,7 +112,8 @@ class CacheJanitor:
         self._index.touch(digest.hex)
 
     def missing(self, digest: Digest) -> None:
-        """A blob the index knew is gone from disk (evicted by `mirror cache gc`, say)."""
+        """A blob the index knew is gone from disk (deleted by hand, say: `mirror cache gc`
+        refuses to run beside a server)."""
         if digest.hex in self._index:
             self._index.discard(digest.hex)
             self._gauges()
@@ -131,9 +132,10 @@ class CacheJanitor:
         """Evict least recently used blobs down to `target` bytes. Returns (blobs, bytes) deleted.
 
         Without a target this is the automatic round: above the high watermark, down to the low
-        one, and never what was stored since the last round. A blob too big for the low
-        watermark then evicts only what the cap needs, and one too big for the cap evicts
-        nothing: it goes later, in its turn as least recently used."""
+        one, never evicting the blobs just stored (those since the last round that took the
+        cache over its cap). One too big for the low watermark then evicts only what the cap
+        needs, and one too big for the cap evicts nothing: it goes later, in its turn as least
+        recently used."""
         async with self._lock:
             keep: frozenset[str] = self._index.in_use
             ceiling = None

@@ -3,7 +3,8 @@
 The files are the truth; the database only remembers access times across restarts. At start
 the tree is scanned and reconciled with it (rows without a file are dropped, files without a
 row are added with their mtime), so a lost or corrupt database costs access history, never
-consistency. Access times are flushed in batches, never on the request path.
+consistency. Access times are flushed in batches, never on the request path (how often,
+and what a kill -9 may lose: mirror.cache.janitor).
 """
 
 from __future__ import annotations
