@@ -15,20 +15,15 @@ import os
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 import aiohttp
 import structlog
 
+from mirror.cache.pieces import Piece, Pieces, plan_pieces
 from mirror.cache.prefix_hash import PrefixHasher
 from mirror.cache.reader import DownloadReader
-from mirror.cache.transfer import (
-    UNKNOWN_END,
-    WAKE_INTERVAL,
-    DigestMismatch,
-    DownloadFailed,
-    State,
-)
+from mirror.cache.transfer import UNKNOWN_END, DigestMismatch, DownloadFailed, State
+from mirror.cache.waiters import PrefixWaiters
 from mirror.config import UpstreamConfig
 from mirror.oci.digest import Digest
 from mirror.storage.store import FilesystemStore, StoreError, TempFile
@@ -38,48 +33,19 @@ from mirror.upstream.errors import UpstreamBodyError, UpstreamError, UpstreamUna
 log = structlog.get_logger("mirror.download")
 
 FIRST_REQUEST = 4 * 1024 * 1024  # the first Range: most configs and small layers fit whole
-MIN_PIECE = 1024 * 1024  # smaller Range requests cost more in round trips than they gain
 
 
 class _NoSpace(StoreError):
     """The cache file cannot grow: the disk (or quota) is full even after evicting."""
 
 
-def plan_pieces(
-    total: int, covered: int, chunk_size: int, threshold: int, streams: int
-) -> list[tuple[int, int]]:
-    """The Range requests (start, end exclusive) left once the first one covered [0, covered).
-
-    A large blob is cut so that every stream has a piece (never more than chunk_size, never
-    less than MIN_PIECE): per-connection caps on long-haul links are what parallel streams
-    beat, and a fixed chunk size would leave streams idle on blobs of a few chunks. Below the
-    threshold the rest is one more request.
-    """
-    if total <= covered:
-        return []
-    if total < threshold:
-        return [(covered, total)]
-    step = min(chunk_size, max(MIN_PIECE, -(-(total - covered) // streams)))
-    return [(s, min(s + step, total)) for s in range(covered, total, step)]
+class _RangesIgnored(Exception):
+    """A Range request after the first was answered with the whole blob."""
 
 
 def _first_cause(group: BaseExceptionGroup[BaseException]) -> BaseException:
     first = group.exceptions[0]
     return _first_cause(first) if isinstance(first, BaseExceptionGroup) else first
-
-
-@dataclass(slots=True)
-class _Piece:
-    start: int
-    end: int  # exclusive
-    pos: int
-
-
-@dataclass(slots=True)
-class _Waiter:
-    pos: int
-    needed: int
-    future: asyncio.Future[None]
 
 
 _RETRYABLE = (UpstreamUnavailable, UpstreamBodyError, aiohttp.ClientError, TimeoutError, OSError)
@@ -112,20 +78,21 @@ class BlobDownload:
         # The whole blob hashed to its digest: readers may finish. Set before the commit (or at
         # the end of a pass-through), so it is the one thing readers need to look at.
         self.verified = False
-        self._ranged = True
+        # One stream left (no Range support, or not a reliable one): an answer with the whole
+        # blob is usable, by skipping what is already written.
+        self._single = False
         self.state = State.RUNNING
         self.error: BaseException | None = None
         self.size: int | None = None
         self.contiguous = 0
         self.streams = 0
         self.retries = 0
+        self._written = 0
         self._temp: TempFile = store.new_temp()
-        self._pieces: list[_Piece] = []
-        self._head = 0
+        self._pieces = Pieces(Piece(0, 0, 0), iter(()))
         self._hasher = PrefixHasher(self._temp.pread)
         self._sized = asyncio.Event()
-        self._waiters: list[_Waiter] = []
-        self._last_wake = 0.0
+        self._waiters = PrefixWaiters()
         self._done = asyncio.get_running_loop().create_future()
 
     # -- for readers ---------------------------------------------------------------------------
@@ -156,35 +123,18 @@ class BlobDownload:
 
     async def wait_beyond(self, pos: int, needed: int) -> None:
         """Until the prefix reaches `needed`, a tick passes with progress past `pos`, or the
-        download ends."""
-        if self.state is not State.RUNNING or self.contiguous >= needed:
+        blob is verified, or the download ends."""
+        if self.state is not State.RUNNING or self.verified or self.contiguous >= needed:
             return
-        fut = asyncio.get_running_loop().create_future()
-        waiter = _Waiter(pos, needed, fut)
-        self._waiters.append(waiter)
-        try:
-            await fut
-        finally:
-            if not fut.done():
-                self._waiters.remove(waiter)
+        await self._waiters.wait(pos, needed)
+
+    async def wait_verdict(self) -> None:
+        """Until the blob is verified or the download ends; new bytes alone wake nobody."""
+        await self.wait_beyond(UNKNOWN_END, UNKNOWN_END)
 
     def detach(self, reader: DownloadReader) -> None:
         """A reader is done (or gone): the relay must never wait on it."""
         self._readers.discard(reader)
-
-    def _wake(self, everyone: bool) -> None:
-        now = time.monotonic()
-        tick = everyone or now - self._last_wake >= WAKE_INTERVAL
-        if tick:
-            self._last_wake = now
-        keep = []
-        for w in self._waiters:
-            if everyone or self.contiguous >= w.needed or (tick and self.contiguous > w.pos):
-                if not w.future.done():
-                    w.future.set_result(None)
-            else:
-                keep.append(w)
-        self._waiters = keep
 
     # -- the download ------------------------------------------------------------------------
 
@@ -227,57 +177,83 @@ class BlobDownload:
             # ServeContent does): ask for the whole blob instead.
             first = await self._client.open_blob(self.registry, self.name, str(self.digest))
         self.streams = 1
-        self._ranged = first.ranged
-        if first.ranged and first.offset == 0 and first.total is not None:
-            total = first.total
-            self._set_size(total)
-            head = _Piece(0, min(first_len, total), 0)
-            rest = [
-                _Piece(s, e, s)
-                for s, e in plan_pieces(
-                    total, head.end, cfg.chunk_size, cfg.ranged_threshold, cfg.ranged_streams
-                )
-            ]
-            self._pieces = [head, *rest]
-            workers = min(len(rest), cfg.ranged_streams)
-            self.streams += workers
-            queue = list(reversed(rest))  # pop() from the end takes the lowest offset first
-            try:
-                async with asyncio.TaskGroup() as group:
-                    group.create_task(self._fetch_piece(head, first))
-                    for _ in range(workers):
-                        group.create_task(self._worker(queue))
-            except ExceptionGroup as group:
-                raise _first_cause(group) from None  # the failure that stopped the others
+        if not first.ranged:  # the upstream ignores Range: one stream, shared by every reader
+            end = first.total if first.total is not None else UNKNOWN_END
+            await self._one_stream(Piece(0, end, 0), first)
+            if self.size is None:
+                self._set_size(self.contiguous)
             return
-        if first.ranged:
+        if first.offset != 0 or first.total is None:
             first.close()
             raise UpstreamBodyError("upstream answered a Range request with an unusable 206")
-        # The upstream ignores Range: one stream, which is still shared by every reader.
-        piece = _Piece(0, first.total if first.total is not None else UNKNOWN_END, 0)
-        self._pieces = [piece]
-        if first.total is not None:
-            self._set_size(first.total)
-        await self._fetch_piece(piece, first)
-        if self.size is None:
-            self._set_size(piece.pos)
+        total = first.total
+        self._set_size(total)
+        head = Piece(0, min(first_len, total), 0)
+        rest = plan_pieces(
+            total, head.end, cfg.chunk_size, cfg.ranged_threshold, cfg.ranged_streams
+        )
+        self._pieces = Pieces(head, rest)
+        try:
+            await self._ranged(head, first)
+        except _RangesIgnored:
+            # Honoured once, ignored later: no later answer can be trusted to be a range.
+            log.info(
+                "upstream_ranges_unreliable", digest=str(self.digest), registry=self.registry,
+                resume_at=self.contiguous,
+            )  # fmt: skip
+            await self._one_stream(Piece(self.contiguous, total, self.contiguous), None)
 
-    async def _worker(self, queue: list[_Piece]) -> None:
-        while queue:
-            await self._fetch_piece(queue.pop(), None)
+    async def _ranged(self, head: Piece, first: BlobBody) -> None:
+        """ranged_streams streams in all, the first response's included: each takes the next
+        piece when its own is done."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._stream(head, first))
+                for _ in range(self._config.ranged_streams - 1):
+                    group.create_task(self._stream(None, None))
+        except ExceptionGroup as group:
+            if group.subgroup(_RangesIgnored) is not None:
+                raise _RangesIgnored from None
+            raise _first_cause(group) from None  # the failure that stopped the others
 
-    async def _fetch_piece(self, piece: _Piece, body: BlobBody | None) -> None:
-        """Fill piece.start..end, resuming from the last byte written when a stream breaks."""
+    async def _stream(self, piece: Piece | None, body: BlobBody | None) -> None:
+        if piece is None:
+            piece = self._pieces.take()
+            if piece is None:
+                return  # fewer pieces than streams
+            self.streams += 1
+        while piece is not None:
+            await self._fetch_piece(piece, body)
+            body = None
+            self._pieces.finish(piece)
+            piece = self._pieces.take()
+
+    async def _one_stream(self, piece: Piece, body: BlobBody | None) -> None:
+        self._single = True
+        self._pieces = Pieces(piece, iter(()))
+        if self.size is None and piece.end != UNKNOWN_END:
+            self._set_size(piece.end)
+        await self._fetch_piece(piece, body)
+
+    async def _fetch_piece(self, piece: Piece, body: BlobBody | None) -> None:
+        """Fill piece.pos..end, resuming from the last byte written when a stream breaks."""
         failures = 0
         while piece.pos < piece.end:
             try:
                 if body is None:
+                    end = None if piece.end == UNKNOWN_END else piece.end - 1
                     body = await self._client.open_blob(
-                        self.registry, self.name, str(self.digest), piece.pos, piece.end - 1
+                        self.registry, self.name, str(self.digest), piece.pos, end
                     )
-                    if not body.ranged or body.offset != piece.pos:
-                        raise UpstreamBodyError("upstream stopped honouring Range")
+                skip = self._skip(body, piece)
                 async for data in body.response.content.iter_any():
+                    if skip:
+                        dropped = min(skip, len(data))
+                        skip -= dropped
+                        self._client.record_bytes(self.registry, dropped)
+                        data = data[dropped:]
+                        if not data:
+                            continue
                     room = piece.end - piece.pos
                     await self._sink(piece, data if len(data) <= room else data[:room])
                     failures = 0
@@ -303,6 +279,16 @@ class BlobDownload:
         if body is not None:
             body.close()  # an empty piece (an empty blob) never entered the loop
 
+    def _skip(self, body: BlobBody, piece: Piece) -> int:
+        """How many leading bytes of this answer are before piece.pos (written already)."""
+        if body.ranged:
+            if body.offset > piece.pos:
+                raise UpstreamBodyError("upstream answered a Range at the wrong offset")
+            return piece.pos - body.offset
+        if not self._single:
+            raise _RangesIgnored
+        return piece.pos  # the whole blob again: what was written is skipped, not rewritten
+
     async def _backoff(self, failures: int, retry_after: float | None) -> None:
         self.retries += 1
         if retry_after is not None:  # never sooner than the origin asked: it would fail again
@@ -310,40 +296,33 @@ class BlobDownload:
             return
         await self._sleep(min(0.1 * 2 ** (failures - 1), 5.0) * (0.5 + random.random()))
 
-    async def _sink(self, piece: _Piece, data: bytes) -> None:
+    async def _sink(self, piece: Piece, data: bytes) -> None:
         if self.passed_through:
             await self._relay(piece, data)
         else:
             await self._write(piece, data)
 
-    async def _write(self, piece: _Piece, data: bytes) -> None:
+    async def _write(self, piece: Piece, data: bytes) -> None:
         offset = piece.pos
         try:
             self._temp.pwrite(data, offset)
         except OSError as exc:  # disk full or failing: not the upstream's fault, never retried
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise StoreError(f"cannot write the cache file: {exc.strerror}") from exc
-            if not await self._make_room(self._remaining()):
+            if not await self._make_room(max(0, (self.size or 0) - self._written)):
                 raise _NoSpace("the cache disk is full") from exc
             try:
                 self._temp.pwrite(data, offset)
             except OSError as again:
                 raise _NoSpace("the cache disk is full") from again
         piece.pos += len(data)
+        self._written += len(data)
         self._client.record_bytes(self.registry, len(data))
-        before = self.contiguous
-        while self._head < len(self._pieces):
-            head = self._pieces[self._head]
-            self.contiguous = head.pos
-            if head.pos < head.end:
-                break
-            self._head += 1
-        if self.contiguous > before:
-            self._hasher.advance(self.contiguous)
-            self._wake(everyone=False)
-
-    def _remaining(self) -> int:
-        return max(0, (self.size or 0) - sum(p.pos - p.start for p in self._pieces))
+        prefix = self._pieces.prefix()
+        if prefix > self.contiguous:
+            self.contiguous = prefix
+            self._hasher.advance(prefix)
+            self._waiters.grew(prefix)
 
     async def _pass_through(self, cause: _NoSpace) -> None:
         """No room for the cache file: finish the readers we have from memory instead.
@@ -363,38 +342,18 @@ class BlobDownload:
         await self._hasher.finish(start)  # the relay goes on hashing inline from here
         for reader in self._readers:
             reader.relay_from(start)
-        self._wake(everyone=True)
+        self._waiters.wake_all()
         if self.size is None:
             raise cause  # a size-less stream cannot be followed past the file; rare enough
-        piece = _Piece(start, self.size, start)
-        if self._ranged:
-            await self._fetch_piece(piece, None)
-        else:
-            await self._relay_whole_from(piece)
+        self._single = True  # one sequential stream from here, whatever the upstream supports
+        await self._fetch_piece(Piece(start, self.size, start), None)
         actual = self._hasher.hexdigest()
         if actual != self.digest.hex:
             raise DigestMismatch(self.digest, actual)
         self.verified = True
         self._finish(State.PASSED, None)
 
-    async def _relay_whole_from(self, piece: _Piece) -> None:
-        """An origin without Range support: GET it all again and skip what is already hashed."""
-        body = await self._client.open_blob(self.registry, self.name, str(self.digest))
-        try:
-            seen = 0
-            async for data in body.response.content.iter_any():
-                if seen + len(data) > piece.pos:
-                    useful = data[max(0, piece.pos - seen) :][: piece.end - piece.pos]
-                    await self._relay(piece, useful)
-                seen += len(data)
-                if piece.pos >= piece.end:
-                    break
-        finally:
-            body.close()
-        if piece.pos < piece.end:
-            raise UpstreamBodyError(f"body ended at byte {piece.pos} of {piece.end}")
-
-    async def _relay(self, piece: _Piece, data: bytes) -> None:
+    async def _relay(self, piece: Piece, data: bytes) -> None:
         offset = piece.pos
         piece.pos += len(data)
         self._client.record_bytes(self.registry, len(data))
@@ -414,7 +373,7 @@ class BlobDownload:
         # The bytes are proven: readers may finish now; the fsync and rename that make the
         # file durable and visible do not concern what they were sent.
         self.verified = True
-        self._wake(everyone=True)
+        self._waiters.wake_all()
         await self._store.commit(self._temp, self.digest)
         self._finish(State.COMMITTED, None)
 
@@ -433,6 +392,6 @@ class BlobDownload:
         self._sized.set()
         if not self._done.done():
             self._done.set_result(None)
-        self._wake(everyone=True)
+        self._waiters.wake_all()
         for reader in self._readers:
             reader.end_relay()

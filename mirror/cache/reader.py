@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 from mirror.cache.transfer import (
     READ_SIZE,
     RELAY_BUFFER,
-    UNKNOWN_END,
     WAKE_BATCH,
     DownloadFailed,
     State,
@@ -85,8 +84,8 @@ class DownloadReader:
         no last byte to hold back: its response must wait for this before its headers."""
         dl = self._download
         while not (dl.verified or dl.state is State.FAILED):
-            await dl.wait_beyond(0, UNKNOWN_END)
-        if not dl.verified and dl.state is State.FAILED:
+            await dl.wait_verdict()
+        if not dl.verified:
             assert dl.error is not None
             raise DownloadFailed(dl.error)
 
@@ -157,10 +156,10 @@ class DownloadReader:
                     raise DownloadFailed(OSError("cache file shorter than expected"))
                 pos += len(data)
                 yield data
-            else:
-                needed = min(pos + WAKE_BATCH, end - 1)
-                # Only the held-back last byte is missing: nothing but the verdict helps.
-                await dl.wait_beyond(pos, needed if needed > pos else UNKNOWN_END)
+            elif pos < end - 1:
+                await dl.wait_beyond(pos, min(pos + WAKE_BATCH, end - 1))
+            else:  # only the held-back last byte is missing: nothing but the verdict helps
+                await dl.wait_verdict()
 
     def close(self) -> None:
         if self._fd >= 0:
