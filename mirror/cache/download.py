@@ -90,7 +90,7 @@ class BlobDownload:
         self._written = 0
         self._temp: TempFile = store.new_temp()
         self._pieces = Pieces(Piece(0, 0, 0), iter(()))
-        self._hasher = PrefixHasher(self._temp.pread)
+        self._hasher = PrefixHasher(self._temp.fd)
         self._sized = asyncio.Event()
         self._waiters = PrefixWaiters()
         self._done = asyncio.get_running_loop().create_future()
@@ -374,7 +374,14 @@ class BlobDownload:
         # file durable and visible do not concern what they were sent.
         self.verified = True
         self._waiters.wake_all()
-        await self._store.commit(self._temp, self.digest)
+        try:
+            await self._store.commit(self._temp, self.digest)
+        except BaseException:
+            # Renamed into place before what failed (the directory's fsync) or was cancelled (the
+            # store lets its thread finish first): the blob is whole, verified and visible.
+            if self._temp.committed:
+                self._finish(State.COMMITTED, None)
+            raise
         self._finish(State.COMMITTED, None)
 
     def _finish(self, state: State, error: BaseException | None) -> None:

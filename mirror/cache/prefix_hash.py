@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Callable
+import os
 
 
 class PrefixHasher:
@@ -19,8 +19,8 @@ class PrefixHasher:
     STEP = 8 * 1024 * 1024
     THREAD_MIN = 1024 * 1024
 
-    def __init__(self, read: Callable[[int, int], bytes]) -> None:
-        self._read = read  # (size, offset) -> bytes
+    def __init__(self, fd: int) -> None:
+        self._fd = fd  # the file's owner may close it at any time (a shutdown): see _run
         self._hash = hashlib.sha256()
         self._done = 0
         self._target = 0
@@ -60,17 +60,23 @@ class PrefixHasher:
             while self._done < self._target:
                 size = min(self.STEP, self._target - self._done)
                 if size >= self.THREAD_MIN:
-                    await asyncio.to_thread(self._step, self._done, size)
+                    # A descriptor of the thread's own, which it closes: a cancelled step goes
+                    # on in its thread, and must never read a closed (or reused) number.
+                    await asyncio.to_thread(self._step, os.dup(self._fd), size, True)
                 else:
-                    self._step(self._done, size)
+                    self._step(self._fd, size, False)
             if self._final is not None and self._done >= self._final:
                 return
             self._wake.clear()
             if self._done >= self._target:
                 await self._wake.wait()
 
-    def _step(self, offset: int, size: int) -> None:
-        data = self._read(size, offset)
+    def _step(self, fd: int, size: int, own: bool) -> None:
+        try:
+            data = os.pread(fd, size, self._done)
+        finally:
+            if own:
+                os.close(fd)
         if len(data) != size:
             raise OSError("temp file shorter than its written prefix")
         self._hash.update(data)

@@ -132,13 +132,22 @@ class DownloadReader:
     async def chunks(self, start: int, end: int) -> AsyncGenerator[bytes, None]:
         """Bytes start..end (exclusive) as they land; the last one only once the blob verified.
 
+        The last byte of the range, not of the blob: a range that ends before the blob does
+        also waits for the whole blob's verdict. Its bytes cannot be checked on their own (the
+        digest covers the whole blob), and a response completed before the verdict could be a
+        complete success made of wrong bytes. Withholding the last byte turns a later mismatch
+        into a short body, which every client treats as failed.
+
+        Once verified, the bytes are served to the end even if the download then fails (the
+        commit): they are proven, and this reader's fd keeps them readable.
+
         The caller closes the reader (and its fd): a consumer may stop early and go on with
         sendfile from the same fd, so the generator's own finalisation must not close it."""
         dl = self._download
         self._want_end = end
         pos = start
         while pos < end:
-            if dl.state is State.FAILED:
+            if dl.state is State.FAILED and not dl.verified:
                 assert dl.error is not None
                 raise DownloadFailed(dl.error)
             relay = self._relay

@@ -33,6 +33,7 @@ class TempFile:
         self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         self.closed = False
+        self.committed = False  # renamed into place: the path no longer names it
 
     def pwrite(self, data: bytes | memoryview, offset: int) -> None:
         view = memoryview(data)
@@ -92,9 +93,26 @@ class FilesystemStore:
         return TempFile(self.layout.tmp / f"{secrets.token_hex(12)}.part")
 
     async def commit(self, temp: TempFile, digest: Digest) -> Path:
-        """fsync, then rename into place: the blob appears whole or not at all."""
+        """fsync, then rename into place: the blob appears whole or not at all.
+
+        Cancelled, it still returns (by raising) only once its thread is done with the file:
+        a thread cannot be stopped, and the caller's next step is to close the descriptor the
+        thread is syncing (or unlink the path it renames). temp.committed then tells whether
+        the rename happened.
+        """
         final = self.layout.blob(digest)
-        await asyncio.to_thread(self._commit_sync, temp, final)
+        thread = asyncio.ensure_future(asyncio.to_thread(self._commit_sync, temp, final))
+        try:
+            await asyncio.shield(thread)
+        except asyncio.CancelledError:
+            while not thread.done():
+                try:
+                    await asyncio.wait([thread])
+                except asyncio.CancelledError:
+                    continue  # cancelled again: the thread is no more stoppable than before
+            if not thread.cancelled():
+                thread.exception()  # its outcome is in temp.committed; the cancel wins
+            raise
         return final
 
     @staticmethod
@@ -102,10 +120,13 @@ class FilesystemStore:
         os.fsync(temp.fd)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(temp.path, final)
+        temp.committed = True
         _fsync_dir(final.parent)
 
     def discard(self, temp: TempFile) -> None:
         temp.close()
+        if temp.committed:
+            return  # the path is the blob's now
         try:
             os.unlink(temp.path)
         except FileNotFoundError:

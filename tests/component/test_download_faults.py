@@ -1,18 +1,29 @@
-"""The blob download against upstreams that misbehave: unreliable Range support, cuts, silence
-after a trickle, and the bounds on what one blob may ask of the upstream."""
+"""The blob download against upstreams that misbehave and a store that fails or is slow:
+unreliable Range support, cuts, silence after a trickle, a commit that fails or is cut short by
+a shutdown, and the bounds on what one blob may ask of the upstream."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
+import threading
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
-from mirror.oci.digest import parse_digest
+from mirror.app import create_app
+from mirror.config import Config
+from mirror.keys import store_key
+from mirror.oci.digest import Digest, parse_digest
+from mirror.storage.store import FilesystemStore, TempFile
 
+from .clients import joined
 from .conftest import MakeMirror
 from .fakeregistry import FakeRegistry
-from .harness import TEST_UPSTREAM, KiB, MiB, Mirror, poll, random_bytes, wait_cached
+from .harness import TEST_UPSTREAM, KiB, MiB, Mirror, mirror_config, poll, random_bytes, wait_cached
 
 FAKE = {"ns": "fake.test"}
 NAME = "team/app"
@@ -21,6 +32,49 @@ CHUNK = 64 * KiB  # the test config's upstream.chunk_size
 
 def blob_url(digest: str) -> str:
     return f"/v2/{NAME}/blobs/{digest}"
+
+
+def files_under(root: Path) -> list[str]:
+    return sorted(
+        str(Path(d, f).relative_to(root))
+        for sub in ("tmp", "blobs")
+        for d, _, files in os.walk(root / sub)
+        for f in files
+    )
+
+
+async def start(aiohttp_client: Any, config: Config, store: FilesystemStore) -> Mirror:
+    """The mirror with its store swapped before startup (the services are built from it)."""
+    app = create_app(config)
+    app[store_key] = store
+    return Mirror(await aiohttp_client(app), app, config)
+
+
+class FailingCommitStore(FilesystemStore):
+    """A store whose commit fails after the bytes were verified (a disk that went away), at
+    once: before any reader woken by the verdict has run."""
+
+    async def commit(self, temp: TempFile, digest: Digest) -> Path:
+        raise OSError(errno.EIO, "injected: the cache disk failed")
+
+
+class GatedCommitStore(FilesystemStore):
+    """A store whose commit thread waits for the test: a slow fsync, held in place."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.entered = threading.Event()
+        self.go = threading.Event()
+        self.errors: list[BaseException] = []
+
+    def _commit_sync(self, temp: TempFile, final: Path) -> None:  # type: ignore[override]
+        self.entered.set()
+        self.go.wait(30)
+        try:
+            super()._commit_sync(temp, final)
+        except BaseException as exc:
+            self.errors.append(exc)
+            raise
 
 
 # -- upstreams with unreliable Range support ---------------------------------------------------
@@ -119,3 +173,75 @@ async def test_ranged_streams_bounds_the_concurrent_upstream_streams(
     # The first response's stream is one of them, not one more.
     assert fake.peak_blob_streams == streams
     assert fake.body_bytes("blob") == len(data)
+
+
+# -- the commit and shutdown -------------------------------------------------------------------
+
+
+async def test_a_failed_commit_lets_readers_finish_the_verified_bytes(
+    fake: FakeRegistry, aiohttp_client: Any, tmp_path: Path
+) -> None:
+    config = mirror_config(tmp_path / "cache", fake.url)
+    mirror = await start(aiohttp_client, config, FailingCommitStore(config.cache.directory))
+    data = random_bytes(MiB, 66)
+    digest = fake.add_blob(NAME, data)
+    gate = fake.fault("hold", kind="blob", range_start=0)
+    before = mirror.server_requests()
+
+    async def get(headers: dict[str, str]) -> bytes:
+        resp = await mirror.client.get(blob_url(digest), params=FAKE, headers=headers)
+        return await resp.read()
+
+    # Every reader holds its last byte back until the verdict, so each is still streaming
+    # when the commit fails right after the verification.
+    tasks = [asyncio.ensure_future(get(h)) for h in ({}, {"Range": "bytes=1000-"})]
+    await gate.reached.wait()
+    await joined(mirror, before, len(tasks))
+    gate.release()
+    assert await asyncio.gather(*tasks) == [data, data[1000:]]
+    await poll(lambda: mirror.blobs.in_flight == 0, what="the download to end")
+    assert mirror.blobs.cached(parse_digest(digest)) is None  # the commit did fail
+    assert files_under(config.cache.directory) == []
+
+
+async def test_shutdown_during_the_commit_waits_for_its_thread(
+    fake: FakeRegistry, aiohttp_client: Any, tmp_path: Path
+) -> None:
+    config = mirror_config(tmp_path / "cache", fake.url)
+    store = GatedCommitStore(config.cache.directory)
+    mirror = await start(aiohttp_client, config, store)
+    data = random_bytes(300 * KiB, 67)
+    digest = fake.add_blob(NAME, data)
+
+    resp = await mirror.client.get(blob_url(digest), params=FAKE)
+    assert await resp.read() == data  # verified: the client is done while the commit runs
+    assert await asyncio.to_thread(store.entered.wait, 10)
+    closing = asyncio.ensure_future(mirror.client.close())  # cancels the download
+    await asyncio.sleep(0.1)  # not needed for the outcome: it lets the cancel arrive first
+    store.go.set()
+    await closing
+    # The thread never saw its descriptor closed or its file unlinked under it: the commit
+    # finished, and what it left is whole.
+    assert store.errors == []
+    hexd = digest.removeprefix("sha256:")
+    assert files_under(config.cache.directory) == [f"blobs/sha256/{hexd[:2]}/{hexd}"]
+    assert store.blob_path(parse_digest(digest)).read_bytes() == data
+
+
+async def test_shutdown_mid_download_leaves_no_file(
+    fake: FakeRegistry, make_mirror: MakeMirror
+) -> None:
+    mirror = await make_mirror()
+    data = random_bytes(2 * MiB, 68)
+    digest = fake.add_blob(NAME, data)
+    stall = fake.fault("stall", kind="blob", range_start=8 * CHUNK, after=8 * KiB)
+
+    resp = await mirror.client.get(blob_url(digest), params=FAKE)
+    got = await resp.content.readexactly(100 * KiB)
+    await stall.reached.wait()
+    assert len(files_under(mirror.config.cache.directory)) == 1  # the temp file
+    await mirror.client.close()
+    with pytest.raises(aiohttp.ClientError):
+        got += await resp.read()
+    assert got == data[: len(got)]
+    assert files_under(mirror.config.cache.directory) == []
