@@ -12,6 +12,7 @@ from mirror.cache.download import BlobDownload
 from mirror.cache.errors import to_registry_error
 from mirror.cache.janitor import CacheJanitor
 from mirror.cache.reader import DownloadReader
+from mirror.cache.singleflight import SingleFlight
 from mirror.cache.transfer import DigestMismatch, DownloadFailed, State
 from mirror.config import UpstreamConfig
 from mirror.metrics import Metrics
@@ -56,6 +57,7 @@ class BlobService:
         self._config = config
         self._metrics = metrics
         self._downloads: dict[str, BlobDownload] = {}
+        self._heads: SingleFlight[int] = SingleFlight()  # upstream HEADs, by digest
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -105,17 +107,23 @@ class BlobService:
         try:
             if download is not None:
                 return await download.wait_sized(), "coalesced"
-            resp = await self._client.open(
-                registry, name, f"blobs/{digest}", "HEAD", {}, kind="blob_head"
+            size, shared = await self._heads.do(
+                digest.hex, lambda: self._upstream_size(registry, name, digest)
             )
-            resp.release()
         except Exception as exc:  # noqa: BLE001 - translated for the client
             raise to_registry_error(exc, ErrorCode.BLOB_UNKNOWN) from exc
+        return size, "coalesced" if shared else "miss"
+
+    async def _upstream_size(self, registry: str, name: str, digest: Digest) -> int:
+        resp = await self._client.open(
+            registry, name, f"blobs/{digest}", "HEAD", {}, kind="blob_head"
+        )
+        resp.release()
         if resp.content_length is None:
             raise RegistryError(
                 ErrorCode.UPSTREAM_ERROR, "upstream answered HEAD without a Content-Length"
             )
-        return resp.content_length, "miss"
+        return resp.content_length
 
     async def fetch(self, registry: str, name: str, digest: Digest) -> str:
         """Make sure a blob is cached (for warming); returns hit, miss or coalesced."""
@@ -169,3 +177,4 @@ class BlobService:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._heads.close()

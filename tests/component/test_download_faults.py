@@ -175,6 +175,29 @@ async def test_ranged_streams_bounds_the_concurrent_upstream_streams(
     assert fake.body_bytes("blob") == len(data)
 
 
+async def test_concurrent_heads_of_an_uncached_blob_are_one_upstream_head(
+    fake: FakeRegistry, mirror: Mirror
+) -> None:
+    data = random_bytes(MiB, 65)
+    digest = fake.add_blob(NAME, data)
+    gate = fake.fault("hold", kind="blob", method="HEAD")
+    before = mirror.server_requests()
+
+    tasks = [
+        asyncio.ensure_future(mirror.client.head(blob_url(digest), params=FAKE)) for _ in range(20)
+    ]
+    await gate.reached.wait()
+    await joined(mirror, before, 20)
+    gate.release()
+    for resp in await asyncio.gather(*tasks):
+        assert resp.status == 200
+        assert resp.headers["Content-Length"] == str(len(data))
+    assert fake.count(kind="blob", method="HEAD") == 1
+    assert fake.count(kind="blob", method="GET") == 0
+    assert mirror.requests("blob", "miss") == 1
+    assert mirror.requests("blob", "coalesced") == 19
+
+
 # -- the commit and shutdown -------------------------------------------------------------------
 
 
