@@ -28,6 +28,7 @@ from mirror.keys import (
 from mirror.metrics import Metrics
 from mirror.middleware import add_common_headers, observe
 from mirror.storage.index import AccessIndex
+from mirror.storage.lock import CacheLock
 from mirror.storage.store import FilesystemStore
 from mirror.upstream.breaker import CircuitBreaker
 from mirror.upstream.client import RegistryClient
@@ -45,6 +46,7 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
         config.cache.max_size, config.cache.high_watermark, config.cache.low_watermark
     )
     app[store_key] = FilesystemStore(config.cache.directory)
+    app.cleanup_ctx.append(_cache_lock)  # first in, last out: held while any service runs
     app.cleanup_ctx.append(_services)
     add_admin_routes(app)  # after _services: the warm service is built from its blobs/manifests
     app.on_response_prepare.append(add_common_headers)
@@ -55,6 +57,12 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
     app.router.add_get("/v2", registry.base, allow_head=True)
     app.router.add_route("*", "/v2/{tail:.*}", registry.dispatch)
     return app
+
+
+async def _cache_lock(app: web.Application) -> AsyncIterator[None]:
+    """One server per cache directory: another's temp files are not ours to sweep."""
+    with CacheLock(app[store_key].layout):
+        yield
 
 
 async def _services(app: web.Application) -> AsyncIterator[None]:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mirror.config import Config, ConfigError, load_config
+from mirror.storage.lock import CacheInUse
 
 ADMIN_TOKEN_ENV = "MIRROR_SERVER_ADMIN_TOKEN"  # server.admin_token, as load_config reads it
 
@@ -103,6 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         return 2
+    except CacheInUse as exc:
+        print(f"mirror: {exc}: one server per cache directory", file=sys.stderr)
+        return 1
     return 2
 
 

@@ -484,6 +484,7 @@ async def test_second_pull_asks_the_upstream_nothing(
     assert mirror.requests("blob", "hit") == 3
 
     # A restarted mirror on the same cache directory knows the content too.
+    await mirror.client.close()  # one server per cache directory
     restarted = await make_mirror(config=mirror.config)
     await pull(restarted, image)
     assert fake.log == []

@@ -195,3 +195,31 @@ def test_lost_index_is_rebuilt_from_the_tree(
     assert upstream.counts()[("GET", "blob")] == 0
     assert upstream.requests() == [], [str(r) for r in upstream.requests()]
     assert tree_truth(mirror.cache_dir) == truth
+
+
+def test_one_server_per_cache_directory(mirror: Mirror, skopeo: Skopeo, catalog: Catalog) -> None:
+    """A second server on the same directory would sweep the first one's temp files at start;
+    `mirror cache gc` beside a server would delete what it is sending. Both are refused;
+    `mirror cache status` only reads, so it is allowed."""
+    conf = skopeo.registries_conf("docker.io", mirror=f"{mirror.host}/docker.io")
+    skopeo.copy(conf, "docker.io/library/hello:1.0", all_platforms=True)
+    truth = tree_truth(mirror.cache_dir)
+    pid = mirror.process.proc.pid if mirror.process.proc else None
+
+    second = mirror_cli("serve", "--config", str(mirror.config_path), "--listen", "127.0.0.1:0")
+    assert second.returncode == 1
+    assert f"{mirror.cache_dir} is in use by process {pid}" in second.stderr
+
+    gc = mirror_cli("cache", "gc", "--cache-dir", str(mirror.cache_dir), "--target", "0")
+    assert gc.returncode == 1
+    assert "cache.max_size" in gc.stderr
+    assert tree_truth(mirror.cache_dir) == truth
+
+    status = mirror_cli("cache", "status", "--cache-dir", str(mirror.cache_dir))
+    assert status.returncode == 0
+    assert f"running (pid {pid})" in status.stdout
+
+    assert mirror.stop() == 0
+    gc = mirror_cli("cache", "gc", "--cache-dir", str(mirror.cache_dir), "--target", "0")
+    assert gc.returncode == 0, gc.stderr
+    assert tree_truth(mirror.cache_dir) == {}
