@@ -54,6 +54,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     started = time.perf_counter()
     status = 500
     response: web.StreamResponse | None = None
+    aborted = False
     with structlog.contextvars.bound_contextvars(request_id=rid):
         try:
             try:
@@ -68,20 +69,27 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
                 if exc.status < 400:
                     raise
                 response = render_error(_from_http(exc), request.method)
-            except (asyncio.CancelledError, ConnectionResetError):
+            except asyncio.CancelledError:
                 status = 499  # the client went away; what it shared carries on without it
                 raise
-            except Exception:
-                log.exception("unhandled_error", method=request.method, path=request.path)
-                if _answered(request):
+            except Exception as exc:
+                if not (isinstance(exc, ConnectionError) and _gone(request)):
+                    log.exception("unhandled_error", method=request.method, path=request.path)
+                    if _answered(request):
+                        request[result_key] = "error"
+                        raise
+                    response = render_error(RegistryError(ErrorCode.UNKNOWN), request.method)
                     request[result_key] = "error"
-                    raise
-                response = render_error(RegistryError(ErrorCode.UNKNOWN), request.method)
-                request[result_key] = "error"
+                else:
+                    # The client hung up under a handler: normal, not a server error. Raised
+                    # on, aiohttp would log a traceback; this stand-in never reaches the wire.
+                    aborted = True
+                    response = web.Response(status=499)
             status = response.status
+            aborted = aborted or _cut_short(request, response)
             return response
         finally:
-            _account(request, response, status, time.perf_counter() - started)
+            _account(request, response, status, aborted, time.perf_counter() - started)
 
 
 def _answered(request: web.Request) -> bool:
@@ -92,8 +100,26 @@ def _answered(request: web.Request) -> bool:
     return request.writer.output_size > 0
 
 
+def _gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def _cut_short(request: web.Request, response: web.StreamResponse) -> bool:
+    """The client left (hung up, or was dropped for not reading) before the whole body of a
+    response its handler streamed itself reached it."""
+    if not response.prepared or response.content_length is None or not _gone(request):
+        return False
+    sent: int = request.get(sent_key, 0)
+    return sent < response.content_length
+
+
 def _account(
-    request: web.Request, response: web.StreamResponse | None, status: int, seconds: float
+    request: web.Request,
+    response: web.StreamResponse | None,
+    status: int,
+    aborted: bool,
+    seconds: float,
 ) -> None:
     if request.path in _QUIET:
         return
@@ -112,10 +138,13 @@ def _account(
             sent = response.body_length
         elif isinstance(response, web.Response) and request.method != "HEAD":
             sent = response.content_length or 0
+    # A hang-up is one field of the access line, not an error: nodes do it all the time.
+    extra = {"aborted": True} if aborted else {}
     access_line(
         method=request.method, path=request.path, ns=request.query.get("ns"), route=kind,
         registry=request.get(registry_key), status=status, sent=sent, seconds=seconds,
         cache=result, client=request.remote, user_agent=request.headers.get("User-Agent"),
+        **extra,
     )  # fmt: skip
 
 

@@ -20,13 +20,49 @@ import os
 import select
 import socket
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
 
 IDLE_TIMEOUT = 60.0  # a client that takes no byte for this long is dropped
+# Overrides IDLE_TIMEOUT for one app (tests drop stuck clients in a second, not a minute).
+idle_timeout_key = web.AppKey("client_idle_timeout", float)
 SLICE = 8 << 20  # bytes one thread call may move before it lets other transfers have a turn
 PATIENCE_MS = 20  # how long a thread waits for a full socket to drain before handing it back
+
+
+class ClientStalled(ConnectionError):
+    """The client took no byte for the idle timeout: it is dropped like one that hung up."""
+
+
+@dataclass(slots=True)
+class Sent:
+    """Body bytes handed to the connection so far: what the access line reports, however the
+    response ends."""
+
+    bytes: int = 0
+
+
+def idle_timeout(request: web.Request) -> float:
+    return request.app.get(idle_timeout_key, IDLE_TIMEOUT)
+
+
+def drop(request: web.Request) -> None:
+    """End the connection of a client that hung up or stopped reading. An abort, not a close:
+    a close would wait for buffered bytes to drain, which a stuck client never lets happen."""
+    if request.transport is not None:
+        request.transport.abort()
+
+
+async def write_body(response: web.StreamResponse, data: bytes, idle: float) -> None:
+    """response.write, bounded: aiohttp waits for a full socket to drain with no time limit,
+    and a client that stops reading would hold whatever its response holds, forever."""
+    try:
+        async with asyncio.timeout(idle):
+            await response.write(data)
+    except TimeoutError:
+        raise ClientStalled("client took no data") from None
 
 
 def _sendfile_slice(sock_fd: int, file_fd: int, offset: int, count: int) -> tuple[int, bool]:
@@ -59,36 +95,44 @@ async def send_file(
     end: int,
     response: web.StreamResponse,
     executor: Executor,
-) -> int:
+    sent: Sent,
+) -> None:
     """Send bytes start..end (inclusive) of `path` as the body of `response` (not yet prepared;
-    status and headers set by the caller). Returns the body bytes sent."""
+    status and headers set by the caller), counting them into `sent`."""
     count = end - start + 1
     response.content_length = count
     file_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         await response.prepare(request)
-        await send_rest(request, file_fd, start, count, executor)
+        await send_rest(request, file_fd, start, count, executor, sent)
     finally:
         os.close(file_fd)
     await response.write_eof()
-    return count
 
 
 async def send_rest(
-    request: web.Request, file_fd: int, offset: int, count: int, executor: Executor
+    request: web.Request,
+    file_fd: int,
+    offset: int,
+    count: int,
+    executor: Executor,
+    sent: Sent,
 ) -> None:
-    """Send `count` bytes of `file_fd` from `offset` as the rest of a prepared response's body."""
+    """Send `count` bytes of `file_fd` from `offset` as the rest of a prepared response's body,
+    counting them into `sent`. A client that takes no byte for the idle timeout raises
+    ClientStalled."""
     transport = request.transport
     sock = transport.get_extra_info("socket") if transport is not None else None
     if transport is None or sock is None:
         raise ConnectionResetError("connection lost")
+    idle = idle_timeout(request)
     # Whatever aiohttp wrote (headers, earlier body) must be on the wire before the threads
     # write around the transport.
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + IDLE_TIMEOUT
+    deadline = loop.time() + idle
     while transport.get_write_buffer_size():
         if loop.time() > deadline:
-            raise TimeoutError("client took no data")
+            raise ClientStalled("client took no data")
         await asyncio.sleep(0.001)
     if not count:
         return
@@ -102,16 +146,17 @@ async def send_rest(
         raise
     running: asyncio.Future[tuple[int, bool]] | None = None
     try:
-        sent = 0
-        while sent < count:
+        done = 0
+        while done < count:
             running = loop.run_in_executor(
-                executor, _sendfile_slice, sock_fd, thread_file, offset + sent, count - sent
+                executor, _sendfile_slice, sock_fd, thread_file, offset + done, count - done
             )
             n, full = await asyncio.shield(running)
             running = None
-            sent += n
+            done += n
+            sent.bytes += n
             if full:
-                await _writable(loop, sock_fd)
+                await _writable(loop, sock_fd, idle)
     except asyncio.CancelledError:
         # Cancelled (shutdown): end the connection under the slice in flight, rather than leave
         # it writing into a connection its owner has given up on.
@@ -124,15 +169,15 @@ async def send_rest(
             _close(sock_fd, thread_file)
 
 
-async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+async def _writable(loop: asyncio.AbstractEventLoop, fd: int, idle: float) -> None:
     """Until the socket can take bytes again (or has failed: the next send says how)."""
     ready = loop.create_future()
     loop.add_writer(fd, _set_once, ready)
     try:
-        async with asyncio.timeout(IDLE_TIMEOUT):
+        async with asyncio.timeout(idle):
             await ready
     except TimeoutError:
-        raise TimeoutError("client took no data") from None
+        raise ClientStalled("client took no data") from None
     finally:
         loop.remove_writer(fd)  # before the descriptor is closed: the poll must not outlive it
 

@@ -10,7 +10,14 @@ from aiohttp import web
 from mirror.cache.blobs import CachedBlob, LiveBlob
 from mirror.cache.errors import to_registry_error
 from mirror.cache.transfer import DownloadFailed
-from mirror.handlers.filesend import send_file, send_rest
+from mirror.handlers.filesend import (
+    Sent,
+    drop,
+    idle_timeout,
+    send_file,
+    send_rest,
+    write_body,
+)
 from mirror.keys import (
     blobs_key,
     config_key,
@@ -161,12 +168,17 @@ async def _send_cached(
 ) -> web.StreamResponse:
     start, end, partial = _span(request, blob.size)
     response = _start_response(headers, start, end, blob.size, partial)
-    with request.app[blobs_key].serving(digest):  # pinned: eviction passes it over
-        sent = await send_file(
-            request, blob.path, start, end, response, request.app[sendfile_pool_key]
-        )
-    request.app[metrics_key].served_bytes.labels("cache").inc(sent)
-    request[sent_key] = sent
+    sent = Sent()
+    try:
+        with request.app[blobs_key].serving(digest):  # pinned: eviction passes it over
+            await send_file(
+                request, blob.path, start, end, response, request.app[sendfile_pool_key], sent
+            )
+    except ConnectionError:
+        drop(request)  # hung up, or stopped reading: normal, and nothing more can reach it
+    finally:
+        request.app[metrics_key].served_bytes.labels("cache").inc(sent.bytes)
+        request[sent_key] = sent.bytes
     return response
 
 
@@ -184,25 +196,22 @@ async def _stream_live(
         live.reader.close()
         raise
     response = _start_response(headers, start, end, live.size, partial)
-    served = request.app[metrics_key].served_bytes.labels("upstream")
-    request[sent_key] = 0
-    pos = start
+    idle = idle_timeout(request)
+    sent = Sent()
     try:
         await response.prepare(request)  # inside: a client gone already must not leak the fd
         async with contextlib.aclosing(live.reader.chunks(start, end + 1)) as chunks:
             async for chunk in chunks:
-                await response.write(chunk)
-                served.inc(len(chunk))
-                pos += len(chunk)
-                if live.reader.whole_on_disk and end + 1 - pos >= _SENDFILE_SWITCH:
+                await write_body(response, chunk, idle)
+                sent.bytes += len(chunk)
+                if live.reader.whole_on_disk and end + 1 - start - sent.bytes >= _SENDFILE_SWITCH:
                     break  # verified and on disk: let the kernel send the rest
+        pos = start + sent.bytes
         if pos <= end:
             await send_rest(
-                request, live.reader.fd, pos, end + 1 - pos, request.app[sendfile_pool_key]
+                request, live.reader.fd, pos, end + 1 - pos, request.app[sendfile_pool_key], sent
             )
-            served.inc(end + 1 - pos)
-            pos = end + 1
-        request[sent_key] = pos - start
+        await response.write_eof()
     except DownloadFailed as exc:
         # Headers are out: the only honest signal left is a body short of Content-Length,
         # ended with a FIN (containerd retries with Range; a reset would be fatal for it).
@@ -211,11 +220,13 @@ async def _stream_live(
         log.warning("blob_stream_aborted", digest=headers["Docker-Content-Digest"], error=str(exc))
         request[result_key] = "error"
         response.force_close()  # no keep-alive: aiohttp closes the connection after this reply
-        return response  # unfinished on purpose: write_eof adds nothing to a sized body
+    except ConnectionError:
+        drop(request)  # hung up, or stopped reading: the reader and its fd go at once
     finally:
         live.reader.close()
-    await response.write_eof()
-    return response
+        request.app[metrics_key].served_bytes.labels("upstream").inc(sent.bytes)
+        request[sent_key] = sent.bytes
+    return response  # unfinished if cut short: write_eof would add nothing to a sized body
 
 
 async def _tags(request: web.Request, target: Target) -> web.Response:

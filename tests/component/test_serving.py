@@ -1,39 +1,34 @@
-"""Cached blobs go out with the kernel's sendfile from a small pool of threads. A client that
-stops reading waits on the event loop, not in a thread: however many nodes sit on slow links,
-the next client is served at once."""
+"""Serving clients of every kind: cached blobs go out with the kernel's sendfile from a small
+pool of threads, a client that stops reading waits on the event loop (not in a thread) and is
+dropped after the idle timeout, and a client that hangs up is one field of the access line."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import socket
+import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import pytest
+from structlog.testing import capture_logs
+
+from mirror.app import create_app
+from mirror.handlers.filesend import idle_timeout_key
+
+from .clients import open_fds_under, parse_head, read_to_end, stalled_client
 from .conftest import MakeMirror
 from .fakeregistry import FakeRegistry
-from .harness import KiB, MiB, mirror_config, random_bytes, wait_cached
+from .harness import KiB, MiB, Mirror, mirror_config, poll, random_bytes, wait_cached
 
 FAKE = {"ns": "fake.test"}
 NAME = "team/app"
+CHUNK = 64 * KiB  # the test config's upstream.chunk_size
 
 
-async def stalled_client(
-    port: int, digest: str
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A node that took the headers and a little of the body, then stopped reading."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * KiB)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-    reader, writer = await asyncio.open_connection(sock=sock, limit=64 * KiB)
-    writer.write(
-        f"GET /v2/{NAME}/blobs/{digest}?ns=fake.test HTTP/1.1\r\n"
-        "Host: mirror\r\nConnection: close\r\n\r\n".encode()
-    )
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-    assert head.startswith(b"HTTP/1.1 200"), head
-    return reader, writer
+def blob_path(digest: str) -> str:
+    return f"/v2/{NAME}/blobs/{digest}?ns=fake.test"
 
 
 async def test_clients_that_stop_reading_do_not_hold_the_sendfile_threads(
@@ -50,7 +45,9 @@ async def test_clients_that_stop_reading_do_not_hold_the_sendfile_threads(
     assert await resp.read() == data
     await wait_cached(mirror, digest)
 
-    stalled = [await stalled_client(mirror.client.port, digest) for _ in range(3 * threads)]
+    stalled = [
+        await stalled_client(mirror.client.port, blob_path(digest)) for _ in range(3 * threads)
+    ]
     try:
         await asyncio.sleep(0.3)  # their socket buffers fill; each transfer now waits on them
         # With a thread held per waiting transfer, this one would queue behind them until
@@ -61,9 +58,75 @@ async def test_clients_that_stop_reading_do_not_hold_the_sendfile_threads(
         assert resp.status == 200
         assert await asyncio.wait_for(resp.read(), 5) == data
 
-        for reader, _ in stalled:  # and the slow ones still get every byte when they resume
+        for _, reader, _ in stalled:  # and the slow ones still get every byte when they resume
             body = await asyncio.wait_for(reader.readexactly(len(data)), 10)
             assert hashlib.sha256(body).hexdigest() == digest.removeprefix("sha256:")
     finally:
-        for _, writer in stalled:
+        for _, _, writer in stalled:
             writer.close()
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["live", "cached"])
+async def test_a_client_that_stops_reading_is_dropped_after_the_idle_timeout(
+    fake: FakeRegistry, aiohttp_client: Any, tmp_path: Path, cached: bool
+) -> None:
+    config = mirror_config(tmp_path / "cache", fake.url, chunk_size=MiB)
+    app = create_app(config)
+    app[idle_timeout_key] = 0.5
+    mirror = Mirror(await aiohttp_client(app), app, config)
+    data = random_bytes(32 * MiB, 41)  # far more than the socket buffers hold
+    digest = fake.add_blob(NAME, data)
+    if cached:
+        resp = await mirror.client.get(f"/v2/{NAME}/blobs/{digest}", params=FAKE)
+        assert await resp.read() == data
+        await wait_cached(mirror, digest)
+
+    head, reader, writer = await stalled_client(mirror.client.port, blob_path(digest))
+    try:
+        assert parse_head(head)[0] == 200
+        await wait_cached(mirror, digest)
+        # Its response held a descriptor on the blob (and, cached, a pin against eviction):
+        # both go once the idle timeout has dropped it, not when it resumes (never, maybe).
+        root = config.cache.directory
+        await poll(lambda: open_fds_under(root) == 0, within=20, what="the stuck reader's fd")
+        body, _ = await read_to_end(reader)
+        assert len(body) < len(data)  # the connection was ended under it
+    finally:
+        writer.close()
+
+
+async def test_a_client_hanging_up_mid_blob_is_one_field_of_the_access_line(
+    fake: FakeRegistry, mirror: Mirror, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = random_bytes(MiB, 42)
+    digest = fake.add_blob(NAME, data)
+    stall = fake.fault("stall", kind="blob", range_start=8 * CHUNK, after=8 * KiB)
+    caplog.set_level(logging.DEBUG)
+    with capture_logs() as logs:
+        resp = await mirror.client.get(f"/v2/{NAME}/blobs/{digest}", params=FAKE)
+        got = await resp.content.readexactly(100 * KiB)
+        await stall.reached.wait()
+        resp.close()  # mid-body: the mirror notices at its next write
+        stall.release()
+        await wait_cached(mirror, digest)
+        await poll(lambda: any(e["event"] == "request" for e in logs), what="the access line")
+    assert got == data[: len(got)]
+    [line] = [e for e in logs if e["event"] == "request"]
+    assert line["status"] == 200
+    assert line["aborted"] is True
+    assert 100 * KiB <= line["bytes"] < len(data)  # what was written, not 0
+    assert not [e for e in logs if e["log_level"] in ("error", "critical")]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert "Traceback" not in caplog.text
+
+
+async def test_a_whole_response_has_no_aborted_field(fake: FakeRegistry, mirror: Mirror) -> None:
+    data = random_bytes(MiB, 43)
+    digest = fake.add_blob(NAME, data)
+    with capture_logs() as logs:
+        resp = await mirror.client.get(f"/v2/{NAME}/blobs/{digest}", params=FAKE)
+        assert await resp.read() == data
+        await poll(lambda: any(e["event"] == "request" for e in logs), what="the access line")
+    [line] = [e for e in logs if e["event"] == "request"]
+    assert line["bytes"] == len(data)
+    assert "aborted" not in line
