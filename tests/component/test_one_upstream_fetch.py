@@ -10,6 +10,7 @@ import pytest
 
 from mirror.oci.digest import parse_digest
 
+from .clients import joined, raw_get, read_to_end, stalled_client
 from .conftest import MakeMirror
 from .fakeregistry import FakeRegistry
 from .harness import KiB, MiB, Mirror, poll, random_bytes, wait_cached
@@ -20,16 +21,6 @@ CHUNK = 64 * KiB  # the test config's upstream.chunk_size
 
 def blob_url(digest: str) -> str:
     return f"/v2/team/app/blobs/{digest}"
-
-
-async def joined(mirror: Mirror, before: int, clients: int) -> None:
-    """Until `clients` more requests reached the mirror's handlers.
-
-    The server counts a request just before it schedules the handler's task, and a blob or
-    manifest handler joins the shared download (or fetch) before its first real suspension.
-    So once the count is reached, one turn of the loop has every one of them joined."""
-    await poll(lambda: mirror.server_requests() - before >= clients, what="clients to arrive")
-    await asyncio.sleep(0)
 
 
 async def test_fifty_clients_cause_one_upstream_download(
@@ -69,15 +60,19 @@ async def test_client_hanging_up_does_not_stop_the_download(
     digest = fake.add_blob("team/app", data)
     stall = fake.fault("stall", kind="blob", range_start=8 * CHUNK, after=8 * KiB)
 
-    resp = await mirror.client.get(blob_url(digest), params=FAKE)
-    assert resp.status == 200
-    first = await resp.content.readexactly(100 * KiB)
-    assert first == data[: len(first)]
+    first = await mirror.client.get(blob_url(digest), params=FAKE)  # starts the download
+    assert first.status == 200
+    head = await first.content.readexactly(100 * KiB)
+    assert head == data[: len(head)]
+    others = [await mirror.client.get(blob_url(digest), params=FAKE) for _ in range(3)]
     await stall.reached.wait()
-    resp.close()  # the only client hangs up in the middle of the body
+    first.close()  # the client that started it hangs up in the middle of the body
     assert mirror.blobs.in_flight == 1
     stall.release()
+    assert await asyncio.gather(*(o.read() for o in others)) == [data] * 3
     await wait_cached(mirror, digest)
+    assert fake.download_sessions() == 1
+    assert mirror.requests("blob", "coalesced") == 3
 
     fake.reset_log()
     resp = await mirror.client.get(blob_url(digest), params=FAKE)
@@ -138,30 +133,23 @@ async def test_wrong_bytes_never_complete_and_are_not_cached(
     gate = fake.fault("hold", kind="blob", range_start=0, times=1)
     before = mirror.server_requests()
 
-    async def client() -> tuple[int, int, bytes, bool]:
-        resp = await mirror.client.get(blob_url(digest), params=FAKE)
-        chunks = []
-        broken = False
-        try:
-            async for chunk in resp.content.iter_any():
-                chunks.append(chunk)
-        except aiohttp.ClientPayloadError:
-            broken = True
-        length = int(resp.headers.get("Content-Length", -1))
-        return resp.status, length, b"".join(chunks), broken
-
-    tasks = [asyncio.ensure_future(client()) for _ in range(5)]
+    # Raw sockets: how the body ends is the point. A short body ended by a FIN is a failure
+    # containerd resumes from; a reset would be fatal for it.
+    path = f"{blob_url(digest)}?ns=fake.test"
+    port = mirror.client.port
+    ranges = [None, None, None, {"Range": "bytes=1000-"}, {"Range": f"bytes=0-{size // 2 + 10}"}]
+    tasks = [asyncio.ensure_future(raw_get(port, path, r)) for r in ranges]
     await gate.reached.wait()
-    await joined(mirror, before, 5)
+    await joined(mirror, before, len(ranges))
     gate.release()
     sent = bytearray(data)
     sent[size // 2] ^= 0xFF  # what the upstream sent
-    for status, length, body, broken in await asyncio.gather(*tasks):
-        assert status == 200  # the headers left before the last byte arrived
-        assert length == size
-        assert len(body) < length, "a wrong blob was delivered whole with a 200"
-        assert broken  # the client saw the body end early (a FIN; no reset, no error text)
-        assert body == sent[: len(body)]
+    for header, resp in zip(ranges, await asyncio.gather(*tasks), strict=True):
+        assert resp.status == (206 if header else 200)  # headers left before the last byte came
+        assert len(resp.body) < resp.content_length, "a wrong blob was delivered whole"
+        assert resp.ended == "eof"  # a clean end of the connection, not a reset
+        start = 1000 if header == {"Range": "bytes=1000-"} else 0
+        assert resp.body == sent[start : start + len(resp.body)]
     assert fake.download_sessions() == 1
     assert mirror.metric("mirror_digest_mismatches_total", registry="fake.test") == 1
     await poll(lambda: mirror.blobs.in_flight == 0)
@@ -220,6 +208,15 @@ async def test_range_request_joins_a_download_in_progress(
     whole = await mirror.client.get(blob_url(digest), params=FAKE)
     assert whole.status == 200
     await stall.reached.wait()
+    # A range inside the written prefix is answered while the download is stalled: every
+    # byte but its last, which waits for the whole blob's verdict (a range cannot be
+    # verified on its own, and a complete response must never be made of wrong bytes).
+    inside = await mirror.client.get(
+        blob_url(digest), params=FAKE, headers={"Range": "bytes=100-8099"}
+    )
+    assert inside.status == 206
+    assert await asyncio.wait_for(inside.content.readexactly(7999), 10) == data[100:8099]
+    assert mirror.blobs.in_flight == 1
     ranges = {"bytes=300000-700000": (300000, 700000), "bytes=1000-5000": (1000, 5000),
               f"bytes={len(data) - 10}-": (len(data) - 10, len(data) - 1)}  # fmt: skip
     parts = {}
@@ -231,11 +228,12 @@ async def test_range_request_joins_a_download_in_progress(
         parts[header] = resp
     assert mirror.requests("blob", "coalesced") == 0  # counted once each request is done
     stall.release()
+    assert await inside.read() == data[8099:8100]
     for header, (start, end) in ranges.items():
         assert await parts[header].read() == data[start : end + 1]
     assert await whole.read() == data
     assert fake.download_sessions() == 1
-    assert mirror.requests("blob", "coalesced") == 3
+    assert mirror.requests("blob", "coalesced") == 4
 
 
 async def test_upstream_ignoring_range_is_one_stream(fake: FakeRegistry, mirror: Mirror) -> None:
@@ -261,36 +259,33 @@ async def test_upstream_ignoring_range_is_one_stream(fake: FakeRegistry, mirror:
 
 
 async def test_slow_client_does_not_hold_back_a_fast_one(
-    fake: FakeRegistry, mirror: Mirror
+    fake: FakeRegistry, make_mirror: MakeMirror
 ) -> None:
-    data = random_bytes(4 * MiB, 17)
+    mirror = await make_mirror(chunk_size=MiB)
+    data = random_bytes(32 * MiB, 17)  # far more than the socket buffers hold
     digest = fake.add_blob("team/app", data)
     gate = fake.fault("hold", kind="blob", range_start=0)
     before = mirror.server_requests()
-    started = time.monotonic()
+    path = f"{blob_url(digest)}?ns=fake.test"
 
-    async def fast() -> tuple[bytes, float]:
-        resp = await mirror.client.get(blob_url(digest), params=FAKE)
-        body = await resp.read()
-        return body, time.monotonic() - started
-
-    async def slow() -> tuple[bytes, float]:
-        resp = await mirror.client.get(blob_url(digest), params=FAKE)
-        chunks = []
-        while chunk := await resp.content.read(64 * KiB):
-            chunks.append(chunk)
-            await asyncio.sleep(0.02)  # a client on a slow link, not synchronisation
-        return b"".join(chunks), time.monotonic() - started
-
-    slow_task = asyncio.ensure_future(slow())
-    fast_task = asyncio.ensure_future(fast())
+    # The slow one takes its headers, then reads nothing until the end of the test.
+    slow_task = asyncio.ensure_future(stalled_client(mirror.client.port, path))
     await gate.reached.wait()
+    await joined(mirror, before, 1)
+    fast = asyncio.ensure_future(mirror.client.get(blob_url(digest), params=FAKE))
     await joined(mirror, before, 2)
     gate.release()
-    (fast_body, fast_done), (slow_body, slow_done) = await asyncio.gather(fast_task, slow_task)
-    assert fast_body == data
-    assert slow_body == data
-    assert fast_done < slow_done / 2, (fast_done, slow_done)
+    _, slow_reader, slow_writer = await slow_task
+    try:
+        resp = await fast
+        assert await resp.read() == data
+        await wait_cached(mirror, digest)  # the download committed ...
+        # ... while the slow client is still stuck: its request is not done.
+        assert mirror.requests("blob", "miss") + mirror.requests("blob", "coalesced") == 1
+        body, ended = await read_to_end(slow_reader)  # it resumes, and gets every byte
+        assert (body, ended) == (data, "eof")
+    finally:
+        slow_writer.close()
     assert fake.download_sessions() == 1
 
 
