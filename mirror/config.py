@@ -241,7 +241,8 @@ _SECTIONS = ("server", "cache", "upstream", "warm")
 _URL = re.compile(r"https?://[^/@\s]+(?:/|$)")
 _REGISTRY_KEYS = {"url", "username", "password", "mirror"}
 # Registry names become cache directory names: hosts only, never "..", "/" or spaces.
-_REGISTRY_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::[0-9]{1,5})?")
+# Lowercase only: routing lowercases the host a client names, so "GHCR.io" would be unreachable.
+_REGISTRY_NAME = re.compile(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?(?::[0-9]{1,5})?")
 
 
 def env_id(registry: str) -> str:
@@ -364,7 +365,7 @@ def _load_registries(
         for name, entry in table.items():
             where = f"{path}: registries.{name!r}"
             if not _REGISTRY_NAME.fullmatch(name):
-                problems.append(f"{where}: a registry is named by its host[:port]")
+                problems.append(f"{where}: a registry is named by its lowercase host[:port]")
                 continue
             if not isinstance(entry, dict):
                 problems.append(f"{where}: must be a table with at least url")

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import formatdate
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs
 
 import httptools
 
@@ -175,7 +175,7 @@ class FastPath:
         if parsed.kind is not Kind.MANIFEST:
             return None
         ns_values = query.get("ns")
-        ns = unquote(ns_values[0]) if ns_values else None
+        ns = ns_values[0] if ns_values else None  # decoded once, like aiohttp's query
         config = self._config
         try:
             target = route(parsed.name, ns, config.registries, config.default_registry)

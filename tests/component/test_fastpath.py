@@ -107,6 +107,7 @@ CASES = [
         {"Accept": "application/vnd.docker.distribution.manifest.v2+json"},
     ),
     ("GET", "/v2/team/app/manifests/1.0?ns=unknown.example", {}),
+    ("GET", "/v2/team/app/manifests/1.0?ns=fake%25252Etest", {}),  # decoded as often
     ("GET", "/v2/team/app/manifests/sha256:nothex?ns=fake.test", {}),
     ("GET", "/v2/Team/app/manifests/1.0?ns=fake.test", {}),
 ]

@@ -406,6 +406,8 @@ mirror = "perhaps"
 token = "x"
 [registries."bad.example"]
 oops = 1
+[registries."GHCR.io"]
+url = "https://ghcr.io"
 """,
     )
     environ = {"MIRROR_WARM_CONCURRENCY": "none", "MIRROR_REGISTRY_GITLAB_COM_PASSWORD": "x"}
@@ -427,11 +429,12 @@ oops = 1
         "registries.'quay.io': unknown keys ['token']",
         "registries.'quay.io'.mirror",
         "registries.'bad.example'.url",
+        "registries.'GHCR.io': a registry is named by its lowercase host[:port]",
         "$MIRROR_REGISTRY_GITLAB_COM_PASSWORD",
         "default_registry: 'nowhere.example'",
     ]:
         assert fragment in text, fragment
-    assert len(problems) == 17
+    assert len(problems) == 18
     assert str(ConfigError(problems)).count("\n") == len(problems)
 
 
