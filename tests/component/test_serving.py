@@ -87,8 +87,12 @@ async def test_a_client_that_stops_reading_is_dropped_after_the_idle_timeout(
         await wait_cached(mirror, digest)
         # Its response held a descriptor on the blob (and, cached, a pin against eviction):
         # both go once the idle timeout has dropped it, not when it resumes (never, maybe).
-        root = config.cache.directory
-        await poll(lambda: open_fds_under(root) == 0, within=20, what="the stuck reader's fd")
+        blobs, tmp = config.cache.directory / "blobs", config.cache.directory / "tmp"
+        await poll(
+            lambda: open_fds_under(blobs) + open_fds_under(tmp) == 0,
+            within=20,
+            what="the stuck reader's fd",
+        )
         body, _ = await read_to_end(reader)
         assert len(body) < len(data)  # the connection was ended under it
     finally:
