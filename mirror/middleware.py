@@ -71,6 +71,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
                 response = render_error(_from_http(exc), request.method)
             except asyncio.CancelledError:
                 status = 499  # the client went away; what it shared carries on without it
+                aborted = True
                 raise
             except Exception as exc:
                 if not (isinstance(exc, ConnectionError) and _gone(request)):

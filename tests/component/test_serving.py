@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from structlog.testing import capture_logs
 
 from mirror.app import create_app
@@ -134,3 +135,45 @@ async def test_a_whole_response_has_no_aborted_field(fake: FakeRegistry, mirror:
     [line] = [e for e in logs if e["event"] == "request"]
     assert line["bytes"] == len(data)
     assert "aborted" not in line
+
+
+async def test_a_hang_up_escaping_a_handler_is_logged_as_aborted_not_as_an_error(
+    fake: FakeRegistry, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The production runner: aiohttp's test server cancels a handler when its client goes,
+    # the real one (handler_cancellation off) lets the handler's next write raise instead.
+    app = create_app(mirror_config(tmp_path / "cache", fake.url))
+    ended = asyncio.Event()
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.content_length = 1 << 40
+        await response.prepare(request)
+        try:
+            while True:  # no handling of its own: the reset escapes to the middleware
+                await response.write(b"x" * 64 * KiB)
+                await asyncio.sleep(0.005)
+        finally:
+            ended.set()
+
+    app.router.add_get("/endless", endless)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        caplog.set_level(logging.DEBUG)
+        with capture_logs() as logs:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /endless HTTP/1.1\r\nHost: mirror\r\n\r\n")
+            await reader.readexactly(256 * KiB)
+            writer.close()
+            await ended.wait()
+            await poll(lambda: any(e["event"] == "request" for e in logs), what="the access line")
+    finally:
+        await runner.cleanup()
+    [line] = [e for e in logs if e["event"] == "request"]
+    assert line["aborted"] is True
+    assert not [e for e in logs if e["event"] == "unhandled_error"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
