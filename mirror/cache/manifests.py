@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import json
 from collections.abc import Awaitable, Callable
@@ -20,7 +19,7 @@ from mirror.oci.digest import Digest, InvalidDigest, digest_of, parse_digest
 from mirror.oci.errors import ErrorCode, RegistryError
 from mirror.oci.mediatypes import MANIFEST_TYPES, is_acceptable
 from mirror.storage.store import FilesystemStore, TagRecord
-from mirror.upstream.client import FetchedManifest, RegistryClient
+from mirror.upstream.client import FetchedManifest, RegistryClient, TagList
 from mirror.upstream.errors import UpstreamError, UpstreamUnavailable
 
 log = structlog.get_logger("mirror.manifests")
@@ -193,8 +192,7 @@ class ManifestService:
         try:
             if record is None:
                 return ManifestAnswer(await self._get_tag(key), "miss")
-            async with asyncio.timeout(self._config.revalidate_timeout):
-                return await self._revalidate(key, record)
+            return await self._revalidate(key, record)
         except (UpstreamUnavailable, TimeoutError) as exc:
             return self._stale_or_raise(key, record, exc)
         except UpstreamError as exc:
@@ -209,7 +207,9 @@ class ManifestService:
     async def _revalidate(self, key: _TagKey, record: TagRecord) -> ManifestAnswer:
         """HEAD is free on Docker Hub; a GET counts as a pull, so GET only unknown digests."""
         registry, name, tag = key
-        head = await self._client.head_manifest(registry, name, tag, retry=False)
+        head = await self._client.head_manifest(
+            registry, name, tag, retry=False, attempt_timeout=self._config.revalidate_timeout
+        )
         try:
             digest = parse_digest(head.digest or "")
         except InvalidDigest:
@@ -268,9 +268,9 @@ class ManifestService:
                 return ManifestAnswer(found, "stale")
         raise to_registry_error(exc, ErrorCode.MANIFEST_UNKNOWN) from exc
 
-    async def tags(self, registry: str, name: str, query: dict[str, str]) -> bytes:
+    async def tags(self, registry: str, name: str, query: dict[str, str]) -> TagList:
         try:
-            return await self._client.get_tags(registry, name, query)
+            return await self._client.list_tags(registry, name, query)
         except Exception as exc:  # noqa: BLE001 - translated for the client
             raise to_registry_error(exc, ErrorCode.NAME_UNKNOWN) from exc
 

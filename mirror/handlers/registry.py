@@ -32,7 +32,7 @@ from mirror.keys import (
 from mirror.oci.digest import Digest, InvalidDigest, parse_digest
 from mirror.oci.errors import ErrorCode, RegistryError
 from mirror.oci.mediatypes import accepted_types
-from mirror.oci.paths import Kind, Target, UnknownRegistry, parse_v2_path, route
+from mirror.oci.paths import Kind, Target, UnknownRegistry, next_page_link, parse_v2_path, route
 from mirror.oci.ranges import UnsatisfiableRange, parse_range
 from mirror.oci.reference import InvalidName, is_tag
 
@@ -231,6 +231,12 @@ async def _stream_live(
 
 async def _tags(request: web.Request, target: Target) -> web.Response:
     query = {k: v for k, v in request.query.items() if k in ("n", "last")}
-    body = await request.app[manifests_key].tags(target.registry, target.name, query)
+    listed = await request.app[manifests_key].tags(target.registry, target.name, query)
     request[result_key] = "miss"
-    return web.Response(body=body, content_type="application/json")
+    response = web.Response(body=listed.body, content_type="application/json")
+    # The registry's next page is named by its own path: the client must come back here,
+    # with its registry prefix or ns, or paging (skopeo list-tags) would leave the mirror.
+    link = next_page_link(listed.link, request.rel_url.raw_path, request.query.get("ns"))
+    if link is not None:
+        response.headers["Link"] = link
+    return response

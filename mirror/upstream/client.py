@@ -183,10 +183,6 @@ class RegistryClient:
             return BlobBody(resp, span[0], span[2], True)
         return BlobBody(resp, 0, resp.content_length, False)
 
-    async def get_tags(self, registry: str, name: str, query: Mapping[str, str]) -> bytes:
-        """The tag list's body alone; `list_tags` keeps the pagination link too."""
-        return (await self.list_tags(registry, name, query)).body
-
     async def list_tags(self, registry: str, name: str, query: Mapping[str, str]) -> TagList:
         suffix = "tags/list"
         if query:

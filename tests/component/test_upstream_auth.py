@@ -360,3 +360,61 @@ async def test_ratelimit_remaining_is_logged_when_first_seen_and_as_it_runs_low(
     ]  # fmt: skip
     assert all(e["limit"] == 100 and e["registry"] == "fake.test" for e in logged)
     assert mirror.metric("mirror_upstream_ratelimit_remaining", registry="fake.test") == 4
+
+
+# -- tag list pagination -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("first_page", "next_page"),
+    [
+        ("/v2/team/app/tags/list?ns=fake.test&n=2", "/v2/team/app/tags/list?ns=fake.test&"),
+        ("/v2/fake.test/team/app/tags/list?n=2", "/v2/fake.test/team/app/tags/list?"),
+    ],
+)
+async def test_a_tag_list_pages_through_the_mirror(
+    fake: FakeRegistry, make_mirror: MakeMirror, first_page: str, next_page: str
+) -> None:
+    """skopeo list-tags follows Link: each page must come from the mirror, on the same route."""
+    fake.tag_links = True
+    for tag in ("a", "b", "c", "d", "e"):
+        seed(fake, tag, layers=1)
+    mirror = await make_mirror()
+    url: str | None = first_page
+    pages: list[list[str]] = []
+    while url is not None:
+        resp = await mirror.client.get(url)
+        assert resp.status == 200, url
+        pages.append((await resp.json())["tags"])
+        link = resp.headers.get("Link")
+        url = None if link is None else link[1 : link.index(">")]
+        if url is not None:
+            assert url.startswith(next_page), url
+    assert pages == [["a", "b"], ["c", "d"], ["e"]]
+    assert [r.query for r in fake.requests("tags")] == [
+        {"n": "2"}, {"last": "b", "n": "2"}, {"last": "d", "n": "2"},
+    ]  # fmt: skip
+
+
+async def test_a_silent_upstream_during_revalidation_opens_the_breaker(
+    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path
+) -> None:
+    base = mirror_config(
+        tmp_path / "cache", fake.url, header_timeout=30.0, retries=0, breaker_failures=2,
+        breaker_cooldown=60.0,
+    )  # fmt: skip
+    cache = replace(base.cache, tag_ttl=0.05, revalidate_timeout=0.2)
+    mirror = await make_mirror(config=replace(base, cache=cache))
+    for tag in ("a", "b", "c"):
+        seed(fake, tag, layers=1)
+        resp = await mirror.client.get(f"/v2/team/app/manifests/{tag}", params=FAKE)
+        assert resp.status == 200
+    await asyncio.sleep(0.1)  # every tag is past its TTL
+    fake.fault("silent", kind="manifest-tag")
+    for tag in ("a", "b", "c"):
+        resp = await mirror.client.head(f"/v2/team/app/manifests/{tag}", params=FAKE)
+        assert resp.status == 200  # stale, within max_stale
+    # Two silent HEADs counted as failures: the third tag was served without asking.
+    assert fake.count("manifest-tag", method="HEAD") == 2
+    assert mirror.requests("manifest", "stale") == 3
+    assert mirror.metric("mirror_upstream_breaker_open", registry="fake.test") == 1
