@@ -52,6 +52,8 @@ class ServerConfig:
     # Threads that copy cached blobs to sockets a slice at a time. A client waiting to drain
     # holds none, so this bounds parallel disk reads, not the number of clients served.
     sendfile_threads: int = 64
+    # A client that takes no byte for this long is dropped, releasing its file and buffers.
+    client_idle_timeout: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -217,6 +219,7 @@ _SCALARS: dict[tuple[str, str], tuple[str, Any]] = {
     ("server", "access_log"): ("access_log", _parse_bool),
     ("server", "fast_path"): ("fast_path", _parse_bool),
     ("server", "sendfile_threads"): ("sendfile_threads", _positive_int),
+    ("server", "client_idle_timeout"): ("client_idle_timeout", parse_duration),
     ("cache", "dir"): ("directory", lambda v: Path(str(v))),
     ("cache", "max_size"): ("max_size", parse_size),
     ("cache", "high_watermark"): ("high_watermark", _fraction),

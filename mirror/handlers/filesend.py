@@ -25,9 +25,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-IDLE_TIMEOUT = 60.0  # a client that takes no byte for this long is dropped
-# Overrides IDLE_TIMEOUT for one app (tests drop stuck clients in a second, not a minute).
-idle_timeout_key = web.AppKey("client_idle_timeout", float)
+from mirror.keys import config_key
+
 SLICE = 8 << 20  # bytes one thread call may move before it lets other transfers have a turn
 PATIENCE_MS = 20  # how long a thread waits for a full socket to drain before handing it back
 
@@ -45,7 +44,7 @@ class Sent:
 
 
 def idle_timeout(request: web.Request) -> float:
-    return request.app.get(idle_timeout_key, IDLE_TIMEOUT)
+    return request.app[config_key].server.client_idle_timeout
 
 
 def drop(request: web.Request) -> None:

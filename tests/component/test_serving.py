@@ -16,7 +16,6 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 from mirror.app import create_app
-from mirror.handlers.filesend import idle_timeout_key
 
 from .clients import open_fds_under, parse_head, read_to_end, stalled_client
 from .conftest import MakeMirror
@@ -72,8 +71,8 @@ async def test_a_client_that_stops_reading_is_dropped_after_the_idle_timeout(
     fake: FakeRegistry, aiohttp_client: Any, tmp_path: Path, cached: bool
 ) -> None:
     config = mirror_config(tmp_path / "cache", fake.url, chunk_size=MiB)
+    config = replace(config, server=replace(config.server, client_idle_timeout=0.5))
     app = create_app(config)
-    app[idle_timeout_key] = 0.5
     mirror = Mirror(await aiohttp_client(app), app, config)
     data = random_bytes(32 * MiB, 41)  # far more than the socket buffers hold
     digest = fake.add_blob(NAME, data)
