@@ -39,6 +39,15 @@ class RegistryConfig:
     password: str | None = field(default=None, repr=False)
     # The url is another mirror (a regional tier): forward ?ns=<name> so it can route.
     is_mirror: bool = False
+    # Amazon ECR: credentials come from GetAuthorizationToken in this region, signed with
+    # whatever the AWS credential chain finds (env, profile, instance role, IRSA), not from here.
+    aws_region: str | None = None
+    # Where that call goes instead of the public ECR API: a VPC interface endpoint (or moto).
+    aws_endpoint_url: str | None = None
+
+    @property
+    def uses_ecr(self) -> bool:
+        return self.aws_region is not None
 
 
 @dataclass(frozen=True)
@@ -242,7 +251,10 @@ _SCALARS: dict[tuple[str, str], tuple[str, Any]] = {
 _SECTIONS = ("server", "cache", "upstream", "warm")
 # No user info in URLs: credentials belong in username/password, which are never logged.
 _URL = re.compile(r"https?://[^/@\s]+(?:/|$)")
-_REGISTRY_KEYS = {"url", "username", "password", "mirror"}
+_REGISTRY_KEYS = {"url", "username", "password", "mirror", "aws_region", "aws_endpoint_url"}
+# us-east-1, eu-central-2, us-gov-west-1, cn-north-1, us-isob-east-1: a typo fails at start,
+# not as a DNS error on the first pull.
+_AWS_REGION = re.compile(r"[a-z]{2}(?:-[a-z]+)+-[0-9]{1,2}")
 # Registry names become cache directory names: hosts only, never "..", "/" or spaces.
 # Lowercase only: routing lowercases the host a client names, so "GHCR.io" would be unreachable.
 _REGISTRY_NAME = re.compile(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?(?::[0-9]{1,5})?")
@@ -373,49 +385,96 @@ def _load_registries(
             if not isinstance(entry, dict):
                 problems.append(f"{where}: must be a table with at least url")
                 continue
-            unknown = set(entry) - _REGISTRY_KEYS
-            if unknown:
-                problems.append(f"{where}: unknown keys {sorted(unknown)}")
-            url = entry.get("url")
-            if not isinstance(url, str) or not _URL.match(url):
-                problems.append(f"{where}.url: expected http(s)://host[:port], got {_shown(url)}")
-                continue
-            try:
-                is_mirror = _parse_bool(entry.get("mirror", False))
-            except ValueError as exc:
-                problems.append(f"{where}.mirror: {exc}")
-                continue
-            result[name] = RegistryConfig(
-                name=name,
-                url=url.rstrip("/"),
-                username=_optional_str(entry.get("username", "")),
-                password=_optional_str(entry.get("password", "")),
-                is_mirror=is_mirror,
-            )
-    # Credentials are best kept out of files: MIRROR_REGISTRY_<ID>_USERNAME/_PASSWORD/_URL.
+            registry = _registry_entry(name, entry, where, problems)
+            if registry is not None:
+                result[name] = registry
+    # Credentials are best kept out of files: MIRROR_REGISTRY_<ID>_<KEY> for these keys.
+    # The longer suffixes come first: _AWS_ENDPOINT_URL also ends in _URL.
     by_id = {env_id(n): n for n in result}
     for var, value in environ.items():
         if not var.startswith("MIRROR_REGISTRY_"):
             continue
         rest = var[len("MIRROR_REGISTRY_") :]
-        for suffix, attr in (("_USERNAME", "username"), ("_PASSWORD", "password"), ("_URL", "url")):
+        for suffix, attr in _REGISTRY_ENV:
             if rest.endswith(suffix) and rest[: -len(suffix)] in by_id:
                 name = by_id[rest[: -len(suffix)]]
-                if attr == "url":
-                    if not _URL.match(value):
-                        problems.append(
-                            f"${var}: expected http(s)://host[:port], got {_shown(value)}"
-                        )
-                        break
-                    result[name] = replace(result[name], url=value.rstrip("/"))
-                elif attr == "username":
-                    result[name] = replace(result[name], username=value or None)
-                else:
-                    result[name] = replace(result[name], password=value or None)
+                try:
+                    parsed = _REGISTRY_PARSERS[attr](value)
+                except ValueError as exc:
+                    problems.append(f"${var}: {exc}")
+                    break
+                result[name] = replace(result[name], **{attr: parsed})
                 break
         else:
             problems.append(f"${var}: names no configured registry (ids: {sorted(by_id)})")
+    for name, registry in result.items():
+        if registry.uses_ecr and (registry.username or registry.password):
+            problems.append(
+                f"registries.{name!r}: username/password and aws_region exclude each other "
+                "(with aws_region, ECR issues the credentials)"
+            )
+        elif registry.aws_endpoint_url and not registry.uses_ecr:
+            problems.append(f"registries.{name!r}.aws_endpoint_url: needs aws_region")
     return result
+
+
+def _registry_entry(
+    name: str, entry: dict[str, Any], where: str, problems: list[str]
+) -> RegistryConfig | None:
+    """One [registries."<name>"] table; None (with every bad key named) when it is unusable."""
+    found = len(problems)
+    unknown = set(entry) - _REGISTRY_KEYS
+    if unknown:
+        problems.append(f"{where}: unknown keys {sorted(unknown)}")
+    values: dict[str, Any] = {}
+    for key, attr in (("url", "url"), ("mirror", "is_mirror"), ("aws_region", "aws_region"),
+                      ("aws_endpoint_url", "aws_endpoint_url")):  # fmt: skip
+        if key not in entry and key != "url":
+            continue
+        try:
+            values[attr] = _REGISTRY_PARSERS[attr](entry.get(key))
+        except (ValueError, TypeError) as exc:
+            problems.append(f"{where}.{key}: {exc}")
+    if len(problems) > found:
+        return None
+    return RegistryConfig(
+        name=name,
+        username=_optional_str(entry.get("username", "")),
+        password=_optional_str(entry.get("password", "")),
+        **values,
+    )
+
+
+def _registry_url(value: Any) -> str:
+    if not isinstance(value, str) or not _URL.match(value):
+        raise ValueError(f"expected http(s)://host[:port], got {_shown(value)}")
+    return value.rstrip("/")
+
+
+def _aws_region(value: Any) -> str:
+    if not isinstance(value, str) or not _AWS_REGION.fullmatch(value):
+        raise ValueError(f"expected an AWS region like us-east-1, got {value!r}")
+    return value
+
+
+_REGISTRY_PARSERS: Mapping[str, Any] = MappingProxyType(
+    {
+        "url": _registry_url,
+        "is_mirror": _parse_bool,
+        "username": lambda v: str(v) or None,
+        "password": lambda v: str(v) or None,
+        "aws_region": _aws_region,
+        "aws_endpoint_url": _registry_url,
+    }
+)
+# (MIRROR_REGISTRY_<ID> suffix, RegistryConfig field), longest suffix first.
+_REGISTRY_ENV = (
+    ("_AWS_ENDPOINT_URL", "aws_endpoint_url"),
+    ("_AWS_REGION", "aws_region"),
+    ("_USERNAME", "username"),
+    ("_PASSWORD", "password"),
+    ("_URL", "url"),
+)
 
 
 def _shown(url: Any) -> str:
@@ -432,7 +491,13 @@ def describe(config: Config) -> dict[str, Any]:
             f.name: str(getattr(obj, f.name)) for f in fields(obj) if f.name not in ("admin_token",)
         }
     out["registries"] = {
-        n: {"url": r.url, "auth": bool(r.username), "mirror": r.is_mirror}
+        n: {
+            "url": r.url,
+            "auth": "ecr" if r.uses_ecr else bool(r.username),
+            "mirror": r.is_mirror,
+            **({"aws_region": r.aws_region} if r.uses_ecr else {}),
+            **({"aws_endpoint_url": r.aws_endpoint_url} if r.aws_endpoint_url else {}),
+        }
         for n, r in config.registries.items()
     }
     out["default_registry"] = config.default_registry

@@ -483,6 +483,148 @@ def test_a_refused_env_url_never_shows_its_password(url: str) -> None:
     assert "hunter2" not in message and "<a url with user info>" in message
 
 
+# ---------------------------------------------------------------- Amazon ECR registries
+
+ECR = "123456789012.dkr.ecr.eu-west-1.amazonaws.com"
+ECR_ID = env_id(ECR)
+
+
+def _ecr_file(tmp_path: Path, extra: str = "") -> Path:
+    return _toml(
+        tmp_path,
+        f"""
+default_registry = "{ECR}"
+[registries."{ECR}"]
+url = "https://{ECR}"
+{extra}
+""",
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "environ", "region", "endpoint"),
+    [
+        ('aws_region = "eu-west-1"', {}, "eu-west-1", None),
+        ('aws_region = "us-gov-west-1"', {}, "us-gov-west-1", None),
+        ('aws_region = "cn-north-1"', {}, "cn-north-1", None),
+        (
+            'aws_region = "eu-west-1"\naws_endpoint_url = "https://vpce-1.ecr.eu-west-1.vpce.'
+            'amazonaws.com/"',
+            {},
+            "eu-west-1",
+            "https://vpce-1.ecr.eu-west-1.vpce.amazonaws.com",
+        ),
+        ("", {f"MIRROR_REGISTRY_{ECR_ID}_AWS_REGION": "eu-west-1"}, "eu-west-1", None),
+        (
+            'aws_region = "eu-west-1"',
+            {f"MIRROR_REGISTRY_{ECR_ID}_AWS_ENDPOINT_URL": "http://127.0.0.1:5123"},
+            "eu-west-1",
+            "http://127.0.0.1:5123",
+        ),
+        (  # the environment wins over the file, as for every registry key
+            'aws_region = "eu-west-1"',
+            {f"MIRROR_REGISTRY_{ECR_ID}_AWS_REGION": "eu-central-1"},
+            "eu-central-1",
+            None,
+        ),
+        ("", {}, None, None),  # no region: an ordinary registry, no AWS at all
+    ],
+)
+def test_ecr_keys(
+    tmp_path: Path, extra: str, environ: dict[str, str], region: str | None, endpoint: str | None
+) -> None:
+    registry = load_config(environ, _ecr_file(tmp_path, extra)).registries[ECR]
+    assert (registry.aws_region, registry.aws_endpoint_url) == (region, endpoint)
+    assert registry.uses_ecr is (region is not None)
+    assert registry.url == f"https://{ECR}"  # _AWS_ENDPOINT_URL is not taken for _URL
+
+
+@pytest.mark.parametrize(
+    ("extra", "environ", "fragments"),
+    [
+        ('aws_region = "eu-west"', {}, [f"registries.'{ECR}'.aws_region"]),
+        ('aws_region = "EU-WEST-1"', {}, [f"registries.'{ECR}'.aws_region"]),
+        ("aws_region = 1", {}, [f"registries.'{ECR}'.aws_region"]),
+        (
+            'aws_region = "eu-west-1"\naws_endpoint_url = "vpce.example"',
+            {},
+            [f"registries.'{ECR}'.aws_endpoint_url"],
+        ),
+        (  # user info in the endpoint is refused, and not repeated in the message
+            'aws_region = "eu-west-1"\naws_endpoint_url = "https://AKIA:secret@vpce.example"',
+            {},
+            [f"registries.'{ECR}'.aws_endpoint_url: expected http(s)://host[:port], got <a url"],
+        ),
+        (  # every bad key of one entry, together
+            'url = "nope"\naws_region = "mars-1"\naws_endpoint_url = 5\nmirror = "maybe"\n'
+            "aws_profile = 'x'",
+            {},
+            [
+                f"registries.'{ECR}': unknown keys ['aws_profile']",
+                f"registries.'{ECR}'.url",
+                f"registries.'{ECR}'.aws_region",
+                f"registries.'{ECR}'.aws_endpoint_url",
+                f"registries.'{ECR}'.mirror",
+            ],
+        ),
+        (
+            'aws_region = "eu-west-1"',
+            {f"MIRROR_REGISTRY_{ECR_ID}_AWS_REGION": "nowhere"},
+            [f"$MIRROR_REGISTRY_{ECR_ID}_AWS_REGION: expected an AWS region"],
+        ),
+        (
+            'aws_region = "eu-west-1"',
+            {f"MIRROR_REGISTRY_{ECR_ID}_AWS_ENDPOINT_URL": "localhost:4566"},
+            [f"$MIRROR_REGISTRY_{ECR_ID}_AWS_ENDPOINT_URL: expected http(s)://"],
+        ),
+        (  # an endpoint alone would be silently ignored: say so instead
+            'aws_endpoint_url = "http://127.0.0.1:5123"',
+            {},
+            [f"registries.'{ECR}'.aws_endpoint_url: needs aws_region"],
+        ),
+    ],
+)
+def test_bad_ecr_keys_are_named(
+    tmp_path: Path, extra: str, environ: dict[str, str], fragments: list[str]
+) -> None:
+    text = extra if extra.startswith("url") else f'url = "https://{ECR}"\n{extra}'
+    hub = '[registries."docker.io"]\nurl = "https://registry-1.docker.io"\n'
+    path = _toml(tmp_path, f'default_registry = "docker.io"\n[registries."{ECR}"]\n{text}\n{hub}')
+    problems = _problems(environ, path)
+    assert len(problems) == len(fragments), problems
+    for fragment in fragments:
+        assert any(fragment in p for p in problems), (fragment, problems)
+    assert "secret" not in "\n".join(problems)
+
+
+@pytest.mark.parametrize(
+    ("extra", "environ"),
+    [
+        ('aws_region = "eu-west-1"\nusername = "AWS"\npassword = "x"', {}),
+        ('aws_region = "eu-west-1"\npassword = "x"', {}),
+        ('aws_region = "eu-west-1"', {f"MIRROR_REGISTRY_{ECR_ID}_USERNAME": "AWS"}),
+        ('username = "AWS"', {f"MIRROR_REGISTRY_{ECR_ID}_AWS_REGION": "eu-west-1"}),
+    ],
+)
+def test_static_credentials_and_ecr_exclude_each_other(
+    tmp_path: Path, extra: str, environ: dict[str, str]
+) -> None:
+    problems = _problems(environ, _ecr_file(tmp_path, extra))
+    assert problems == [
+        f"registries.'{ECR}': username/password and aws_region exclude each other "
+        "(with aws_region, ECR issues the credentials)"
+    ]
+
+
+def test_describe_names_ecr_without_credentials(tmp_path: Path) -> None:
+    extra = 'aws_region = "eu-west-1"\naws_endpoint_url = "http://127.0.0.1:5123"'
+    view = describe(load_config({}, _ecr_file(tmp_path, extra)))
+    assert view["registries"][ECR] == {
+        "url": f"https://{ECR}", "auth": "ecr", "mirror": False, "aws_region": "eu-west-1",
+        "aws_endpoint_url": "http://127.0.0.1:5123",
+    }  # fmt: skip
+
+
 # ---------------------------------------------------------------- describe()
 
 SECRETS = ("hub-secret-123", "admin-token-456", "file-pass-789")
