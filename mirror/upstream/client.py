@@ -18,10 +18,11 @@ from mirror.config import RegistryConfig, UpstreamConfig
 from mirror.metrics import Metrics, status_class
 from mirror.oci.mediatypes import UPSTREAM_ACCEPT
 from mirror.oci.ratelimit import parse_ratelimit_remaining
-from mirror.upstream.auth import Challenge, parse_challenges, pull_scope
+from mirror.upstream.authorize import Authorizer
 from mirror.upstream.breaker import CircuitBreaker
+from mirror.upstream.credentials import CredentialSource, StaticCredentials
 from mirror.upstream.errors import UpstreamError, UpstreamUnavailable, parse_retry_after
-from mirror.upstream.tokens import Credentials, TokenCache
+from mirror.upstream.tokens import TokenCache
 
 log = structlog.get_logger("mirror.upstream")
 
@@ -103,16 +104,16 @@ class RegistryClient:
         metrics: Metrics,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         wall_clock: Callable[[], float] = time.time,  # what an HTTP-date Retry-After is read by
+        credentials: CredentialSource | None = None,  # None: each registry's username/password
     ) -> None:
         self._session = session
         self._registries = registries
         self._config = config
-        self._tokens = tokens
+        self._authorizer = Authorizer(tokens, credentials or StaticCredentials(), self._follow)
         self._breaker = breaker
         self._metrics = metrics
         self._sleep = sleep
         self._wall_clock = wall_clock
-        self._challenges: dict[str, Challenge] = {}  # last challenge seen, per registry
         self._ratelimits: dict[str, int] = {}  # last ratelimit-remaining seen, per registry
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=config.connect_timeout, sock_read=config.read_timeout
@@ -240,7 +241,7 @@ class RegistryClient:
                 )
             try:
                 async with asyncio.timeout(attempt_timeout):
-                    resp = await self._authorized(reg, name, method, url, headers)
+                    resp = await self._authorizer.send(reg, name, method, url, headers)
             except TimeoutError as exc:
                 self._failed(registry, kind, "timeout")
                 raise UpstreamUnavailable(
@@ -327,61 +328,6 @@ class RegistryClient:
             retry_after=parse_retry_after(resp.headers.get("Retry-After"), self._wall_clock()),
             registry=registry,
         )
-
-    async def _authorized(
-        self, reg: RegistryConfig, name: str, method: str, url: URL, headers: Mapping[str, str]
-    ) -> aiohttp.ClientResponse:
-        creds = Credentials(reg.username, reg.password or "") if reg.username else None
-        scope = pull_scope(name)
-        sent = dict(headers)
-        sent.setdefault("Accept-Encoding", "identity")  # exact bytes: digests cover them
-        known = self._challenges.get(reg.name)
-        auth = self._known_auth(known, scope, creds)
-        if auth:
-            sent["Authorization"] = auth
-        resp = await self._follow(method, url, sent)
-        if not self._challenged(resp, url):
-            return resp
-        challenges = parse_challenges(resp.headers.get("WWW-Authenticate", ""))
-        bearer = next((c for c in challenges if c.scheme == "bearer" and c.realm), None)
-        basic = next((c for c in challenges if c.scheme == "basic"), None)
-        if bearer is not None:
-            resp.release()
-            if known is not None and auth and auth.startswith("Bearer "):
-                # Refused though unexpired (revoked, or the registry restarted with new
-                # keys): fetch a new one, once, instead of sending it until it expires.
-                self._tokens.forget(known, scope, creds, auth.removeprefix("Bearer "))
-            self._challenges[reg.name] = bearer
-            token = await self._tokens.token(bearer, scope, creds, requested=bearer.scope)
-            sent["Authorization"] = f"Bearer {token}"
-            resp = await self._follow(method, url, sent)
-            if self._challenged(resp, url):
-                self._tokens.forget(bearer, scope, creds, token)  # refused even fresh: give up
-            return resp
-        if basic is not None and creds is not None and auth != creds.basic():
-            resp.release()
-            self._challenges[reg.name] = basic
-            sent["Authorization"] = creds.basic()
-            return await self._follow(method, url, sent)
-        return resp
-
-    @staticmethod
-    def _challenged(resp: aiohttp.ClientResponse, url: URL) -> bool:
-        """A 401 from the registry itself. One from a host a redirect led to (a CDN) is never
-        answered with the registry's credentials or tokens, nor taken as the registry's
-        challenge: that host could name any realm, and it would get them."""
-        return resp.status == 401 and resp.url.origin() == url.origin()
-
-    def _known_auth(
-        self, challenge: Challenge | None, scope: str, creds: Credentials | None
-    ) -> str | None:
-        """Skip the 401 round trip when a usable token for this scope is already cached."""
-        if challenge is None:
-            return None
-        if challenge.scheme == "basic":
-            return creds.basic() if creds else None
-        token = self._tokens.cached(challenge, scope, creds)
-        return f"Bearer {token}" if token else None
 
     async def _follow(
         self, method: str, url: URL, headers: dict[str, str]

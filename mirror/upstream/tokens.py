@@ -3,33 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import aiohttp
 from cachetools import LRUCache
 
 from mirror.upstream.auth import Challenge
+from mirror.upstream.credentials import Credentials
 from mirror.upstream.errors import UpstreamError, UpstreamUnavailable
 
 # Tokens are used a little before they expire, so a request never leaves with a dead one.
 _EXPIRY_MARGIN = 10.0
 _MAX_TOKENS = 10_000
 _DEFAULT_LIFETIME = 60.0  # the token spec's default when expires_in is absent
-
-
-@dataclass(frozen=True)
-class Credentials:
-    username: str
-    password: str
-
-    def basic(self) -> str:
-        raw = f"{self.username}:{self.password}".encode()
-        return "Basic " + base64.b64encode(raw).decode()
-
-    def __repr__(self) -> str:  # never let a password reach a log line through a repr
-        return f"Credentials(username={self.username!r}, password=***)"
 
 
 _Key = tuple[str, str, str, str]
