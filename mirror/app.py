@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import TYPE_CHECKING
 
 import aiohttp
 import structlog
@@ -19,6 +21,7 @@ from mirror.handlers.admin import add_admin_routes
 from mirror.keys import (
     blobs_key,
     config_key,
+    credentials_key,
     janitor_key,
     manifests_key,
     metrics_key,
@@ -32,12 +35,20 @@ from mirror.storage.lock import CacheLock
 from mirror.storage.store import FilesystemStore
 from mirror.upstream.breaker import CircuitBreaker
 from mirror.upstream.client import RegistryClient
+from mirror.upstream.credentials import open_credentials
 from mirror.upstream.tokens import TokenCache
+
+if TYPE_CHECKING:
+    from aiobotocore.session import AioSession
 
 log = structlog.get_logger("mirror.app")
 
 
-def create_app(config: Config, metrics: Metrics | None = None) -> web.Application:
+def create_app(
+    config: Config, metrics: Metrics | None = None, *, aws_session: AioSession | None = None
+) -> web.Application:
+    """`aws_session`: where ECR registries' AWS credentials come from (tests pass their own);
+    None is the standard chain: environment, profile, instance role, IRSA web identity."""
     app = web.Application(middlewares=[observe], client_max_size=64 * 1024)
     app[config_key] = config
     app[metrics_key] = metrics or Metrics()
@@ -47,6 +58,7 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
     )
     app[store_key] = FilesystemStore(config.cache.directory)
     app.cleanup_ctx.append(_cache_lock)  # first in, last out: held while any service runs
+    app.cleanup_ctx.append(partial(_credentials, aws_session=aws_session))
     app.cleanup_ctx.append(_services)
     add_admin_routes(app)  # after _services: the warm service is built from its blobs/manifests
     app.on_response_prepare.append(add_common_headers)
@@ -62,6 +74,14 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
 async def _cache_lock(app: web.Application) -> AsyncIterator[None]:
     """One server per cache directory: another's temp files are not ours to sweep."""
     with CacheLock(app[store_key].layout):
+        yield
+
+
+async def _credentials(app: web.Application, aws_session: AioSession | None) -> AsyncIterator[None]:
+    """Registry credentials; for ECR registries, the aiobotocore clients that issue them."""
+    config = app[config_key]
+    async with open_credentials(config.registries, config.upstream, aws_session) as source:
+        app[credentials_key] = source
         yield
 
 
@@ -83,7 +103,10 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     )
     breaker = CircuitBreaker(up.breaker_failures, up.breaker_cooldown, time.monotonic)
     metrics.watch_breakers(config.registries, breaker.is_open)
-    client = RegistryClient(session, config.registries, up, tokens, breaker, metrics)
+    client = RegistryClient(
+        session, config.registries, up, tokens, breaker, metrics,
+        credentials=app[credentials_key],
+    )  # fmt: skip
     janitor = CacheJanitor(store, AccessIndex(store.layout), config.cache, metrics)
     await janitor.start()
     blobs = BlobService(store, client, up, metrics, janitor)

@@ -13,6 +13,7 @@ from mirror.cache.warming import WarmService
 from mirror.config import Config
 from mirror.metrics import Metrics
 from mirror.storage.store import FilesystemStore
+from mirror.upstream.credentials import CredentialSource
 
 config_key = web.AppKey("config", Config)
 metrics_key = web.AppKey("metrics", Metrics)
@@ -20,6 +21,8 @@ store_key = web.AppKey("store", FilesystemStore)
 blobs_key = web.AppKey("blobs", BlobService)
 manifests_key = web.AppKey("manifests", ManifestService)
 janitor_key = web.AppKey("janitor", CacheJanitor)
+# What each registry's requests are signed with (static, or issued by ECR).
+credentials_key = web.AppKey("credentials", CredentialSource)
 # Threads that run sendfile for cached blobs (one per transfer in progress).
 sendfile_pool_key = web.AppKey("sendfile_pool", ThreadPoolExecutor)
 warm_key = web.AppKey("warm", WarmService)

@@ -13,6 +13,10 @@ def configure_logging(level: str = "info") -> None:
     logging.basicConfig(stream=sys.stdout, level=numeric, format="%(message)s")
     # aiohttp's own access log would duplicate ours, without the request id.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # botocore's DEBUG lines carry signed request headers and response bodies, ECR's
+    # authorization tokens among them: never below INFO, whatever the mirror's level.
+    for name in ("botocore", "aiobotocore"):
+        logging.getLogger(name).setLevel(max(numeric, logging.INFO))
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

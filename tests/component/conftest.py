@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ from mirror.config import Config
 
 from .fakeregistry import FakeRegistry
 from .harness import Mirror, mirror_config
+from .moto import MotoServer
 
 MakeMirror = Callable[..., Awaitable[Mirror]]
 
@@ -47,3 +48,20 @@ async def make_mirror(aiohttp_client: Any, fake: FakeRegistry, tmp_path: Path) -
 @pytest.fixture
 async def mirror(make_mirror: MakeMirror) -> Mirror:
     return await make_mirror()
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    """One moto process for the session (it takes about half a second to start)."""
+    server = MotoServer(tmp_path_factory.mktemp("moto"))
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def moto(moto_server: MotoServer) -> MotoServer:
+    """moto with an empty request log: calls() counts this test's requests only."""
+    moto_server.reset()
+    return moto_server

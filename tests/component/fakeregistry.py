@@ -1,4 +1,5 @@
-"""An in-process fake OCI registry with bearer auth, a CDN for redirects, faults and a request log.
+"""An in-process fake OCI registry with bearer or ECR-like basic auth, a CDN for redirects,
+faults and a request log.
 
     registry  GET|HEAD /v2/<name>/manifests/<tag|digest>, /v2/<name>/blobs/<digest>,
               GET /v2/<name>/tags/list, GET /token
@@ -13,6 +14,7 @@ count what the mirror asked for. Faults are named and matched per request (`Fake
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import re
@@ -132,6 +134,8 @@ class FakeRegistry:
         self.log: list[Request] = []
         self.faults: list[Fault] = []
         self.auth = False  # Docker-Hub-like bearer tokens on every /v2/ request
+        # ECR-like Basic auth on every /v2/ request: only this (user, password) gets in.
+        self.basic: tuple[str, str] | None = None
         self.token_lifetime = 300
         self.redirect = False  # blob GETs answer 307 to the cdn
         self.blob_streams = 0  # blob bodies being sent right now ...
@@ -311,6 +315,9 @@ class FakeRegistry:
         return rec
 
     def _authorized(self, request: web.Request, name: str) -> bool:
+        if self.basic is not None:
+            expected = base64.b64encode(":".join(self.basic).encode()).decode()
+            return request.headers.get("Authorization") == f"Basic {expected}"
         if not self.auth:
             return True
         header = request.headers.get("Authorization", "")
@@ -321,6 +328,9 @@ class FakeRegistry:
 
     def _challenge(self, rec: Request, name: str) -> web.Response:
         rec.status = 401
+        if self.basic is not None:  # as ECR asks
+            challenge = f'Basic realm="{self.url}/",service="ecr.amazonaws.com"'
+            return _error(401, "DENIED", "Not Authorized", {"WWW-Authenticate": challenge})
         scope = f',scope="repository:{name}:{self.actions}"' if name else ""
         return _error(
             401,

@@ -1,0 +1,161 @@
+"""The ECR credential source alone: an in-memory GetAuthorizationToken and a clock the test
+moves, for what moto cannot show (a 12 h lifetime, a refresh that fails in time, expiry)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from botocore.exceptions import EndpointConnectionError
+from structlog.testing import capture_logs
+
+from mirror.config import RegistryConfig
+from mirror.upstream.credentials import Credentials
+from mirror.upstream.ecr import (
+    MIN_REFRESH_INTERVAL,
+    RETRY_INTERVAL,
+    EcrCredentials,
+    Endpoint,
+)
+from mirror.upstream.errors import UpstreamUnavailable
+
+HOUR = 3600.0
+EU = RegistryConfig("1.dkr.ecr.eu-west-1.amazonaws.com", "https://e", aws_region="eu-west-1")
+EU_TOO = RegistryConfig("2.dkr.ecr.eu-west-1.amazonaws.com", "https://f", aws_region="eu-west-1")
+US = RegistryConfig("1.dkr.ecr.us-east-1.amazonaws.com", "https://u", aws_region="us-east-1")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def wall(self) -> float:
+        return 1_800_000_000.0 + self.now
+
+
+class FakeEcr:
+    """Issues pw-1, pw-2, ... each living `lifetime` seconds; can fail or wait at a gate."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.calls = 0
+        self.lifetime = 12 * HOUR
+        self.fail: BaseException | None = None
+        self.gate: asyncio.Event | None = None
+
+    async def get_authorization_token(self) -> dict[str, Any]:
+        self.calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail is not None:
+            raise self.fail
+        token = base64.b64encode(f"AWS:pw-{self.calls}".encode()).decode()
+        expires = datetime.fromtimestamp(self.clock.wall() + self.lifetime, UTC)
+        return {"authorizationData": [{"authorizationToken": token, "expiresAt": expires}]}
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def api(clock: Clock) -> FakeEcr:
+    return FakeEcr(clock)
+
+
+@pytest.fixture
+def source(clock: Clock, api: FakeEcr) -> EcrCredentials:
+    apis = {Endpoint.of(EU): api, Endpoint.of(US): FakeEcr(clock)}
+    return EcrCredentials(apis, clock.monotonic, clock.wall)
+
+
+async def test_a_token_is_used_until_an_hour_before_it_expires(
+    clock: Clock, api: FakeEcr, source: EcrCredentials
+) -> None:
+    assert await source.get(EU) == Credentials("AWS", "pw-1")
+    clock.now = 11 * HOUR - 1
+    assert await source.get(EU) == Credentials("AWS", "pw-1")
+    assert await source.get(EU_TOO) == Credentials("AWS", "pw-1")  # same endpoint, same token
+    assert api.calls == 1
+    clock.now = 11 * HOUR
+    assert await source.get(EU) == Credentials("AWS", "pw-2")
+    assert api.calls == 2
+
+
+async def test_a_failed_refresh_rides_on_the_old_token_and_retries_later(
+    clock: Clock, api: FakeEcr, source: EcrCredentials
+) -> None:
+    await source.get(EU)
+    api.fail = EndpointConnectionError(endpoint_url="https://api.ecr.eu-west-1.amazonaws.com")
+    clock.now = 11 * HOUR
+    with capture_logs() as events:
+        assert await source.get(EU) == Credentials("AWS", "pw-1")
+    assert [e["event"] for e in events] == ["ecr_refresh_failed"]
+    assert events[0]["valid_for"] == HOUR
+    clock.now += RETRY_INTERVAL - 1
+    assert await source.get(EU) == Credentials("AWS", "pw-1")
+    assert api.calls == 2  # not one call per request while AWS is down
+    clock.now += 1
+    api.fail = None
+    assert await source.get(EU) == Credentials("AWS", "pw-3")
+
+
+async def test_no_token_and_aws_failing_is_unavailable_naming_the_registry(
+    clock: Clock, api: FakeEcr, source: EcrCredentials
+) -> None:
+    await source.get(EU)
+    api.fail = EndpointConnectionError(endpoint_url="https://api.ecr.eu-west-1.amazonaws.com")
+    clock.now = 12 * HOUR  # expired: nothing to ride on
+    with pytest.raises(UpstreamUnavailable) as caught:
+        await source.get(EU)
+    assert caught.value.registry == EU.name
+    assert str(caught.value) == (
+        f"no ECR credentials for {EU.name}: cannot reach the ECR API (EndpointConnectionError)"
+    )
+
+
+async def test_concurrent_gets_share_one_call_that_a_hang_up_does_not_cancel(
+    api: FakeEcr, source: EcrCredentials
+) -> None:
+    api.gate = asyncio.Event()
+    waiters = [asyncio.create_task(source.get(EU)) for _ in range(20)]
+    await asyncio.sleep(0)
+    waiters[0].cancel()  # one client hangs up
+    api.gate.set()
+    results = await asyncio.gather(*waiters[1:])
+    assert set(results) == {Credentials("AWS", "pw-1")}
+    assert api.calls == 1
+
+
+async def test_a_refusal_forces_one_refresh_per_interval(
+    clock: Clock, api: FakeEcr, source: EcrCredentials
+) -> None:
+    first = await source.get(EU)
+    assert source.refused(EU, first) is True
+    second = await source.get(EU)
+    assert (second, api.calls) == (Credentials("AWS", "pw-2"), 2)
+    # Another request that sent the first pair learns of the second without a call.
+    assert source.refused(EU, first) is True
+    assert await source.get(EU) is second
+    # The fresh pair refused too: AWS is not asked again until the interval has passed.
+    assert source.refused(EU, second) is False
+    assert await source.get(EU) is second
+    clock.now += MIN_REFRESH_INTERVAL
+    assert source.refused(EU, second) is True
+    assert await source.get(EU) == Credentials("AWS", "pw-3")
+
+
+async def test_close_cancels_a_call_in_flight(api: FakeEcr, source: EcrCredentials) -> None:
+    api.gate = asyncio.Event()
+    waiter = asyncio.create_task(source.get(EU))
+    await asyncio.sleep(0)
+    await source.close()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
