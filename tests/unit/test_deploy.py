@@ -127,8 +127,10 @@ def test_example_commented_registries_are_valid(tmp_path: Path) -> None:
     path = tmp_path / "examples.toml"
     path.write_text("\n".join(lines) + "\n")
     registries = load_config({}, path).registries
-    assert set(registries) == {"registry.internal:5000", "docker.io", "ghcr.io"}
+    ecr = "123456789012.dkr.ecr.eu-west-1.amazonaws.com"
+    assert set(registries) == {"registry.internal:5000", ecr, "docker.io", "ghcr.io"}
     assert not registries["registry.internal:5000"].is_mirror
+    assert registries[ecr].aws_region == "eu-west-1" and registries[ecr].aws_endpoint_url
     assert registries["docker.io"].is_mirror and registries["ghcr.io"].is_mirror
 
 
