@@ -16,9 +16,12 @@ reused under a thread if the connection is torn down meanwhile.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import select
 import socket
+import struct
+import termios
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,14 +57,48 @@ def drop(request: web.Request) -> None:
         request.transport.abort()
 
 
-async def write_body(response: web.StreamResponse, data: bytes, idle: float) -> None:
-    """response.write, bounded: aiohttp waits for a full socket to drain with no time limit,
-    and a client that stops reading would hold whatever its response holds, forever."""
-    try:
-        async with asyncio.timeout(idle):
-            await response.write(data)
-    except TimeoutError:
-        raise ClientStalled("client took no data") from None
+class StallGuard:
+    """Drops a client that takes no byte for `idle` seconds while bytes are waiting for it.
+
+    Progress is what the client took (bytes gone from our buffer and the kernel's queue), not
+    whether one write finished: a node on a slow link may take minutes over a 1 MiB chunk and
+    is still reading. A deadline per write
+    would cut it (and a reset is fatal to containerd); this one only cuts the stuck. One timer
+    per response, checked every idle/2, so the cost does not grow with the bytes sent."""
+
+    def __init__(self, transport: asyncio.Transport | None, idle: float) -> None:
+        self._transport = transport
+        self._idle = idle
+        self._loop = asyncio.get_running_loop()
+        self.written = 0  # body bytes handed to the transport by the caller
+        self._taken = 0
+        self._progress_at = self._loop.time()
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(idle / 2, self._check)
+
+    def _check(self) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            self._timer = None
+            return
+        # Ours and the kernel's: the kernel takes more only once much of its queue has gone,
+        # so our buffer alone can sit still for a while under a client that reads steadily.
+        sock = transport.get_extra_info("socket")
+        waiting = transport.get_write_buffer_size() + (_unsent(sock.fileno()) if sock else 0)
+        taken = self.written - waiting
+        now = self._loop.time()
+        if waiting == 0 or taken != self._taken:
+            self._taken = taken
+            self._progress_at = now
+        elif now - self._progress_at >= self._idle:
+            self._timer = None
+            transport.abort()  # the pending write fails with a connection error: a hang-up
+            return
+        self._timer = self._loop.call_later(self._idle / 2, self._check)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 def _sendfile_slice(sock_fd: int, file_fd: int, offset: int, count: int) -> tuple[int, bool]:
@@ -126,13 +163,20 @@ async def send_rest(
         raise ConnectionResetError("connection lost")
     idle = idle_timeout(request)
     # Whatever aiohttp wrote (headers, earlier body) must be on the wire before the threads
-    # write around the transport.
+    # write around the transport. Each byte the client takes restarts the idle clock.
     loop = asyncio.get_running_loop()
     deadline = loop.time() + idle
+    queued = transport.get_write_buffer_size() + _unsent(sock.fileno())
+    pause = 0.001
     while transport.get_write_buffer_size():
-        if loop.time() > deadline:
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.05)  # a slow client must not cost a wake-up per millisecond
+        now_queued = transport.get_write_buffer_size() + _unsent(sock.fileno())
+        if now_queued < queued:
+            deadline = loop.time() + idle
+        elif loop.time() > deadline:
             raise ClientStalled("client took no data")
-        await asyncio.sleep(0.001)
+        queued = now_queued
     if not count:
         return
     # Descriptors of this transfer's own: whatever the caller or the loop closes meanwhile,
@@ -169,16 +213,37 @@ async def send_rest(
 
 
 async def _writable(loop: asyncio.AbstractEventLoop, fd: int, idle: float) -> None:
-    """Until the socket can take bytes again (or has failed: the next send says how)."""
+    """Until the socket can take bytes again (or has failed: the next send says how).
+
+    The kernel reports writable only once a good part of its send queue has gone, which can
+    take a slow reader longer than the idle timeout: what counts is that the queue shrinks."""
+    queued = _unsent(fd)
+    deadline = loop.time() + idle
     ready = loop.create_future()
     loop.add_writer(fd, _set_once, ready)
     try:
-        async with asyncio.timeout(idle):
-            await ready
-    except TimeoutError:
-        raise ClientStalled("client took no data") from None
+        while True:
+            try:
+                async with asyncio.timeout(idle / 2):
+                    await asyncio.shield(ready)
+                return
+            except TimeoutError:
+                now_queued = _unsent(fd)
+                if now_queued < queued:
+                    deadline = loop.time() + idle
+                elif loop.time() >= deadline:
+                    raise ClientStalled("client took no data") from None
+                queued = now_queued
     finally:
         loop.remove_writer(fd)  # before the descriptor is closed: the poll must not outlive it
+
+
+def _unsent(fd: int) -> int:
+    """Bytes in the socket's send queue (not yet acknowledged by the client)."""
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0])
+    except OSError:
+        return 0  # gone: the next send reports how
 
 
 def _set_once(future: asyncio.Future[None]) -> None:

@@ -12,11 +12,11 @@ from mirror.cache.errors import to_registry_error
 from mirror.cache.transfer import DownloadFailed
 from mirror.handlers.filesend import (
     Sent,
+    StallGuard,
     drop,
     idle_timeout,
     send_file,
     send_rest,
-    write_body,
 )
 from mirror.keys import (
     blobs_key,
@@ -196,13 +196,14 @@ async def _stream_live(
         live.reader.close()
         raise
     response = _start_response(headers, start, end, live.size, partial)
-    idle = idle_timeout(request)
     sent = Sent()
+    guard = StallGuard(request.transport, idle_timeout(request))
     try:
         await response.prepare(request)  # inside: a client gone already must not leak the fd
         async with contextlib.aclosing(live.reader.chunks(start, end + 1)) as chunks:
             async for chunk in chunks:
-                await write_body(response, chunk, idle)
+                guard.written += len(chunk)
+                await response.write(chunk)
                 sent.bytes += len(chunk)
                 if live.reader.whole_on_disk and end + 1 - start - sent.bytes >= _SENDFILE_SWITCH:
                     break  # verified and on disk: let the kernel send the rest
@@ -223,6 +224,7 @@ async def _stream_live(
     except ConnectionError:
         drop(request)  # hung up, or stopped reading: the reader and its fd go at once
     finally:
+        guard.close()
         live.reader.close()
         request.app[metrics_key].served_bytes.labels("upstream").inc(sent.bytes)
         request[sent_key] = sent.bytes

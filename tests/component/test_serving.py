@@ -99,6 +99,34 @@ async def test_a_client_that_stops_reading_is_dropped_after_the_idle_timeout(
         writer.close()
 
 
+async def test_a_slow_client_that_keeps_reading_is_never_dropped(
+    fake: FakeRegistry, aiohttp_client: Any, tmp_path: Path
+) -> None:
+    """A node on a slow link may take far longer than the idle timeout over one chunk, yet it
+    takes bytes all along: only a client that takes none may be cut (a reset is fatal to
+    containerd, which would pull the layer again from the start). More than the kernel's
+    socket buffers hold, so the mirror's own buffer backs up behind the client."""
+    config = mirror_config(tmp_path / "cache", fake.url, chunk_size=MiB)
+    config = replace(config, server=replace(config.server, client_idle_timeout=0.3))
+    app = create_app(config)
+    mirror = Mirror(await aiohttp_client(app), app, config)
+    data = random_bytes(6 * MiB, 43)
+    digest = fake.add_blob(NAME, data)
+    fake.fault("slow_body", kind="blob", rate=16 * MiB)  # ahead of the client, not done at once
+
+    head, reader, writer = await stalled_client(mirror.client.port, blob_path(digest))
+    try:
+        assert parse_head(head)[0] == 200
+        body = bytearray()
+        while chunk := await asyncio.wait_for(reader.read(16 * KiB), 10):
+            body += chunk
+            await asyncio.sleep(0.01)  # ~1.6 MB/s: a 1 MiB chunk takes 0.6 s to drain
+        assert len(body) == len(data)
+        assert bytes(body) == data
+    finally:
+        writer.close()
+
+
 async def test_a_client_hanging_up_mid_blob_is_one_field_of_the_access_line(
     fake: FakeRegistry, mirror: Mirror, caplog: pytest.LogCaptureFixture
 ) -> None:
