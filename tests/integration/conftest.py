@@ -155,6 +155,7 @@ def mirror_factory(
         registries: dict[str, RegistryEntry] | None = None,
         default_registry: str | None = None,
         tag_ttl: str = "5m",
+        env: dict[str, str] | None = None,
         **extra: Any,
     ) -> Mirror:
         if registries is None:
@@ -167,6 +168,7 @@ def mirror_factory(
             default_registry=default_registry or upstream.host,
             tag_ttl=tag_ttl,
             extra={k.replace("__", "."): v for k, v in extra.items()},
+            env=env or {},
         )
         mirror = Mirror(tmp_path_factory.mktemp("mirror"), settings)
         name = "mirror" if not started else f"mirror #{len(started) + 1}"

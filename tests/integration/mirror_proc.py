@@ -58,6 +58,8 @@ class RegistryEntry:
     url: str
     username: str | None = None
     password: str | None = None
+    aws_region: str | None = None  # Amazon ECR: credentials from GetAuthorizationToken
+    aws_endpoint_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,9 @@ class MirrorSettings:
     tag_ttl: str = "5m"
     # Extra "section.key" -> value pairs, e.g. {"upstream.header_timeout": "2s"}.
     extra: dict[str, Any] = field(default_factory=dict)
+    # Added to the process environment (AWS_* keys for ECR; never MIRROR_*, which would
+    # override the file).
+    env: dict[str, str] = field(default_factory=dict)
 
 
 def _toml_value(value: Any) -> str:
@@ -97,6 +102,9 @@ def render_config(settings: MirrorSettings, listen: str, cache_dir: Path) -> str
             lines.append(f"username = {_toml_value(entry.username)}")
         if entry.password is not None:
             lines.append(f"password = {_toml_value(entry.password)}")
+        for key in ("aws_region", "aws_endpoint_url"):
+            if getattr(entry, key) is not None:
+                lines.append(f"{key} = {_toml_value(getattr(entry, key))}")
     return "\n".join(lines) + "\n"
 
 
@@ -114,7 +122,7 @@ class Mirror:
             "mirror",
             [*mirror_command(), "--config", str(self.config_path)],
             workdir / "mirror.log",
-            env=mirror_env(),
+            env={**mirror_env(), **settings.env},
             cwd=workdir,
         )
 
@@ -155,6 +163,6 @@ class Mirror:
         return lines
 
 
-# The mirror_factory fixture: keyword arguments registries, default_registry, tag_ttl, and
+# The mirror_factory fixture: keyword arguments registries, default_registry, tag_ttl, env, and
 # section__key=value for any other setting (upstream__header_timeout="2s").
 MirrorFactory = Callable[..., Mirror]
