@@ -57,7 +57,9 @@ class BlobService:
         self._config = config
         self._metrics = metrics
         self._downloads: dict[str, BlobDownload] = {}
-        self._heads: SingleFlight[int] = SingleFlight()  # upstream HEADs, by digest
+        # Upstream HEADs, by repository too: one that lacks the blob must not answer for one
+        # that has it.
+        self._heads: SingleFlight[int] = SingleFlight()
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -76,8 +78,13 @@ class BlobService:
         """Hold while sending a cached blob: eviction passes it over."""
         return self._janitor.pinned(digest)
 
-    async def open(self, registry: str, name: str, digest: Digest) -> Opened:
-        """The bytes of a blob: from disk, or following its download (started if need be)."""
+    async def open(self, registry: str, name: str, digest: Digest, rejoin: bool = True) -> Opened:
+        """The bytes of a blob: from disk, or following its download (started if need be).
+
+        Downloads are shared by digest across repositories (a base layer is one download for
+        every image built on it). One started for a repository that lacks the blob, or that
+        the mirror may not read, fails for that reason only: a caller that joined it from
+        another repository then tries once with its own."""
         hit = self.cached(digest)
         if hit is not None:
             return Opened(hit, "hit")
@@ -92,6 +99,8 @@ class BlobService:
             size = await download.wait_sized()
         except DownloadFailed as exc:
             reader.close()
+            if rejoin and _for_another(download, registry, name):
+                return await self.open(registry, name, digest, rejoin=False)
             raise to_registry_error(exc, ErrorCode.BLOB_UNKNOWN) from exc
         except BaseException:
             reader.close()
@@ -106,9 +115,13 @@ class BlobService:
         download = self._downloads.get(digest.hex)
         try:
             if download is not None:
-                return await download.wait_sized(), "coalesced"
+                try:
+                    return await download.wait_sized(), "coalesced"
+                except DownloadFailed:
+                    if not _for_another(download, registry, name):
+                        raise
             size, shared = await self._heads.do(
-                digest.hex, lambda: self._upstream_size(registry, name, digest)
+                (registry, name, digest.hex), lambda: self._upstream_size(registry, name, digest)
             )
         except Exception as exc:  # noqa: BLE001 - translated for the client
             raise to_registry_error(exc, ErrorCode.BLOB_UNKNOWN) from exc
@@ -133,7 +146,13 @@ class BlobService:
         try:
             await download.wait_done()
         except DownloadFailed as exc:
-            raise to_registry_error(exc, ErrorCode.BLOB_UNKNOWN) from exc
+            if not _for_another(download, registry, name):
+                raise to_registry_error(exc, ErrorCode.BLOB_UNKNOWN) from exc
+            download, result = self._download(registry, name, digest)
+            try:
+                await download.wait_done()
+            except DownloadFailed as again:
+                raise to_registry_error(again, ErrorCode.BLOB_UNKNOWN) from again
         return result
 
     def progress(self, digest: Digest) -> tuple[int, int | None] | None:
@@ -143,7 +162,7 @@ class BlobService:
 
     def _download(self, registry: str, name: str, digest: Digest) -> tuple[BlobDownload, str]:
         download = self._downloads.get(digest.hex)
-        if download is not None:
+        if download is not None:  # a failed one is gone already: _finished runs synchronously
             return download, "coalesced"
         download = BlobDownload(
             digest, registry, name, self._client, self._store, self._config,
@@ -178,3 +197,8 @@ class BlobService:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._heads.close()
+
+
+def _for_another(download: BlobDownload, registry: str, name: str) -> bool:
+    """Started for another repository: its failure may say nothing about this one."""
+    return (download.registry, download.name) != (registry, name)

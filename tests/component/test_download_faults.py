@@ -198,6 +198,36 @@ async def test_concurrent_heads_of_an_uncached_blob_are_one_upstream_head(
     assert mirror.requests("blob", "coalesced") == 19
 
 
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_a_repository_without_the_blob_does_not_fail_one_that_has_it(
+    fake: FakeRegistry, mirror: Mirror, method: str
+) -> None:
+    """Shared by digest across repositories, a fetch started for one that lacks the blob (or
+    that the mirror may not read) must not turn a pull of one that has it into a 404: skopeo
+    fails the whole image on it."""
+    data = random_bytes(MiB, 66)
+    digest = fake.add_blob(NAME, data)
+    gate = fake.fault("hold", kind="blob", method=method, times=1)
+    before = mirror.server_requests()
+    stranger = asyncio.ensure_future(
+        mirror.client.request(method, f"/v2/other/repo/blobs/{digest}", params=FAKE)
+    )
+    await gate.reached.wait()
+    owner = asyncio.ensure_future(mirror.client.request(method, blob_url(digest), params=FAKE))
+    await joined(mirror, before, 2)
+    gate.release()
+
+    assert (await stranger).status == 404
+    resp = await owner
+    assert resp.status == 200
+    assert resp.headers["Content-Length"] == str(len(data))
+    if method == "GET":
+        assert await resp.read() == data
+    first, *rest = [r.name for r in fake.requests(kind="blob", method=method)]
+    assert first == "other/repo"
+    assert rest and set(rest) == {NAME}  # its own fetch (in ranged pieces, for a GET)
+
+
 # -- the commit and shutdown -------------------------------------------------------------------
 
 
