@@ -17,7 +17,7 @@ from mirror.config import CacheConfig
 from mirror.metrics import Metrics
 from mirror.oci.digest import Digest, InvalidDigest, digest_of, parse_digest
 from mirror.oci.errors import ErrorCode, RegistryError
-from mirror.oci.mediatypes import MANIFEST_TYPES, is_acceptable
+from mirror.oci.mediatypes import INDEX_TYPES, MANIFEST_TYPES, is_acceptable
 from mirror.storage.store import FilesystemStore, TagRecord
 from mirror.upstream.client import FetchedManifest, RegistryClient, TagList
 from mirror.upstream.errors import UpstreamError, UpstreamUnavailable
@@ -42,6 +42,7 @@ class ManifestAnswer:
 
 
 _TagKey = tuple[str, str, str]
+_NarrowKey = tuple[_TagKey, frozenset[str]]
 
 
 def _media_type(fetched: FetchedManifest) -> str:
@@ -77,6 +78,10 @@ class ManifestService:
         self._tags: LRUCache[_TagKey, TagRecord] = LRUCache(_MEMORY_TAGS)
         self._by_digest: SingleFlight[Manifest] = SingleFlight()
         self._by_tag: SingleFlight[ManifestAnswer] = SingleFlight()
+        # What the origin answers a client that rejects the tag's index (a registry rewrites it
+        # to one platform's manifest): remembered for the tag TTL, each a pull on Docker Hub.
+        self._narrowed: LRUCache[_NarrowKey, TagRecord] = LRUCache(_MEMORY_TAGS // 10)
+        self._by_narrow: SingleFlight[Manifest] = SingleFlight()
         janitor.on_evicted(self._forget)
 
     # -- by digest ---------------------------------------------------------------------------
@@ -169,11 +174,55 @@ class ManifestService:
         if record is not None and self._fresh(record):
             found = self.local(parse_digest(record.digest))
             if found is not None:
-                return _acceptable(tag, ManifestAnswer(found, "hit"), accepted)
+                return await self._acceptable(key, ManifestAnswer(found, "hit"), accepted)
         answer, shared = await self._by_tag.do(key, lambda: self._resolve(key, record))
         if shared and answer.result == "miss":
             answer = ManifestAnswer(answer.manifest, "coalesced")
-        return _acceptable(tag, answer, accepted)
+        return await self._acceptable(key, answer, accepted)
+
+    async def _acceptable(
+        self, key: _TagKey, answer: ManifestAnswer, accepted: frozenset[str]
+    ) -> ManifestAnswer:
+        """The tag's manifest, unless the client does not accept its type.
+
+        The mirror fetched it with every manifest type in its Accept, so for an image manifest
+        the origin's answer is already known. An index is different: a registry answers a
+        client that rejects it with one platform's manifest instead (old Docker clients rely on
+        it). That answer is asked for once per tag and Accept set, and kept for the tag TTL."""
+        manifest = answer.manifest
+        if is_acceptable(manifest.media_type, accepted):
+            return answer
+        if manifest.media_type not in INDEX_TYPES:
+            raise _not_acceptable(f"tag {key[2]}", manifest, accepted)
+        narrow = (key, accepted)
+        record = self._narrowed.get(narrow)
+        if record is not None and self._fresh(record):
+            if not record.digest:  # the origin had nothing for this Accept set either
+                raise _not_acceptable(f"tag {key[2]}", manifest, accepted)
+            found = self.local(parse_digest(record.digest))
+            if found is not None:
+                return ManifestAnswer(found, "hit")
+        try:
+            found, shared = await self._by_narrow.do(narrow, lambda: self._get_narrow(narrow))
+        except UpstreamError as exc:
+            if exc.status != 404:
+                raise to_registry_error(exc, ErrorCode.MANIFEST_UNKNOWN) from exc
+            self._narrowed[narrow] = TagRecord("", "", 0, self._clock())
+            raise _not_acceptable(f"tag {key[2]}", manifest, accepted) from exc
+        return ManifestAnswer(found, "coalesced" if shared else "miss")
+
+    async def _get_narrow(self, narrow: _NarrowKey) -> Manifest:
+        (registry, name, tag), accepted = narrow
+        fetched = await self._client.get_manifest(
+            registry, name, tag, accept=", ".join(sorted(accepted))
+        )
+        found = await self._keep_fetched(registry, fetched)
+        if not is_acceptable(found.media_type, accepted):
+            raise _not_acceptable(f"tag {tag}", found, accepted)
+        self._narrowed[narrow] = TagRecord(
+            found.digest, found.media_type, len(found.body), self._clock()
+        )
+        return found
 
     def _fresh(self, record: TagRecord) -> bool:
         """Served without asking upstream: the one place the tag TTL is applied."""
@@ -222,7 +271,14 @@ class ManifestService:
 
     async def _get_tag(self, key: _TagKey) -> Manifest:
         registry, name, tag = key
-        fetched = await self._client.get_manifest(registry, name, tag)
+        manifest = await self._keep_fetched(
+            registry, await self._client.get_manifest(registry, name, tag)
+        )
+        await self._save_tag(key, manifest)
+        return manifest
+
+    async def _keep_fetched(self, registry: str, fetched: FetchedManifest) -> Manifest:
+        """A manifest fetched by tag: checked against the digest the registry named, kept."""
         digest = digest_of(fetched.body)
         if (
             fetched.digest
@@ -234,9 +290,7 @@ class ManifestService:
                 ErrorCode.UPSTREAM_ERROR, "upstream manifest did not match its digest header",
                 {"expected": fetched.digest, "actual": str(digest)},
             )  # fmt: skip
-        manifest = await self._keep(digest, fetched.body, _media_type(fetched))
-        await self._save_tag(key, manifest)
-        return manifest
+        return await self._keep(digest, fetched.body, _media_type(fetched))
 
     async def _save_tag(self, key: _TagKey, manifest: Manifest) -> None:
         record = TagRecord(manifest.digest, manifest.media_type, len(manifest.body), self._clock())
@@ -277,15 +331,7 @@ class ManifestService:
     async def close(self) -> None:
         await self._by_digest.close()
         await self._by_tag.close()
-
-
-def _acceptable(tag: str, answer: ManifestAnswer, accepted: frozenset[str]) -> ManifestAnswer:
-    """The tag's manifest, unless the client does not accept its type. The mirror fetched it
-    with every manifest type in its Accept, so the origin's answer is already known: asking again
-    with the client's narrower Accept would cost a pull on Docker Hub for every such request."""
-    if is_acceptable(answer.manifest.media_type, accepted):
-        return answer
-    raise _not_acceptable(f"tag {tag}", answer.manifest, accepted)
+        await self._by_narrow.close()
 
 
 def _not_acceptable(reference: str, manifest: Manifest, accepted: frozenset[str]) -> RegistryError:

@@ -30,6 +30,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 SERVICE = "fake"
@@ -405,6 +407,15 @@ class FakeRegistry:
             rec.status = 404
             return _error(404, "MANIFEST_UNKNOWN", "manifest unknown")
         body, media_type = repo.manifests[digest]
+        if kind == "manifest-tag" and not _accepts(rec.accept, media_type):
+            # Like Distribution and Docker Hub: a client that rejects the tag's index gets the
+            # linux/amd64 manifest instead, when it accepts that.
+            child = _default_platform_child(body, media_type)
+            if child is None or not _accepts(rec.accept, repo.manifests[child][1]):
+                rec.status = 404
+                return _error(404, "MANIFEST_UNKNOWN", "manifest type not accepted")
+            digest = child
+            body, media_type = repo.manifests[digest]
         rec.status = 200
         if request.method == "GET":
             rec.sent = len(body)
@@ -560,3 +571,18 @@ def _error(
     return web.Response(
         status=status, body=body, headers={"Content-Type": "application/json", **(headers or {})}
     )
+
+
+def _accepts(accept: list[str], media_type: str) -> bool:
+    types = {t.split(";")[0].strip() for v in accept for t in v.split(",") if t.strip()}
+    return not types or "*/*" in types or media_type in types
+
+
+def _default_platform_child(body: bytes, media_type: str) -> str | None:
+    if media_type not in (OCI_INDEX, DOCKER_LIST):
+        return None
+    for desc in json.loads(body).get("manifests", []):
+        platform = desc.get("platform", {})
+        if (platform.get("os"), platform.get("architecture")) == ("linux", "amd64"):
+            return str(desc["digest"])
+    return None

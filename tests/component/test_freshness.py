@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -23,7 +24,7 @@ from mirror.config import Config
 from mirror.server import serve
 
 from .conftest import MakeMirror
-from .fakeregistry import FakeRegistry, Image
+from .fakeregistry import OCI_INDEX, OCI_MANIFEST, FakeRegistry, Image
 from .harness import KiB, Mirror, mirror_config, poll, random_bytes
 
 FAKE = {"ns": "fake.test"}
@@ -271,3 +272,41 @@ async def test_an_expired_tag_of_another_media_type_costs_one_head(
     assert upstream_counts(fake) == Counter(
         {("HEAD", "manifest-tag"): 1, ("GET", "manifest-digest"): 1}
     )
+
+
+async def test_a_client_that_rejects_the_tags_index_gets_the_origins_answer_once_a_ttl(
+    fake: FakeRegistry, mirror: Mirror
+) -> None:
+    """Registries answer a client that does not accept a tag's index with its linux/amd64
+    manifest (old Docker clients rely on that). The mirror asks once per tag and Accept set,
+    then serves that answer from the cache for the tag TTL."""
+    image = seed(fake)
+    index = json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_INDEX,
+        "manifests": [{
+            "mediaType": OCI_MANIFEST, "digest": image.digest, "size": len(image.manifest),
+            "platform": {"os": "linux", "architecture": "amd64"},
+        }],
+    }).encode()  # fmt: skip
+    index_digest = fake.add_manifest("team/app", index, OCI_INDEX, tag="v1")
+    assert await ask(mirror) == (index_digest, index)
+    fake.reset_log()
+
+    for method in ("GET", "HEAD") * 3:
+        resp = await mirror.client.request(
+            method, TAG_URL, params=FAKE, headers={"Accept": OCI_MANIFEST}
+        )
+        assert resp.status == 200
+        assert resp.headers["Content-Type"] == OCI_MANIFEST
+        assert resp.headers["Docker-Content-Digest"] == image.digest
+        assert resp.headers["Content-Length"] == str(len(image.manifest))
+        if method == "GET":
+            assert await resp.read() == image.manifest
+    assert upstream_counts(fake) == Counter({("GET", "manifest-tag"): 1})
+    assert await ask(mirror) == (index_digest, index)  # broad clients still get the index
+
+    # No answer of a type the client takes: the registry's 404, asked once, kept for the TTL.
+    fake.reset_log()
+    for method in ("GET", "HEAD"):
+        await refused(mirror, method, DOCKER_V2)
+    assert upstream_counts(fake) == Counter({("GET", "manifest-tag"): 1})
