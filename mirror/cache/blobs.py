@@ -71,7 +71,7 @@ class BlobService:
         if size is None:
             self._janitor.missing(digest)
             return None
-        self._janitor.accessed(digest, size)
+        self._janitor.accessed(digest)
         return CachedBlob(self._store.blob_path(digest), size)
 
     def serving(self, digest: Digest) -> contextlib.AbstractContextManager[None]:

@@ -105,10 +105,9 @@ class CacheJanitor:
             eviction_target(total, cfg.max_size, cfg.high_watermark, cfg.low_watermark) is not None
         )
 
-    def accessed(self, digest: Digest, size: int | None = None) -> None:
+    def accessed(self, digest: Digest) -> None:
         """Never adds: a copy served from memory, or a file read a moment before its eviction,
-        must not bring back an entry whose file is gone. Only `stored` adds, after a write.
-        (`size` is unused; it stays until BlobService stops passing it.)"""
+        must not bring back an entry whose file is gone. Only `stored` adds, after a write."""
         self._index.touch(digest.hex)
 
     def missing(self, digest: Digest) -> None:

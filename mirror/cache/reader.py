@@ -29,6 +29,7 @@ class _Relay:
         self._bytes = 0
         self._ended = False
         self._changed = asyncio.Condition()
+        self._ending: asyncio.Task[None] | None = None
 
     async def put(self, offset: int, data: bytes) -> None:
         async with self._changed:
@@ -55,7 +56,8 @@ class _Relay:
             async with self._changed:
                 self._changed.notify_all()
 
-        asyncio.get_running_loop().create_task(notify())
+        # Held here: the loop keeps only a weak reference to a task, which could vanish unrun.
+        self._ending = asyncio.get_running_loop().create_task(notify())
 
 
 class DownloadReader:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -35,6 +36,10 @@ class PrefixWaiters:
         self._last_tick = -math.inf
         self._owed: asyncio.TimerHandle | None = None
 
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
     async def wait(self, pos: int, needed: int) -> None:
         """Until the prefix reaches `needed`, a tick passes with it beyond `pos`, or wake_all."""
         future = asyncio.get_running_loop().create_future()
@@ -43,7 +48,9 @@ class PrefixWaiters:
         try:
             await future
         finally:
-            if not future.done():
+            # Woken ones were taken off the list already; a cancelled one was not, and would
+            # be scanned on every write for the rest of the download.
+            with contextlib.suppress(ValueError):
                 self._waiters.remove(waiter)
 
     def grew(self, prefix: int) -> None:

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from types import TracebackType
 
 from mirror.storage.layout import Layout
+
+_ATTEMPTS = 5
+_PAUSE = 0.02  # seconds: far longer than `in_use` holds it, far shorter than a refused start
 
 
 class CacheInUse(Exception):
@@ -36,7 +40,16 @@ class CacheLock:
         self._layout.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self._layout.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # `in_use` (mirror cache status) holds the lock shared for an instant: a start that
+            # meets it tries again rather than failing on a read-only look.
+            for attempt in range(_ATTEMPTS):
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if attempt == _ATTEMPTS - 1:
+                        raise
+                    time.sleep(_PAUSE)
         except BlockingIOError:
             pid = _read_pid(fd)
             os.close(fd)

@@ -42,9 +42,6 @@ class TempFile:
             view = view[written:]
             offset += written
 
-    def pread(self, size: int, offset: int) -> bytes:
-        return os.pread(self.fd, size, offset)
-
     def close(self) -> None:
         if not self.closed:
             self.closed = True

@@ -82,9 +82,10 @@ class CircuitBreaker:
         state = self._states.setdefault(registry, _State())
         state.failures += 1
         state.trial_until = 0.0
+        failed_trial = state.tripped  # however it tripped (threshold or Retry-After)
         if hold_for is not None and hold_for > 0:
             state.held_until = max(state.held_until, now + hold_for)
             state.tripped = True
-        if state.failures >= self._threshold:
+        if state.failures >= self._threshold or failed_trial:
             state.open_until = now + self._cooldown
             state.tripped = True

@@ -144,7 +144,8 @@ async def test_a_client_hanging_up_mid_blob_is_one_field_of_the_access_line(
         await poll(lambda: any(e["event"] == "request" for e in logs), what="the access line")
     assert got == data[: len(got)]
     [line] = [e for e in logs if e["event"] == "request"]
-    assert line["status"] == 200
+    # 499 when aiohttp's test server cancelled the handler before its next write noticed.
+    assert line["status"] in (200, 499)
     assert line["aborted"] is True
     assert 100 * KiB <= line["bytes"] < len(data)  # what was written, not 0
     assert not [e for e in logs if e["log_level"] in ("error", "critical")]

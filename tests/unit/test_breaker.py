@@ -84,6 +84,18 @@ def test_half_open_failure_reopens_for_another_cooldown() -> None:
     assert breaker.retry_in(REG) == 30.0
 
 
+def test_a_failed_trial_after_a_retry_after_reopens_for_a_cooldown() -> None:
+    """Held by a 429 with few failures counted: its trial failing still means a cooldown, not
+    a second trial at once."""
+    breaker, clock = _breaker(threshold=5, cooldown=30.0)
+    breaker.failure(REG, hold_for=10.0)
+    clock.now += 10.0
+    assert breaker.admit(REG)  # the trial
+    breaker.failure(REG)
+    assert not breaker.admit(REG)
+    assert breaker.retry_in(REG) == 30.0
+
+
 def test_half_open_success_closes() -> None:
     breaker, clock = _breaker(threshold=3, cooldown=30.0)
     for _ in range(3):
