@@ -281,6 +281,7 @@ async def test_slow_client_does_not_hold_back_a_fast_one(
         resp = await fast
         assert await resp.read() == data
         await wait_cached(mirror, digest)  # the download committed ...
+
         # ... while the slow client is still stuck: its request is not done.
         def done() -> float:
             return mirror.requests("blob", "miss") + mirror.requests("blob", "coalesced")
