@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 import tomllib
 from collections.abc import Mapping
@@ -10,6 +9,18 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
+
+from mirror.config_values import (
+    fraction,
+    non_negative_int,
+    optional_str,
+    parse_bool,
+    parse_duration,
+    parse_listen,
+    parse_platforms,
+    parse_size,
+    positive_int,
+)
 
 DEFAULT_REGISTRIES: Mapping[str, str] = MappingProxyType(
     {
@@ -110,143 +121,31 @@ class Config:
     default_registry: str = "docker.io"
 
 
-_SIZE_UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
-    "t": 1000**4, "tb": 1000**4,
-    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
-}  # fmt: skip
-_DURATION_UNITS = {"": 1, "s": 1, "ms": 0.001, "m": 60, "h": 3600, "d": 86400}
-_NUMBER_WITH_UNIT = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*")
-
-
-def parse_size(value: Any) -> int:
-    """Bytes from 1048576, "512MiB", "100GB"."""
-    if isinstance(value, bool):
-        raise ValueError("expected a size")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError("size must not be negative")
-        return value
-    m = _NUMBER_WITH_UNIT.fullmatch(str(value))
-    if not m or m.group(2).lower() not in _SIZE_UNITS:
-        raise ValueError(f"expected a size like 512MiB or 100GB, got {value!r}")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
-
-
-def format_size(size: int | float) -> str:
-    """The inverse of parse_size for people: 41943040 -> "40.0 MiB", 512 -> "512 B"."""
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024:
-            return f"{value:.0f} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds from 30, 2.5, "500ms", "5m", "7d"."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration")
-    if isinstance(value, int | float):
-        if value < 0 or math.isnan(value):
-            raise ValueError("duration must not be negative")
-        return float(value)
-    m = _NUMBER_WITH_UNIT.fullmatch(str(value))
-    if not m or m.group(2).lower() not in _DURATION_UNITS:
-        raise ValueError(f"expected a duration like 30s, 5m or 7d, got {value!r}")
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()]
-
-
-def parse_listen(value: Any) -> tuple[str, int]:
-    """ "0.0.0.0:5000", "[::1]:5000", ":5000" -> (host, port)."""
-    text = str(value)
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError(f"expected host:port, got {text!r}")
-    if ":" in host and not (host.startswith("[") and host.endswith("]")):
-        raise ValueError(f"an IPv6 address needs brackets: [{host}]:{port}, got {text!r}")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)
-
-
-def _parse_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected true or false, got {value!r}")
-
-
-def _positive_int(value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError("expected a whole number")
-    number = int(value)
-    if number < 1:
-        raise ValueError("must be at least 1")
-    return number
-
-
-def _non_negative_int(value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError("expected a whole number")
-    number = int(value)
-    if number < 0:
-        raise ValueError("must be 0 or more")
-    return number
-
-
-def _fraction(value: Any) -> float:
-    number = float(value)
-    if not 0.0 < number <= 1.0:
-        raise ValueError("must be a fraction in (0, 1]")
-    return number
-
-
-def _platforms(value: Any) -> tuple[str, ...]:
-    items = value.split(",") if isinstance(value, str) else list(value)
-    result = tuple(str(p).strip() for p in items if str(p).strip())
-    for p in result:
-        if p.count("/") not in (1, 2):
-            raise ValueError(f"platform {p!r} is not os/arch[/variant]")
-    if not result:
-        raise ValueError("at least one platform is needed")
-    return result
-
-
-def _optional_str(value: Any) -> str | None:
-    text = str(value)
-    return text or None
-
-
 # (section, key in file/env) -> (dataclass field, parser)
 _SCALARS: dict[tuple[str, str], tuple[str, Any]] = {
-    ("server", "admin_token"): ("admin_token", _optional_str),
-    ("server", "access_log"): ("access_log", _parse_bool),
-    ("server", "fast_path"): ("fast_path", _parse_bool),
-    ("server", "sendfile_threads"): ("sendfile_threads", _positive_int),
+    ("server", "admin_token"): ("admin_token", optional_str),
+    ("server", "access_log"): ("access_log", parse_bool),
+    ("server", "fast_path"): ("fast_path", parse_bool),
+    ("server", "sendfile_threads"): ("sendfile_threads", positive_int),
     ("server", "client_idle_timeout"): ("client_idle_timeout", parse_duration),
     ("cache", "dir"): ("directory", lambda v: Path(str(v))),
     ("cache", "max_size"): ("max_size", parse_size),
-    ("cache", "high_watermark"): ("high_watermark", _fraction),
-    ("cache", "low_watermark"): ("low_watermark", _fraction),
+    ("cache", "high_watermark"): ("high_watermark", fraction),
+    ("cache", "low_watermark"): ("low_watermark", fraction),
     ("cache", "tag_ttl"): ("tag_ttl", parse_duration),
     ("cache", "max_stale"): ("max_stale", parse_duration),
     ("cache", "revalidate_timeout"): ("revalidate_timeout", parse_duration),
     ("upstream", "connect_timeout"): ("connect_timeout", parse_duration),
     ("upstream", "header_timeout"): ("header_timeout", parse_duration),
     ("upstream", "read_timeout"): ("read_timeout", parse_duration),
-    ("upstream", "retries"): ("retries", lambda v: _non_negative_int(v)),
+    ("upstream", "retries"): ("retries", lambda v: non_negative_int(v)),
     ("upstream", "ranged_threshold"): ("ranged_threshold", parse_size),
-    ("upstream", "ranged_streams"): ("ranged_streams", _positive_int),
+    ("upstream", "ranged_streams"): ("ranged_streams", positive_int),
     ("upstream", "chunk_size"): ("chunk_size", parse_size),
-    ("upstream", "breaker_failures"): ("breaker_failures", _positive_int),
+    ("upstream", "breaker_failures"): ("breaker_failures", positive_int),
     ("upstream", "breaker_cooldown"): ("breaker_cooldown", parse_duration),
-    ("warm", "platforms"): ("platforms", _platforms),
-    ("warm", "concurrency"): ("concurrency", _positive_int),
+    ("warm", "platforms"): ("platforms", parse_platforms),
+    ("warm", "concurrency"): ("concurrency", positive_int),
 }
 _SECTIONS = ("server", "cache", "upstream", "warm")
 # No user info in URLs: credentials belong in username/password, which are never logged.
@@ -439,8 +338,8 @@ def _registry_entry(
         return None
     return RegistryConfig(
         name=name,
-        username=_optional_str(entry.get("username", "")),
-        password=_optional_str(entry.get("password", "")),
+        username=optional_str(entry.get("username", "")),
+        password=optional_str(entry.get("password", "")),
         **values,
     )
 
@@ -460,7 +359,7 @@ def _aws_region(value: Any) -> str:
 _REGISTRY_PARSERS: Mapping[str, Any] = MappingProxyType(
     {
         "url": _registry_url,
-        "is_mirror": _parse_bool,
+        "is_mirror": parse_bool,
         "username": lambda v: str(v) or None,
         "password": lambda v: str(v) or None,
         "aws_region": _aws_region,

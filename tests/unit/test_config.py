@@ -23,10 +23,8 @@ from mirror.config import (
     describe,
     env_id,
     load_config,
-    parse_duration,
-    parse_listen,
-    parse_size,
 )
+from mirror.config_values import parse_duration, parse_listen, parse_size
 
 PROJECT = Path(__file__).resolve().parents[2]
 
