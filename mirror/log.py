@@ -10,7 +10,26 @@ import structlog
 
 def configure_logging(level: str = "info") -> None:
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
-    logging.basicConfig(stream=sys.stdout, level=numeric, format="%(message)s")
+    # Libraries log through the standard library (aiohttp's server errors, botocore): their
+    # lines get the same JSON shape, so a log pipeline never meets a line it cannot parse.
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.stdlib.add_logger_name,
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                structlog.processors.JSONRenderer(),
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(numeric)
     # aiohttp's own access log would duplicate ours, without the request id.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     # botocore's DEBUG lines carry signed request headers and response bodies, ECR's
