@@ -17,7 +17,7 @@ from mirror.config import CacheConfig
 from mirror.metrics import Metrics
 from mirror.oci.digest import Digest, InvalidDigest, digest_of, parse_digest
 from mirror.oci.errors import ErrorCode, RegistryError
-from mirror.oci.mediatypes import INDEX_TYPES, MANIFEST_TYPES, is_acceptable
+from mirror.oci.mediatypes import INDEX_TYPES, MANIFEST_TYPES, SINGLE_IMAGE_TYPES, is_acceptable
 from mirror.storage.store import FilesystemStore, TagRecord
 from mirror.upstream.client import FetchedManifest, RegistryClient, TagList
 from mirror.upstream.errors import UpstreamError, UpstreamUnavailable
@@ -188,41 +188,58 @@ class ManifestService:
         The mirror fetched it with every manifest type in its Accept, so for an image manifest
         the origin's answer is already known. An index is different: a registry answers a
         client that rejects it with one platform's manifest instead (old Docker clients rely on
-        it). That answer is asked for once per tag and Accept set, and kept for the tag TTL."""
+        it). That answer, or the lack of one, is asked for once per tag and set of image types
+        the client takes, and kept for the tag TTL: every question is a pull on Docker Hub, and
+        an Accept header is the client's to vary."""
         manifest = answer.manifest
         if is_acceptable(manifest.media_type, accepted):
             return answer
-        if manifest.media_type not in INDEX_TYPES:
+        wanted = accepted & SINGLE_IMAGE_TYPES
+        if manifest.media_type not in INDEX_TYPES or not wanted:
             raise _not_acceptable(f"tag {key[2]}", manifest, accepted)
-        narrow = (key, accepted)
+        narrow = (key, wanted)
         record = self._narrowed.get(narrow)
         if record is not None and self._fresh(record):
-            if not record.digest:  # the origin had nothing for this Accept set either
+            if not record.digest:  # the origin had nothing of these types either
                 raise _not_acceptable(f"tag {key[2]}", manifest, accepted)
             found = self.local(parse_digest(record.digest))
             if found is not None:
                 return ManifestAnswer(found, "hit")
         try:
             found, shared = await self._by_narrow.do(narrow, lambda: self._get_narrow(narrow))
-        except UpstreamError as exc:
-            if exc.status != 404:
-                raise to_registry_error(exc, ErrorCode.MANIFEST_UNKNOWN) from exc
-            self._narrowed[narrow] = TagRecord("", "", 0, self._clock())
-            raise _not_acceptable(f"tag {key[2]}", manifest, accepted) from exc
+        except RegistryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - stale, refused, or translated for the client
+            if isinstance(exc, UpstreamError) and exc.status == 404:
+                self._narrowed[narrow] = _nothing(self._clock())
+                raise _not_acceptable(f"tag {key[2]}", manifest, accepted) from exc
+            stale = self._stale_narrowed(record)
+            if stale is not None and _unavailable(exc):
+                self._metrics.stale_served.labels(key[0]).inc()
+                return ManifestAnswer(stale, "stale")
+            raise to_registry_error(exc, ErrorCode.MANIFEST_UNKNOWN) from exc
         return ManifestAnswer(found, "coalesced" if shared else "miss")
 
     async def _get_narrow(self, narrow: _NarrowKey) -> Manifest:
-        (registry, name, tag), accepted = narrow
+        (registry, name, tag), wanted = narrow
         fetched = await self._client.get_manifest(
-            registry, name, tag, accept=", ".join(sorted(accepted))
+            registry, name, tag, accept=", ".join(sorted(wanted))
         )
         found = await self._keep_fetched(registry, fetched)
-        if not is_acceptable(found.media_type, accepted):
-            raise _not_acceptable(f"tag {tag}", found, accepted)
+        if not is_acceptable(found.media_type, wanted):  # the origin ignored the Accept header
+            self._narrowed[narrow] = _nothing(self._clock())
+            raise _not_acceptable(f"tag {tag}", found, wanted)
         self._narrowed[narrow] = TagRecord(
             found.digest, found.media_type, len(found.body), self._clock()
         )
         return found
+
+    def _stale_narrowed(self, record: TagRecord | None) -> Manifest | None:
+        if record is None or not record.digest:
+            return None
+        if self._clock() - record.fetched_at > self._config.max_stale:
+            return None
+        return self.local(parse_digest(record.digest))
 
     def _fresh(self, record: TagRecord) -> bool:
         """Served without asking upstream: the one place the tag TTL is applied."""
@@ -341,3 +358,15 @@ def _not_acceptable(reference: str, manifest: Manifest, accepted: frozenset[str]
         f"{', '.join(sorted(accepted))}",
         {"media_type": manifest.media_type, "accepted": sorted(accepted)},
     )
+
+
+def _nothing(when: float) -> TagRecord:
+    """A remembered "the origin has nothing of these types for this tag"."""
+    return TagRecord("", "", 0, when)
+
+
+def _unavailable(exc: BaseException) -> bool:
+    """The origin could not answer now (as opposed to answering no)."""
+    if isinstance(exc, UpstreamError):
+        return exc.transient
+    return isinstance(exc, UpstreamUnavailable | TimeoutError | OSError)

@@ -13,6 +13,8 @@ DOCKER_V1 = "application/vnd.docker.distribution.manifest.v1+json"
 
 INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
 IMAGE_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
+# What a registry may answer, for one platform, to a client that rejects an index.
+SINGLE_IMAGE_TYPES = IMAGE_TYPES | {DOCKER_V1, DOCKER_V1_SIGNED}
 MANIFEST_TYPES = (OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST)
 
 # Sent upstream on every manifest fetch, whatever the client asked for, so that what lands in

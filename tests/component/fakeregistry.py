@@ -140,6 +140,7 @@ class FakeRegistry:
         self.basic: tuple[str, str] | None = None
         self.token_lifetime = 300
         self.redirect = False  # blob GETs answer 307 to the cdn
+        self.ignore_accept = False  # tags answer their own manifest whatever Accept says
         self.blob_streams = 0  # blob bodies being sent right now ...
         self.peak_blob_streams = 0  # ... and the most at once
         # The actions the challenge asks for and a token must have ("pull,push": as some
@@ -407,7 +408,11 @@ class FakeRegistry:
             rec.status = 404
             return _error(404, "MANIFEST_UNKNOWN", "manifest unknown")
         body, media_type = repo.manifests[digest]
-        if kind == "manifest-tag" and not _accepts(rec.accept, media_type):
+        if (
+            kind == "manifest-tag"
+            and not self.ignore_accept
+            and not _accepts(rec.accept, media_type)
+        ):
             # Like Distribution and Docker Hub: a client that rejects the tag's index gets the
             # linux/amd64 manifest instead, when it accepts that.
             child = _default_platform_child(body, media_type)

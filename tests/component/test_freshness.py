@@ -274,13 +274,8 @@ async def test_an_expired_tag_of_another_media_type_costs_one_head(
     )
 
 
-async def test_a_client_that_rejects_the_tags_index_gets_the_origins_answer_once_a_ttl(
-    fake: FakeRegistry, mirror: Mirror
-) -> None:
-    """Registries answer a client that does not accept a tag's index with its linux/amd64
-    manifest (old Docker clients rely on that). The mirror asks once per tag and Accept set,
-    then serves that answer from the cache for the tag TTL."""
-    image = seed(fake)
+def seed_index(fake: FakeRegistry, image: Image) -> tuple[str, bytes]:
+    """Tag v1 made an index whose one entry, linux/amd64, is `image`."""
     index = json.dumps({
         "schemaVersion": 2, "mediaType": OCI_INDEX,
         "manifests": [{
@@ -288,7 +283,21 @@ async def test_a_client_that_rejects_the_tags_index_gets_the_origins_answer_once
             "platform": {"os": "linux", "architecture": "amd64"},
         }],
     }).encode()  # fmt: skip
-    index_digest = fake.add_manifest("team/app", index, OCI_INDEX, tag="v1")
+    return fake.add_manifest("team/app", index, OCI_INDEX, tag="v1"), index
+
+
+async def narrow(mirror: Mirror, method: str = "GET", accept: str = OCI_MANIFEST) -> Any:
+    return await mirror.client.request(method, TAG_URL, params=FAKE, headers={"Accept": accept})
+
+
+async def test_a_client_that_rejects_the_tags_index_gets_the_origins_answer_once_a_ttl(
+    fake: FakeRegistry, mirror: Mirror
+) -> None:
+    """Registries answer a client that does not accept a tag's index with its linux/amd64
+    manifest (old Docker clients rely on that). The mirror asks once per tag and Accept set,
+    then serves that answer from the cache for the tag TTL."""
+    image = seed(fake)
+    index_digest, index = seed_index(fake, image)
     assert await ask(mirror) == (index_digest, index)
     fake.reset_log()
 
@@ -310,3 +319,57 @@ async def test_a_client_that_rejects_the_tags_index_gets_the_origins_answer_once
     for method in ("GET", "HEAD"):
         await refused(mirror, method, DOCKER_V2)
     assert upstream_counts(fake) == Counter({("GET", "manifest-tag"): 1})
+
+
+async def test_however_a_client_varies_its_accept_the_origin_is_asked_once(
+    fake: FakeRegistry, mirror: Mirror
+) -> None:
+    """The answer depends only on the image types the client takes: junk in its Accept header
+    must not turn each request into a Docker Hub pull."""
+    image = seed(fake)
+    seed_index(fake, image)
+    await ask(mirror)
+    fake.reset_log()
+    for i in range(5):
+        resp = await narrow(mirror, accept=f"{OCI_MANIFEST}, x/y{i}")
+        assert resp.status == 200
+        assert resp.headers["Docker-Content-Digest"] == image.digest
+    assert upstream_counts(fake) == Counter({("GET", "manifest-tag"): 1})
+
+    fake.reset_log()  # no image type at all: nothing the origin could answer, so not asked
+    assert "application/json" in await refused(mirror, "GET", "application/json")
+    assert fake.log == []
+
+
+async def test_an_origin_that_ignores_accept_is_asked_once_a_ttl(
+    fake: FakeRegistry, mirror: Mirror
+) -> None:
+    fake.ignore_accept = True
+    seed_index(fake, seed(fake))
+    await ask(mirror)
+    fake.reset_log()
+    for method in ("GET", "HEAD") * 3:
+        await refused(mirror, method, OCI_MANIFEST)
+    assert upstream_counts(fake) == Counter({("GET", "manifest-tag"): 1})
+
+
+async def test_a_narrow_answer_outlives_an_outage_and_its_absence_is_a_503(
+    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path
+) -> None:
+    mirror = await make_mirror(config=config(tmp_path, fake, tag_ttl=TTL))
+    image = seed(fake)
+    seed_index(fake, image)
+    await ask(mirror)
+    assert (await narrow(mirror)).headers["Docker-Content-Digest"] == image.digest
+
+    await expire()
+    fake.fault("status", status=500)
+    resp = await narrow(mirror)  # the tag is stale, the narrowed answer too: both served
+    assert resp.status == 200
+    assert resp.headers["Docker-Content-Digest"] == image.digest
+    assert await resp.read() == image.manifest
+
+    # Never asked before, nothing to fall back on: the client hears 503, never a 500.
+    resp = await narrow(mirror, accept=DOCKER_V2)
+    assert resp.status == 503
+    assert (await resp.json())["errors"][0]["code"] == "UNAVAILABLE"
