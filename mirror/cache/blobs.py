@@ -20,6 +20,7 @@ from mirror.oci.digest import Digest
 from mirror.oci.errors import ErrorCode, RegistryError
 from mirror.storage.store import FilesystemStore
 from mirror.upstream.client import RegistryClient
+from mirror.upstream.errors import UpstreamError
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +100,7 @@ class BlobService:
             size = await download.wait_sized()
         except DownloadFailed as exc:
             reader.close()
-            if rejoin and _for_another(download, registry, name):
+            if rejoin and _theirs_alone(download, registry, name, exc):
                 return await self.open(registry, name, digest, rejoin=False)
             raise to_registry_error(exc, ErrorCode.BLOB_UNKNOWN) from exc
         except BaseException:
@@ -117,8 +118,8 @@ class BlobService:
             if download is not None:
                 try:
                     return await download.wait_sized(), "coalesced"
-                except DownloadFailed:
-                    if not _for_another(download, registry, name):
+                except DownloadFailed as exc:
+                    if not _theirs_alone(download, registry, name, exc):
                         raise
             size, shared = await self._heads.do(
                 (registry, name, digest.hex), lambda: self._upstream_size(registry, name, digest)
@@ -146,7 +147,7 @@ class BlobService:
         try:
             await download.wait_done()
         except DownloadFailed as exc:
-            if not _for_another(download, registry, name):
+            if not _theirs_alone(download, registry, name, exc):
                 raise to_registry_error(exc, ErrorCode.BLOB_UNKNOWN) from exc
             download, result = self._download(registry, name, digest)
             try:
@@ -199,6 +200,13 @@ class BlobService:
         await self._heads.close()
 
 
-def _for_another(download: BlobDownload, registry: str, name: str) -> bool:
-    """Started for another repository: its failure may say nothing about this one."""
-    return (download.registry, download.name) != (registry, name)
+def _theirs_alone(download: BlobDownload, registry: str, name: str, exc: DownloadFailed) -> bool:
+    """A failure that may concern only the repository the download was started for: it lacks
+    the blob, or the mirror may not read it. Anything else (an outage, a full disk, wrong
+    bytes) would fail this repository's own try the same way, so it is not worth one."""
+    cause = exc.cause
+    return (
+        (download.registry, download.name) != (registry, name)
+        and isinstance(cause, UpstreamError)
+        and cause.status in (401, 403, 404)
+    )

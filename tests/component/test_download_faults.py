@@ -228,6 +228,26 @@ async def test_a_repository_without_the_blob_does_not_fail_one_that_has_it(
     assert rest and set(rest) == {NAME}  # its own fetch (in ranged pieces, for a GET)
 
 
+async def test_a_failure_not_about_the_repository_is_not_tried_again_for_each(
+    fake: FakeRegistry, mirror: Mirror
+) -> None:
+    """Only a failure that may be the other repository's alone (404, 401, 403) is worth a try
+    of one's own: an outage or a bad request would fail it the same way (a 400 stands in
+    here: a 5xx is retried inside the download first)."""
+    digest = fake.add_blob(NAME, random_bytes(MiB, 67))
+    fake.add_blob("other/repo", random_bytes(MiB, 67))
+    gate = fake.fault("hold", kind="blob", times=1)
+    fake.fault("status", kind="blob", status=400, code="DENIED_BY_POLICY")
+    before = mirror.server_requests()
+    first = asyncio.ensure_future(mirror.client.get(f"/v2/other/repo/blobs/{digest}", params=FAKE))
+    await gate.reached.wait()
+    joiner = asyncio.ensure_future(mirror.client.get(blob_url(digest), params=FAKE))
+    await joined(mirror, before, 2)
+    gate.release()
+    assert (await first).status == (await joiner).status
+    assert {r.name for r in fake.requests(kind="blob")} == {"other/repo"}
+
+
 # -- the commit and shutdown -------------------------------------------------------------------
 
 
