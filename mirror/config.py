@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from collections.abc import Mapping
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import urlsplit
 
 from mirror.config_values import (
     fraction,
@@ -350,6 +352,27 @@ def _registry_url(value: Any) -> str:
     return value.rstrip("/")
 
 
+def _aws_endpoint_url(value: Any) -> str:
+    """https only: GetAuthorizationToken's reply is the registry password. Plain http is for
+    a stand-in (moto) on this machine, where nothing travels over a network."""
+    url = _registry_url(value)
+    if url.startswith("http://") and not _is_loopback(urlsplit(url).hostname or ""):
+        raise ValueError(
+            f"must be https:// (the reply carries the registry password), got {url!r}; "
+            "http:// only to a loopback host (127.0.0.0/8, ::1, localhost)"
+        )
+    return url
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve anywhere
+
+
 def _aws_region(value: Any) -> str:
     if not isinstance(value, str) or not _AWS_REGION.fullmatch(value):
         raise ValueError(f"expected an AWS region like us-east-1, got {value!r}")
@@ -363,7 +386,7 @@ _REGISTRY_PARSERS: Mapping[str, Any] = MappingProxyType(
         "username": lambda v: str(v) or None,
         "password": lambda v: str(v) or None,
         "aws_region": _aws_region,
-        "aws_endpoint_url": _registry_url,
+        "aws_endpoint_url": _aws_endpoint_url,
     }
 )
 # (MIRROR_REGISTRY_<ID> suffix, RegistryConfig field), longest suffix first.

@@ -614,6 +614,42 @@ def test_static_credentials_and_ecr_exclude_each_other(
     ]
 
 
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "https://vpce-1.api.ecr.eu-west-1.vpce.amazonaws.com",
+        "http://127.0.0.1:5123",  # moto on this machine: nothing crosses a network
+        "http://127.3.2.1",
+        "http://[::1]:4566",
+        "http://localhost:4566",
+    ],
+)
+def test_an_ecr_endpoint_is_https_unless_on_loopback(tmp_path: Path, endpoint: str) -> None:
+    extra = f'aws_region = "eu-west-1"\naws_endpoint_url = "{endpoint}"'
+    assert load_config({}, _ecr_file(tmp_path, extra)).registries[ECR].aws_endpoint_url == endpoint
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    ["http://vpce-1.api.ecr.eu-west-1.vpce.amazonaws.com", "http://10.0.0.5:4566",
+     "http://127.0.0.1.nip.io", "http://localhost.example"],
+)  # fmt: skip
+def test_a_cleartext_ecr_endpoint_is_refused_by_key(tmp_path: Path, endpoint: str) -> None:
+    """The reply to GetAuthorizationToken is the registry password."""
+    extra = f'aws_region = "eu-west-1"\naws_endpoint_url = "{endpoint}"'
+    # The default is another registry: the refused entry's absence is not a second problem.
+    hub = 'default_registry = "docker.io"\n[registries."docker.io"]\nurl = "https://hub"\n'
+    entry = f'[registries."{ECR}"]\nurl = "https://{ECR}"\n{extra}\n'
+    assert _problems({}, _toml(tmp_path, hub + entry)) == [
+        f"{tmp_path / 'mirror.toml'}: registries.'{ECR}'.aws_endpoint_url: must be https:// "
+        f"(the reply carries the registry password), got {endpoint!r}; http:// only to a "
+        "loopback host (127.0.0.0/8, ::1, localhost)"
+    ]
+    variable = f"MIRROR_REGISTRY_{ECR_ID}_AWS_ENDPOINT_URL"
+    problems = _problems({variable: endpoint}, _ecr_file(tmp_path, 'aws_region = "eu-west-1"'))
+    assert len(problems) == 1 and problems[0].startswith(f"${variable}: must be https://")
+
+
 def test_describe_names_ecr_without_credentials(tmp_path: Path) -> None:
     extra = 'aws_region = "eu-west-1"\naws_endpoint_url = "http://127.0.0.1:5123"'
     view = describe(load_config({}, _ecr_file(tmp_path, extra)))
