@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -31,6 +32,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from mirror.config import RegistryConfig, UpstreamConfig
 from mirror.upstream.credentials import Credentials
+from mirror.upstream.ecr_client import LazyEcrClient
 from mirror.upstream.errors import UpstreamUnavailable
 
 if TYPE_CHECKING:
@@ -60,6 +62,12 @@ class Endpoint:
     def of(cls, registry: RegistryConfig) -> Endpoint:
         assert registry.aws_region is not None, "only ECR registries have an endpoint"
         return cls(registry.aws_region, registry.aws_endpoint_url)
+
+
+def aws_call_timeout(config: UpstreamConfig) -> float:
+    """How long one GetAuthorizationToken may take, credential chain (STS, roles) included:
+    as long as a registry gets to connect and answer, so a hung AWS is a 503 as fast."""
+    return config.connect_timeout + config.header_timeout
 
 
 class EcrApi(Protocol):
@@ -113,17 +121,22 @@ def describe_failure(exc: BaseException) -> str:
 
 class EcrCredentials:
     """A CredentialSource for ECR registries: one token per endpoint, fetched by one AWS
-    call however many requests want it, reused until well before it expires."""
+    call however many requests want it, reused until well before it expires. A due refresh
+    runs in the background while the token in hand is still valid: only a request with no
+    valid token waits for AWS."""
 
     def __init__(
         self,
         apis: Mapping[Endpoint, EcrApi],
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,  # what expiresAt is read by
+        *,
+        timeout: float = aws_call_timeout(UpstreamConfig()),  # bound of one AWS call
     ) -> None:
         self._apis = apis
         self._clock = clock
         self._wall_clock = wall_clock
+        self._timeout = timeout
         self._issued: dict[Endpoint, _Issued] = {}
         self._inflight: dict[Endpoint, asyncio.Future[_Issued]] = {}
         self._forced: dict[Endpoint, float] = {}  # when a refusal last dropped a token
@@ -131,14 +144,18 @@ class EcrCredentials:
     async def get(self, registry: RegistryConfig) -> Credentials:
         endpoint = Endpoint.of(registry)
         issued = self._issued.get(endpoint)
-        if issued is not None and self._clock() < issued.refresh_at:
+        now = self._clock()
+        if issued is not None and now < issued.refresh_at:
+            return issued.creds
+        if issued is not None and now < issued.valid_until:
+            # Due, but good for a while yet (an hour, normally): no request waits on AWS, or
+            # on a slow credential chain, for a token it does not need yet.
+            self._refresh(endpoint)
             return issued.creds
         try:
-            return (await self._refresh(endpoint)).creds
+            # shield: one waiter hanging up must not cancel the call the others wait for
+            return (await asyncio.shield(self._refresh(endpoint))).creds
         except AwsFailure as exc:
-            current = self._issued.get(endpoint)
-            if current is not None and self._clock() < current.valid_until:
-                return current.creds  # the refresh came early enough to fail: use the old
             raise UpstreamUnavailable(
                 f"no ECR credentials for {registry.name}: {exc}", registry=registry.name
             ) from exc
@@ -163,13 +180,18 @@ class EcrCredentials:
         await asyncio.gather(*self._inflight.values(), return_exceptions=True)
 
     def _refresh(self, endpoint: Endpoint) -> asyncio.Future[_Issued]:
+        """The one call in flight for `endpoint`, started if there is none."""
         pending = self._inflight.get(endpoint)
         if pending is None:
-            pending = asyncio.ensure_future(self._fetch(endpoint))
+            # Its own context: the call serves every request, and its log lines belong to
+            # none of them (not to the request id of the one that happened to start it).
+            pending = asyncio.get_running_loop().create_task(
+                self._fetch(endpoint), name=f"ecr token {endpoint.region}",
+                context=contextvars.Context(),
+            )  # fmt: skip
             self._inflight[endpoint] = pending
             pending.add_done_callback(lambda done: self._settled(endpoint, done))
-        # shield: one waiter hanging up must not cancel the call the others wait for
-        return asyncio.shield(pending)
+        return pending
 
     def _settled(self, endpoint: Endpoint, done: asyncio.Future[_Issued]) -> None:
         if self._inflight.get(endpoint) is done:
@@ -180,7 +202,7 @@ class EcrCredentials:
     async def _fetch(self, endpoint: Endpoint) -> _Issued:
         started = self._clock()
         try:
-            reply = await self._apis[endpoint].get_authorization_token()
+            reply = await self._ask(endpoint)
             creds, expires_in = self._read(reply)
         except (BotoCoreError, ClientError, OSError, AwsFailure) as exc:
             reason = describe_failure(exc)
@@ -196,6 +218,15 @@ class EcrCredentials:
             refresh_in=round(delay),
         )
         return issued
+
+    async def _ask(self, endpoint: Endpoint) -> Mapping[str, Any]:
+        """GetAuthorizationToken within our bound: botocore's own (60 s and retries for the
+        STS call behind IRSA) would hang pulls, containerd having no header timeout."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await self._apis[endpoint].get_authorization_token()
+        except TimeoutError as exc:
+            raise AwsFailure(f"no answer from AWS within {self._timeout:g}s") from exc
 
     def _read(self, reply: Mapping[str, Any]) -> tuple[Credentials, float]:
         """(credentials, seconds until they expire) from a GetAuthorizationToken reply."""
@@ -226,28 +257,30 @@ async def open_ecr_credentials(
     config: UpstreamConfig,
     session: AioSession | None = None,
 ) -> AsyncIterator[EcrCredentials]:
-    """One aiobotocore ECR client per endpoint, closed with the source."""
+    """One ECR client per endpoint, closed with the source. Nothing here waits on AWS or its
+    credential chain: the first request for a registry does, within aws_call_timeout."""
     aio_config = AioConfig(
         connect_timeout=config.connect_timeout,
         read_timeout=config.header_timeout,
         # One attempt: a failure must reach the client as a quick 503 (and the breaker),
         # not after botocore's backoff; the next request asks again.
         retries={"total_max_attempts": 1},
+        # The service models are read from disk in a thread: clients are made while serving.
+        warm_up_loader_caches=True,
     )
-    session = session or get_session()
-    async with AsyncExitStack() as stack:
-        apis: dict[Endpoint, EcrApi] = {}
-        for endpoint in {Endpoint.of(r) for r in registries}:
-            apis[endpoint] = await stack.enter_async_context(
-                session.create_client(
-                    "ecr",
-                    region_name=endpoint.region,
-                    endpoint_url=endpoint.url,
-                    config=aio_config,
-                )
-            )
-        source = EcrCredentials(apis)
-        try:
-            yield source
-        finally:
-            await source.close()
+    if session is None:
+        session = get_session()
+        # The default for every client the session makes, the STS one behind IRSA included
+        # (a session passed in is its owner's to configure).
+        session.set_default_client_config(aio_config)
+    apis = {
+        endpoint: LazyEcrClient(session, endpoint.region, endpoint.url, aio_config)
+        for endpoint in {Endpoint.of(r) for r in registries}
+    }
+    source = EcrCredentials(apis, timeout=aws_call_timeout(config))
+    try:
+        yield source
+    finally:
+        await source.close()
+        for api in apis.values():
+            await api.close()

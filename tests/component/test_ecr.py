@@ -16,12 +16,14 @@ from types import MappingProxyType
 from typing import Any
 
 import pytest
-from aiobotocore.session import AioSession, get_session
+from aiobotocore.session import AioSession
+from botocore.exceptions import CredentialRetrievalError
 from structlog.testing import capture_logs
 
 from mirror.app import create_app
 from mirror.config import Config, RegistryConfig
 
+from .aws import AWS_SECRET, SwitchedChain, aws_session
 from .fakeregistry import FakeRegistry, Image
 from .harness import KiB, Mirror, closed_port, mirror_config, random_bytes
 from .moto import ECR_PASSWORD, ECR_USER, MotoServer
@@ -31,13 +33,6 @@ TOKEN = base64.b64encode(f"{ECR_USER}:{ECR_PASSWORD}".encode()).decode()
 GET_TOKEN = "GetAuthorizationToken"
 
 MakeEcrMirror = Callable[..., Awaitable[Mirror]]
-
-
-def aws_session() -> AioSession:
-    """Dummy keys given to the session itself: the test never touches os.environ."""
-    session = get_session()
-    session.set_credentials("AKIDTESTING", "not-a-real-secret")
-    return session
 
 
 def ecr_config(tmp_path: Path, fake: FakeRegistry, endpoint: str, **upstream: Any) -> Config:
@@ -50,11 +45,14 @@ def ecr_config(tmp_path: Path, fake: FakeRegistry, endpoint: str, **upstream: An
 def make_ecr_mirror(
     aiohttp_client: Any, fake: FakeRegistry, moto: MotoServer, tmp_path: Path
 ) -> MakeEcrMirror:
-    """make_ecr_mirror(endpoint=moto.url, **upstream_overrides): fake.test is an ECR registry."""
+    """make_ecr_mirror(endpoint=moto.url, session=dummy keys, **upstream_overrides): fake.test
+    is an ECR registry."""
 
-    async def make(endpoint: str | None = None, **upstream: Any) -> Mirror:
+    async def make(
+        endpoint: str | None = None, session: AioSession | None = None, **upstream: Any
+    ) -> Mirror:
         config = ecr_config(tmp_path, fake, endpoint or moto.url, **upstream)
-        app = create_app(config, aws_session=aws_session())
+        app = create_app(config, aws_session=session or aws_session())
         return Mirror(await aiohttp_client(app), app, config)
 
     return make
@@ -165,6 +163,78 @@ async def test_aws_unreachable_is_a_fast_503_naming_the_registry(
     assert "fake.test is failing" in (await resp.json())["errors"][0]["message"]
 
 
+async def test_aws_credentials_that_appear_after_start_up_are_used(
+    fake: FakeRegistry, moto: MotoServer, make_ecr_mirror: MakeEcrMirror
+) -> None:
+    """Started before there are any (keys not yet in the environment, an instance role still
+    coming up): once they appear, the next request finds them, without a restart."""
+    image = seed(fake)
+    chain = SwitchedChain()
+    mirror = await make_ecr_mirror(session=chain.session())
+    assert chain.loads == 0  # start-up did not look
+    resp = await mirror.client.get(f"/v2/team/app/blobs/{image.config}", params=FAKE)
+    assert resp.status == 503
+    assert (await resp.json())["errors"][0]["message"] == (
+        "no ECR credentials for fake.test: "
+        "no AWS credentials found (environment, profile, instance role or IRSA)"
+    )
+    chain.keys = ("AKIDLATER", AWS_SECRET)
+    assert (await get(mirror, f"/v2/team/app/blobs/{image.config}"))[0] == 200
+    assert (chain.loads, moto.calls(GET_TOKEN)) == (2, 1)
+
+
+async def test_a_failing_credential_provider_stops_neither_start_up_nor_other_registries(
+    fake: FakeRegistry, moto: MotoServer, make_ecr_mirror: MakeEcrMirror
+) -> None:
+    """EKS Pod Identity's agent not up yet at node boot: that link of the chain raises."""
+    image = fake.add_image("team/app", "v1", [random_bytes(8 * KiB, i) for i in range(2)])
+    chain = SwitchedChain()
+    chain.error = CredentialRetrievalError(provider="container-role", error_msg="agent not up")
+    async with asyncio.timeout(5):
+        mirror = await make_ecr_mirror(session=chain.session())
+    # docker.io (the same fake, no ECR about it) is served as ever.
+    resp = await mirror.client.get("/v2/team/app/manifests/v1")
+    assert (resp.status, await resp.read()) == (200, image.manifest)
+    fake.basic = (ECR_USER, ECR_PASSWORD)
+    fake.reset_log()
+    resp = await mirror.client.get(f"/v2/team/app/blobs/{image.layers[0]}", params=FAKE)
+    assert resp.status == 503
+    assert (await resp.json())["errors"][0]["message"] == (
+        "no ECR credentials for fake.test: "
+        "the AWS credential provider failed (instance role, IRSA or SSO)"
+    )
+    assert fake.count() == 0
+    chain.error, chain.keys = None, ("AKIDLATER", AWS_SECRET)  # the agent is up
+    assert (await get(mirror, f"/v2/team/app/blobs/{image.layers[0]}"))[0] == 200
+    assert moto.calls(GET_TOKEN) == 1
+
+
+async def test_a_hung_credential_chain_is_a_503_within_the_upstream_timeouts(
+    fake: FakeRegistry, moto: MotoServer, make_ecr_mirror: MakeEcrMirror
+) -> None:
+    """STS behind IRSA, or an instance metadata service, that never answers: botocore's own
+    bounds are a minute and more; a pull is answered within connect + header timeout."""
+    image = seed(fake)
+    chain = SwitchedChain()
+    chain.gate = asyncio.Event()  # never set
+    async with asyncio.timeout(5):
+        mirror = await make_ecr_mirror(
+            session=chain.session(), connect_timeout=0.2, header_timeout=0.3
+        )
+        started = time.monotonic()
+        resp = await mirror.client.get(f"/v2/team/app/blobs/{image.config}", params=FAKE)
+        elapsed = time.monotonic() - started
+    error = (await resp.json())["errors"][0]
+    assert (resp.status, error["message"], error["detail"]) == (
+        503,
+        "no ECR credentials for fake.test: no answer from AWS within 0.5s",
+        {"registry": "fake.test"},
+    )
+    assert 0.5 <= elapsed < 2.0, elapsed
+    chain.gate, chain.keys = None, ("AKIDLATER", AWS_SECRET)  # the chain answers again
+    assert (await get(mirror, f"/v2/team/app/blobs/{image.config}"))[0] == 200
+
+
 async def test_no_secret_reaches_a_log_line(
     fake: FakeRegistry, moto: MotoServer, make_ecr_mirror: MakeEcrMirror
 ) -> None:
@@ -181,7 +251,7 @@ async def test_no_secret_reaches_a_log_line(
     assert "ecr_credentials_issued" in names and "ecr_credentials_refused" in names
     assert "request" in names  # the access lines were captured as well
     text = json.dumps(events, default=repr)
-    for secret in (TOKEN, ECR_PASSWORD, "not-a-real-secret"):
+    for secret in (TOKEN, ECR_PASSWORD, AWS_SECRET):
         assert secret not in text
 
 

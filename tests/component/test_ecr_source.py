@@ -12,15 +12,18 @@ import pytest
 from botocore.exceptions import EndpointConnectionError
 from structlog.testing import capture_logs
 
-from mirror.config import RegistryConfig
+from mirror.config import RegistryConfig, UpstreamConfig
 from mirror.upstream.credentials import Credentials
 from mirror.upstream.ecr import (
     MIN_REFRESH_INTERVAL,
     RETRY_INTERVAL,
     EcrCredentials,
     Endpoint,
+    open_ecr_credentials,
 )
 from mirror.upstream.errors import UpstreamUnavailable
+
+from .aws import SwitchedChain
 
 HOUR = 3600.0
 EU = RegistryConfig("1.dkr.ecr.eu-west-1.amazonaws.com", "https://e", aws_region="eu-west-1")
@@ -51,11 +54,12 @@ class FakeEcr:
 
     async def get_authorization_token(self) -> dict[str, Any]:
         self.calls += 1
+        call = self.calls
         if self.gate is not None:
             await self.gate.wait()
         if self.fail is not None:
             raise self.fail
-        token = base64.b64encode(f"AWS:pw-{self.calls}".encode()).decode()
+        token = base64.b64encode(f"AWS:pw-{call}".encode()).decode()
         expires = datetime.fromtimestamp(self.clock.wall() + self.lifetime, UTC)
         return {"authorizationData": [{"authorizationToken": token, "expiresAt": expires}]}
 
@@ -76,6 +80,12 @@ def source(clock: Clock, api: FakeEcr) -> EcrCredentials:
     return EcrCredentials(apis, clock.monotonic, clock.wall)
 
 
+async def settled() -> None:
+    """Lets a background refresh against FakeEcr (no gate) run to its end."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
 async def test_a_token_is_used_until_an_hour_before_it_expires(
     clock: Clock, api: FakeEcr, source: EcrCredentials
 ) -> None:
@@ -83,10 +93,46 @@ async def test_a_token_is_used_until_an_hour_before_it_expires(
     clock.now = 11 * HOUR - 1
     assert await source.get(EU) == Credentials("AWS", "pw-1")
     assert await source.get(EU_TOO) == Credentials("AWS", "pw-1")  # same endpoint, same token
+    await settled()
     assert api.calls == 1
     clock.now = 11 * HOUR
+    assert await source.get(EU) == Credentials("AWS", "pw-1")  # and a refresh has started
+    await settled()
     assert await source.get(EU) == Credentials("AWS", "pw-2")
     assert api.calls == 2
+
+
+async def test_a_due_refresh_runs_behind_requests_while_the_old_token_is_valid(
+    clock: Clock, api: FakeEcr, source: EcrCredentials
+) -> None:
+    await source.get(EU)
+    clock.now = 11 * HOUR  # due, and valid for an hour yet
+    api.gate = asyncio.Event()  # AWS (or STS behind the credential chain) slow
+    async with asyncio.timeout(1):  # none of them waits for it
+        results = await asyncio.gather(*(source.get(EU) for _ in range(50)))
+    assert set(results) == {Credentials("AWS", "pw-1")}
+    assert api.calls == 2  # one refresh, shared
+    # Still no answer when the old token expires: from then on a request waits, for the
+    # same call.
+    clock.now = 12 * HOUR
+    waiter = asyncio.create_task(source.get(EU))
+    await settled()
+    assert not waiter.done()
+    api.gate.set()
+    assert await waiter == Credentials("AWS", "pw-2")
+    assert api.calls == 2
+
+
+async def test_a_hung_aws_call_is_cut_at_the_timeout(clock: Clock, api: FakeEcr) -> None:
+    api.gate = asyncio.Event()  # never set: AWS, or the credential chain, never answers
+    source = EcrCredentials({Endpoint.of(EU): api}, clock.monotonic, clock.wall, timeout=0.05)
+    with pytest.raises(UpstreamUnavailable) as caught:
+        async with asyncio.timeout(5):  # the test's own bound: the source must have one
+            await source.get(EU)
+    assert str(caught.value) == f"no ECR credentials for {EU.name}: no answer from AWS within 0.05s"
+    # The next request asks anew: the cut call left nothing behind to wait on.
+    api.gate = None
+    assert await source.get(EU) == Credentials("AWS", "pw-2")
 
 
 async def test_a_failed_refresh_rides_on_the_old_token_and_retries_later(
@@ -97,13 +143,17 @@ async def test_a_failed_refresh_rides_on_the_old_token_and_retries_later(
     clock.now = 11 * HOUR
     with capture_logs() as events:
         assert await source.get(EU) == Credentials("AWS", "pw-1")
+        await settled()
     assert [e["event"] for e in events] == ["ecr_refresh_failed"]
     assert events[0]["valid_for"] == HOUR
     clock.now += RETRY_INTERVAL - 1
     assert await source.get(EU) == Credentials("AWS", "pw-1")
+    await settled()
     assert api.calls == 2  # not one call per request while AWS is down
     clock.now += 1
     api.fail = None
+    assert await source.get(EU) == Credentials("AWS", "pw-1")  # the retry runs behind it
+    await settled()
     assert await source.get(EU) == Credentials("AWS", "pw-3")
 
 
@@ -159,3 +209,16 @@ async def test_close_cancels_a_call_in_flight(api: FakeEcr, source: EcrCredentia
     await source.close()
     with pytest.raises(asyncio.CancelledError):
         await waiter
+
+
+async def test_opening_asks_no_aws_credentials() -> None:
+    chain = SwitchedChain()
+    chain.gate = asyncio.Event()  # a chain that never answers (a pod identity agent not up)
+    host = "123456789012.dkr.ecr.eu-west-1.amazonaws.com"
+    registry = RegistryConfig(host, f"https://{host}", aws_region="eu-west-1")
+    async with (
+        asyncio.timeout(5),
+        open_ecr_credentials([registry], UpstreamConfig(), chain.session()),
+    ):
+        pass
+    assert chain.loads == 0  # start-up neither waited on the chain nor could fail by it

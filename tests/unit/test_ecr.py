@@ -17,11 +17,13 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
+from mirror.config import UpstreamConfig
 from mirror.upstream.credentials import Credentials
 from mirror.upstream.ecr import (
     MIN_REFRESH_INTERVAL,
     REFRESH_MARGIN,
     AwsFailure,
+    aws_call_timeout,
     decode_token,
     describe_failure,
     refresh_delay,
@@ -60,6 +62,11 @@ def test_unreadable_tokens_are_refused_without_being_repeated(token: str) -> Non
 )
 def test_refresh_delay(expires_in: float, delay: float) -> None:
     assert refresh_delay(expires_in) == delay
+
+
+def test_an_aws_call_gets_as_long_as_a_registry_to_connect_and_answer() -> None:
+    config = UpstreamConfig(connect_timeout=2.0, header_timeout=7.5)
+    assert aws_call_timeout(config) == 9.5
 
 
 def _client_error(code: str, message: str) -> ClientError:
