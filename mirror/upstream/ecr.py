@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextvars
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlsplit
 
 import structlog
 from aiobotocore.config import AioConfig
@@ -48,6 +50,8 @@ REFRESH_MARGIN = 3600.0
 MIN_REFRESH_INTERVAL = 300.0
 # After a failed refresh, while the old token is still good: when to try again.
 RETRY_INTERVAL = 30.0
+# What a registry is called in the region whose tokens it takes (FIPS and China included).
+_ECR_HOST = re.compile(r"[0-9]{12}\.dkr\.ecr(?:-fips)?\.([a-z0-9-]+)\.amazonaws\.com(?:\.cn)?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +66,12 @@ class Endpoint:
     def of(cls, registry: RegistryConfig) -> Endpoint:
         assert registry.aws_region is not None, "only ECR registries have an endpoint"
         return cls(registry.aws_region, registry.aws_endpoint_url)
+
+
+def ecr_host_region(url: str) -> str | None:
+    """The region an ECR registry url names in its host; None: the host is not ECR's."""
+    match = _ECR_HOST.fullmatch(urlsplit(url).hostname or "")
+    return match.group(1) if match else None
 
 
 def aws_call_timeout(config: UpstreamConfig) -> float:
@@ -259,6 +269,8 @@ async def open_ecr_credentials(
 ) -> AsyncIterator[EcrCredentials]:
     """One ECR client per endpoint, closed with the source. Nothing here waits on AWS or its
     credential chain: the first request for a registry does, within aws_call_timeout."""
+    registries = list(registries)
+    warn_about_hosts(registries)
     aio_config = AioConfig(
         connect_timeout=config.connect_timeout,
         read_timeout=config.header_timeout,
@@ -284,3 +296,19 @@ async def open_ecr_credentials(
         await source.close()
         for api in apis.values():
             await api.close()
+
+
+def warn_about_hosts(registries: Iterable[RegistryConfig]) -> None:
+    """A token is good only in the region it came from: a registry whose host names another
+    (or no ECR host at all) would see every one refused. Said once, at start-up."""
+    for registry in registries:
+        host_region = ecr_host_region(registry.url)
+        if host_region != registry.aws_region:
+            log.warning(
+                "ecr_registry_host_unexpected",
+                registry=registry.name,
+                host=urlsplit(registry.url).hostname,
+                aws_region=registry.aws_region,
+                host_region=host_region,
+                expected=f"<account>.dkr.ecr.{registry.aws_region}.amazonaws.com",
+            )

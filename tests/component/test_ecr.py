@@ -235,6 +235,24 @@ async def test_a_hung_credential_chain_is_a_503_within_the_upstream_timeouts(
     assert (await get(mirror, f"/v2/team/app/blobs/{image.config}"))[0] == 200
 
 
+async def test_a_registry_host_outside_its_aws_region_is_warned_of_once(
+    fake: FakeRegistry, make_ecr_mirror: MakeEcrMirror
+) -> None:
+    """fake.test's url is 127.0.0.1, no ECR host in us-east-1: its tokens could be refused."""
+    image = seed(fake)
+    with capture_logs() as events:
+        mirror = await make_ecr_mirror()
+        at_start = len(events)
+        assert (await get(mirror, "/v2/team/app/manifests/v1"))[0] == 200
+        assert (await get(mirror, f"/v2/team/app/blobs/{image.config}"))[0] == 200
+    warned = {
+        i: (e["registry"], e["host"], e["aws_region"])
+        for i, e in enumerate(events) if e["event"] == "ecr_registry_host_unexpected"
+    }  # fmt: skip
+    assert list(warned.values()) == [("fake.test", "127.0.0.1", "us-east-1")]
+    assert max(warned) < at_start  # said at start-up, and by no request
+
+
 async def test_no_secret_reaches_a_log_line(
     fake: FakeRegistry, moto: MotoServer, make_ecr_mirror: MakeEcrMirror
 ) -> None:

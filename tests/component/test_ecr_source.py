@@ -211,14 +211,31 @@ async def test_close_cancels_a_call_in_flight(api: FakeEcr, source: EcrCredentia
         await waiter
 
 
-async def test_opening_asks_no_aws_credentials() -> None:
+def ecr_registry(host: str, aws_region: str = "eu-west-1") -> RegistryConfig:
+    return RegistryConfig(host, f"https://{host}", aws_region=aws_region)
+
+
+async def test_opening_asks_no_aws_credentials_and_warns_of_hosts_in_another_region() -> None:
     chain = SwitchedChain()
     chain.gate = asyncio.Event()  # a chain that never answers (a pod identity agent not up)
-    host = "123456789012.dkr.ecr.eu-west-1.amazonaws.com"
-    registry = RegistryConfig(host, f"https://{host}", aws_region="eu-west-1")
-    async with (
-        asyncio.timeout(5),
-        open_ecr_credentials([registry], UpstreamConfig(), chain.session()),
-    ):
-        pass
+    good = ecr_registry("123456789012.dkr.ecr.eu-west-1.amazonaws.com")
+    fips = ecr_registry("123456789012.dkr.ecr-fips.eu-west-1.amazonaws.com")
+    china = ecr_registry("123456789012.dkr.ecr.cn-north-1.amazonaws.com.cn", "cn-north-1")
+    other_region = ecr_registry("123456789012.dkr.ecr.us-east-1.amazonaws.com")
+    stand_in = RegistryConfig("ecr.internal", "https://ecr.internal:5000", aws_region="eu-west-1")
+    with capture_logs() as events:
+        async with (
+            asyncio.timeout(5),
+            open_ecr_credentials(
+                [good, fips, china, other_region, stand_in], UpstreamConfig(), chain.session()
+            ),
+        ):
+            pass
     assert chain.loads == 0  # start-up neither waited on the chain nor could fail by it
+    warned = [e for e in events if e["event"] == "ecr_registry_host_unexpected"]
+    assert [(e["registry"], e["host"], e["host_region"]) for e in warned] == [
+        (other_region.name, other_region.name, "us-east-1"),
+        (stand_in.name, "ecr.internal", None),
+    ]
+    assert {e["log_level"] for e in warned} == {"warning"}
+    assert {e["aws_region"] for e in warned} == {"eu-west-1"}

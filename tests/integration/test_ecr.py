@@ -139,5 +139,7 @@ def test_skopeo_pulls_a_private_ecr_image_through_the_mirror(
     assert moto.calls("GetAuthorizationToken") - before == 1
     log = mirror.process.log_path.read_text()
     assert '"event": "ecr_credentials_issued"' in log
+    # Its url is 127.0.0.1, not an ECR host in us-east-1: said once, as a JSON line.
+    assert log.count('"event": "ecr_registry_host_unexpected"') == 1
     for secret in (ECR_PASSWORD, TOKEN, AWS_SECRET):
         assert secret not in log

@@ -26,6 +26,7 @@ from mirror.upstream.ecr import (
     aws_call_timeout,
     decode_token,
     describe_failure,
+    ecr_host_region,
     refresh_delay,
 )
 
@@ -62,6 +63,24 @@ def test_unreadable_tokens_are_refused_without_being_repeated(token: str) -> Non
 )
 def test_refresh_delay(expires_in: float, delay: float) -> None:
     assert refresh_delay(expires_in) == delay
+
+
+@pytest.mark.parametrize(
+    ("url", "region"),
+    [
+        ("https://123456789012.dkr.ecr.eu-west-1.amazonaws.com", "eu-west-1"),
+        ("https://123456789012.dkr.ecr.us-gov-west-1.amazonaws.com/", "us-gov-west-1"),
+        ("https://123456789012.dkr.ecr-fips.us-east-1.amazonaws.com", "us-east-1"),
+        ("https://123456789012.dkr.ecr.cn-north-1.amazonaws.com.cn", "cn-north-1"),
+        ("https://123456789012.DKR.ECR.eu-west-1.amazonaws.com:443", "eu-west-1"),
+        ("http://127.0.0.1:5000", None),  # a stand-in, or a typo: the region cannot be told
+        ("https://public.ecr.aws", None),
+        ("https://12345.dkr.ecr.eu-west-1.amazonaws.com", None),  # accounts have 12 digits
+        ("https://123456789012.dkr.ecr.eu-west-1.amazonaws.com.evil.example", None),
+    ],
+)
+def test_ecr_host_region(url: str, region: str | None) -> None:
+    assert ecr_host_region(url) == region
 
 
 def test_an_aws_call_gets_as_long_as_a_registry_to_connect_and_answer() -> None:
