@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import subprocess
 import sys
 import time
@@ -271,6 +272,49 @@ async def test_no_secret_reaches_a_log_line(
     text = json.dumps(events, default=repr)
     for secret in (TOKEN, ECR_PASSWORD, AWS_SECRET):
         assert secret not in text
+
+
+async def test_no_secret_reaches_stdout_or_stderr_at_debug_level(moto: MotoServer) -> None:
+    """What capture_logs cannot see: the real handlers, botocore's and aiobotocore's own
+    loggers (its DEBUG lines hold signed headers and response bodies), asyncio's, warnings.
+    A fresh interpreter logs as the mirror does at --log-level debug and asks moto once."""
+    script = f"""
+import asyncio
+from mirror.config import RegistryConfig, UpstreamConfig
+from mirror.log import configure_logging
+from mirror.upstream.credentials import open_credentials
+
+configure_logging("debug")
+host = "123456789012.dkr.ecr.us-east-1.amazonaws.com"
+ecr = RegistryConfig(host, "https://" + host, aws_region="us-east-1",
+                     aws_endpoint_url={moto.url!r})
+
+async def main():
+    async with open_credentials({{host: ecr}}, UpstreamConfig()) as source:
+        creds = await source.get(ecr)
+    # Compared here, not printed: a failure shows this line, never the values.
+    assert creds.basic() == "Basic {TOKEN}"
+
+asyncio.run(main(), debug=True)
+"""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    environ.update(
+        AWS_ACCESS_KEY_ID="AKIDTESTING",
+        AWS_SECRET_ACCESS_KEY=AWS_SECRET,
+        AWS_CONFIG_FILE="/dev/null",
+        AWS_SHARED_CREDENTIALS_FILE="/dev/null",
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, env=environ,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    out, err = (stream.decode() for stream in await proc.communicate())
+    assert proc.returncode == 0, err
+    assert moto.calls(GET_TOKEN) == 1
+    assert '"event": "ecr_credentials_issued"' in out  # the logging was live
+    for secret in (ECR_PASSWORD, TOKEN, AWS_SECRET):
+        assert secret not in out and secret not in err
 
 
 async def test_start_up_imports_aiobotocore_only_when_ecr_is_configured(
