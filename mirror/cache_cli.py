@@ -76,7 +76,7 @@ def _gc(store: FilesystemStore, goal: int, out: TextIO) -> int:
     victims = choose_victims(index.rows(), index.total, goal, frozenset())
     freed = 0
     for key, _ in victims:
-        freed += store.remove_blob(Digest("sha256", key))
+        freed += store.remove_blob(Digest("sha256", key)) or 0
         index.discard(key)
     index.flush()
     print(

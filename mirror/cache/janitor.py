@@ -155,7 +155,7 @@ class CacheJanitor:
                     continue  # pinned since the choice was made (a request just opened it)
                 self._index.discard(key)
                 digest = Digest("sha256", key)
-                size = await asyncio.to_thread(self._delete, digest)
+                size = await asyncio.to_thread(self._store.remove_blob, digest)
                 for listener in self._evicted:
                     listener(digest)
                 if size is not None:
@@ -167,11 +167,6 @@ class CacheJanitor:
                 self._gauges()
                 log.info("cache_evicted", blobs=deleted, bytes=freed, total=self._index.total)
             return deleted, freed
-
-    def _delete(self, digest: Digest) -> int | None:
-        """Bytes freed, or None when there was no file left to delete."""
-        size = self._store.blob_size(digest)
-        return None if size is None else self._store.remove_blob(digest)
 
     async def make_room(self, needed: int) -> bool:
         """The disk is full mid-write: free at least `needed` bytes if evicting can get there.

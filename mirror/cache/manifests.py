@@ -213,10 +213,8 @@ class ManifestService:
             if isinstance(exc, UpstreamError) and exc.status == 404:
                 self._narrowed[narrow] = _nothing(self._clock())
                 raise _not_acceptable(f"tag {key[2]}", manifest, accepted) from exc
-            stale = self._stale_narrowed(record)
-            if stale is not None and _unavailable(exc):
-                self._metrics.stale_served.labels(key[0]).inc()
-                return ManifestAnswer(stale, "stale")
+            if _unavailable(exc):
+                return self._stale_or_raise(key, record, exc)
             raise to_registry_error(exc, ErrorCode.MANIFEST_UNKNOWN) from exc
         return ManifestAnswer(found, "coalesced" if shared else "miss")
 
@@ -233,13 +231,6 @@ class ManifestService:
             found.digest, found.media_type, len(found.body), self._clock()
         )
         return found
-
-    def _stale_narrowed(self, record: TagRecord | None) -> Manifest | None:
-        if record is None or not record.digest:
-            return None
-        if self._clock() - record.fetched_at > self._config.max_stale:
-            return None
-        return self.local(parse_digest(record.digest))
 
     def _fresh(self, record: TagRecord) -> bool:
         """Served without asking upstream: the one place the tag TTL is applied."""
@@ -259,15 +250,11 @@ class ManifestService:
             if record is None:
                 return ManifestAnswer(await self._get_tag(key), "miss")
             return await self._revalidate(key, record)
-        except (UpstreamUnavailable, TimeoutError) as exc:
-            return self._stale_or_raise(key, record, exc)
-        except UpstreamError as exc:
-            if exc.transient:
-                return self._stale_or_raise(key, record, exc)
-            raise to_registry_error(exc, ErrorCode.MANIFEST_UNKNOWN) from exc
         except RegistryError:
             raise
-        except Exception as exc:  # noqa: BLE001 - translated for the client
+        except Exception as exc:  # noqa: BLE001 - stale, or translated for the client
+            if _unavailable(exc):
+                return self._stale_or_raise(key, record, exc)
             raise to_registry_error(exc, ErrorCode.MANIFEST_UNKNOWN) from exc
 
     async def _revalidate(self, key: _TagKey, record: TagRecord) -> ManifestAnswer:
@@ -327,8 +314,14 @@ class ManifestService:
     def _stale_or_raise(
         self, key: _TagKey, record: TagRecord | None, exc: BaseException
     ) -> ManifestAnswer:
+        """The last answer while the origin cannot give one (bounded by max_stale), or the
+        failure. A remembered "nothing" (a narrowed Accept's) has nothing to serve."""
         registry = key[0]
-        if record is not None and self._clock() - record.fetched_at <= self._config.max_stale:
+        if (
+            record is not None
+            and record.digest
+            and self._clock() - record.fetched_at <= self._config.max_stale
+        ):
             found = self.local(parse_digest(record.digest))
             if found is not None:
                 self._metrics.stale_served.labels(registry).inc()
@@ -369,4 +362,4 @@ def _unavailable(exc: BaseException) -> bool:
     """The origin could not answer now (as opposed to answering no)."""
     if isinstance(exc, UpstreamError):
         return exc.transient
-    return isinstance(exc, UpstreamUnavailable | TimeoutError | OSError)
+    return isinstance(exc, UpstreamUnavailable | TimeoutError)

@@ -129,14 +129,14 @@ class FilesystemStore:
         except FileNotFoundError:
             pass
 
-    def remove_blob(self, digest: Digest) -> int:
-        """Delete a blob (eviction); returns the bytes freed."""
+    def remove_blob(self, digest: Digest) -> int | None:
+        """Delete a blob (eviction); returns the bytes freed, None when it was already gone."""
         path = self.layout.blob(digest)
         try:
             size = os.stat(path).st_size
             os.unlink(path)
         except FileNotFoundError:
-            return 0
+            return None
         try:
             os.unlink(self.layout.manifest_type(digest))
         except FileNotFoundError:
