@@ -111,7 +111,7 @@ _SCALARS: dict[tuple[str, str], tuple[str, Any]] = {
     ("upstream", "connect_timeout"): ("connect_timeout", parse_duration),
     ("upstream", "header_timeout"): ("header_timeout", parse_duration),
     ("upstream", "read_timeout"): ("read_timeout", parse_duration),
-    ("upstream", "retries"): ("retries", lambda v: non_negative_int(v)),
+    ("upstream", "retries"): ("retries", non_negative_int),
     ("upstream", "ranged_threshold"): ("ranged_threshold", parse_size),
     ("upstream", "ranged_streams"): ("ranged_streams", positive_int),
     ("upstream", "chunk_size"): ("chunk_size", parse_size),

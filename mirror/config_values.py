@@ -78,20 +78,19 @@ def parse_bool(value: Any) -> bool:
 
 
 def positive_int(value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError("expected a whole number")
-    number = int(value)
-    if number < 1:
-        raise ValueError("must be at least 1")
-    return number
+    return _whole_number(value, 1, "must be at least 1")
 
 
 def non_negative_int(value: Any) -> int:
-    if isinstance(value, bool):
+    return _whole_number(value, 0, "must be 0 or more")
+
+
+def _whole_number(value: Any, least: int, too_small: str) -> int:
+    if isinstance(value, bool):  # TOML's true is an int to Python, never a count to us
         raise ValueError("expected a whole number")
     number = int(value)
-    if number < 0:
-        raise ValueError("must be 0 or more")
+    if number < least:
+        raise ValueError(too_small)
     return number
 
 

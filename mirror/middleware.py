@@ -74,18 +74,17 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
                 aborted = True
                 raise
             except Exception as exc:
-                if not (isinstance(exc, ConnectionError) and _gone(request)):
-                    log.exception("unhandled_error", method=request.method, path=request.path)
-                    if _answered(request):
-                        request[result_key] = "error"
-                        raise
-                    response = render_error(RegistryError(ErrorCode.UNKNOWN), request.method)
-                    request[result_key] = "error"
-                else:
+                if isinstance(exc, ConnectionError) and _gone(request):
                     # The client hung up under a handler: normal, not a server error. Raised
                     # on, aiohttp would log a traceback; this stand-in never reaches the wire.
                     aborted = True
                     response = web.Response(status=499)
+                else:
+                    log.exception("unhandled_error", method=request.method, path=request.path)
+                    request[result_key] = "error"
+                    if _answered(request):
+                        raise
+                    response = render_error(RegistryError(ErrorCode.UNKNOWN), request.method)
             status = response.status
             aborted = aborted or _cut_short(request, response)
             return response
