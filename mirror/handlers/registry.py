@@ -10,7 +10,7 @@ from aiohttp import web
 from mirror.cache.blobs import CachedBlob, LiveBlob
 from mirror.cache.errors import to_registry_error
 from mirror.cache.transfer import DownloadFailed
-from mirror.handlers.filesend import (
+from mirror.http.sendfile import (
     Sent,
     StallGuard,
     drop,

@@ -1,6 +1,6 @@
 """The manifest fast path answers exactly what the full handler would, and hands over cleanly.
 
-Both servers run the real `mirror.server.serve` on a free port: one with the fast path, one
+Both servers run the real `mirror.cli.serve.serve` on a free port: one with the fast path, one
 without, over caches filled the same way. Every answer is compared byte for byte (apart from
 Date, Server and X-Request-ID). Raw sockets let the tests control how requests are split into
 packets, which is where a hand-over bug would hide.
@@ -16,8 +16,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from mirror.handlers.fastpath import MAX_ANSWER_BYTES
-from mirror.server import serve
+from mirror.cli.serve import serve
+from mirror.http.fastpath import MAX_ANSWER_BYTES
 
 from .fakeregistry import FakeRegistry, Image
 from .harness import mirror_config

@@ -20,8 +20,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from mirror.cli.serve import serve
 from mirror.config import Config
-from mirror.server import serve
 
 from .conftest import MakeMirror
 from .fakeregistry import OCI_INDEX, OCI_MANIFEST, FakeRegistry, Image
@@ -179,7 +179,7 @@ async def test_tag_record_outlives_a_restart(
 
 @contextlib.asynccontextmanager
 async def served(cfg: Config) -> AsyncIterator[str]:
-    """The production server (mirror.server.serve, manifest fast path on) on a free port."""
+    """The production server (mirror.cli.serve.serve, manifest fast path on) on a free port."""
     stop = asyncio.Event()
     port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(serve(cfg, stop, lambda socks: port.set_result(socks[0][1])))

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
+from mirror.cli.warm import run_warm
 from mirror.config import load_config
-from mirror.warm_cli import run_warm
 
 from .warm_fakes import WarmRegistry, mirror_app, serve_registry, warm_config
 

@@ -24,7 +24,7 @@ from mirror.config import (
     env_id,
     load_config,
 )
-from mirror.config_values import parse_duration, parse_listen, parse_size
+from mirror.config.values import parse_duration, parse_listen, parse_size
 
 PROJECT = Path(__file__).resolve().parents[2]
 

@@ -11,8 +11,7 @@ from typing import Any
 import pytest
 
 from mirror.cli import main
-from mirror.config import DEFAULT_REGISTRIES, RegistryConfig
-from mirror.containerd_config import (
+from mirror.cli.containerd import (
     fallback_origins,
     hosts_dir_candidates,
     hosts_dir_name,
@@ -20,6 +19,7 @@ from mirror.containerd_config import (
     run_containerd_config,
     write_hosts_dirs,
 )
+from mirror.config import DEFAULT_REGISTRIES, RegistryConfig
 
 ORIGINS = {"docker.io": "https://registry-1.docker.io", "ghcr.io": "https://ghcr.io"}
 

@@ -11,7 +11,7 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
-from mirror.config_values import optional_str, parse_bool
+from mirror.config.values import optional_str, parse_bool
 
 DEFAULT_REGISTRIES: Mapping[str, str] = MappingProxyType(
     {

@@ -11,10 +11,10 @@ from aiohttp import web
 
 from mirror.app import create_app
 from mirror.config import Config
-from mirror.handlers.fastpath import FastPath, FastProtocol
+from mirror.http.fastpath import FastPath, FastProtocol
 from mirror.keys import manifests_key, metrics_key
 
-log = structlog.get_logger("mirror.server")
+log = structlog.get_logger("mirror.cli.serve")
 
 
 async def serve(
@@ -66,3 +66,14 @@ async def _flush_every_second(fast: FastPath) -> None:
     while True:
         await asyncio.sleep(1.0)
         fast.flush_metrics()
+
+
+def run_serve(config: Config, log_level: str) -> int:
+    """`mirror serve`: JSON logs, then the app on uvloop until a signal."""
+    import uvloop
+
+    from mirror.log import configure_logging
+
+    configure_logging(log_level)
+    uvloop.run(serve(config))
+    return 0

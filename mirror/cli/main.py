@@ -1,4 +1,4 @@
-"""The `mirror` command: argv -> config -> logging -> run."""
+"""Parsing argv and dispatching to a command."""
 
 from __future__ import annotations
 
@@ -83,20 +83,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             config = _load(args, {"server.listen": args.listen, "cache.dir": args.cache_dir})
-            return _serve(config, args.log_level)
+            from mirror.cli.serve import run_serve
+
+            return run_serve(config, args.log_level)
         if args.command == "warm":
-            from mirror.warm_cli import run_warm
+            from mirror.cli.warm import run_warm
 
             # The server's own variable, so `kubectl exec <pod> -- mirror warm` needs no flag.
             token = args.token or os.environ.get(ADMIN_TOKEN_ENV) or None
             return run_warm(args.url, args.images, args.platforms, args.file, token)
         if args.command == "cache":
-            from mirror.cache_cli import run_cache
+            from mirror.cli.cache import run_cache
 
             config = _load(args, {"cache.dir": args.cache_dir})
             return run_cache(config.cache, args.cache_command, getattr(args, "target", None))
         if args.command == "containerd-config":
-            from mirror.containerd_config import fallback_origins, run_containerd_config
+            from mirror.cli.containerd import fallback_origins, run_containerd_config
 
             config = _load(args)
             origins = fallback_origins(config.registries)
@@ -108,14 +110,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mirror: {exc}: one server per cache directory", file=sys.stderr)
         return 1
     return 2
-
-
-def _serve(config: Config, log_level: str) -> int:
-    import uvloop
-
-    from mirror.log import configure_logging
-    from mirror.server import serve
-
-    configure_logging(log_level)
-    uvloop.run(serve(config))
-    return 0

@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from mirror.config_values import format_size
+from mirror.config.values import format_size
 
 _FINAL = frozenset({"done", "failed"})
 _BAR = 24  # widest progress bar

@@ -8,7 +8,7 @@ from typing import TextIO
 
 from mirror.cache.janitor import FLUSH_INTERVAL
 from mirror.config import CacheConfig
-from mirror.config_values import format_size, parse_size
+from mirror.config.values import format_size, parse_size
 from mirror.oci.digest import Digest
 from mirror.storage.eviction import choose_victims
 from mirror.storage.index import AccessIndex

@@ -1,19 +1,24 @@
-"""Typed configuration: defaults < TOML file < MIRROR_* environment < CLI flags, validated once."""
+"""Loading the config: defaults < TOML file < MIRROR_* environment < CLI flags, validated once."""
 
 from __future__ import annotations
 
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from mirror.config_registries import DEFAULT_REGISTRIES as DEFAULT_REGISTRIES
-from mirror.config_registries import RegistryConfig as RegistryConfig
-from mirror.config_registries import env_id as env_id
-from mirror.config_registries import load_registries
-from mirror.config_values import (
+from mirror.config.model import (
+    CacheConfig,
+    Config,
+    ConfigError,
+    ServerConfig,
+    UpstreamConfig,
+    WarmConfig,
+)
+from mirror.config.registries import load_registries
+from mirror.config.values import (
     fraction,
     non_negative_int,
     optional_str,
@@ -24,75 +29,6 @@ from mirror.config_values import (
     parse_size,
     positive_int,
 )
-
-
-class ConfigError(Exception):
-    """Every invalid key found while loading, reported together so one fix-up round suffices."""
-
-    def __init__(self, problems: list[str]) -> None:
-        self.problems = problems
-        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    host: str = "0.0.0.0"
-    port: int = 5000
-    admin_token: str | None = field(default=None, repr=False)
-    access_log: bool = True
-    # Answer cached manifests without aiohttp's per-request machinery (see handlers/fastpath).
-    fast_path: bool = True
-    # Threads that copy cached blobs to sockets a slice at a time. A client waiting to drain
-    # holds none, so this bounds parallel disk reads, not the number of clients served.
-    sendfile_threads: int = 64
-    # A client that takes no byte for this long is dropped, releasing its file and buffers.
-    client_idle_timeout: float = 60.0
-
-
-@dataclass(frozen=True)
-class CacheConfig:
-    directory: Path = Path("./mirror-cache")
-    max_size: int = 0  # bytes; 0 = unbounded
-    high_watermark: float = 0.90
-    low_watermark: float = 0.80
-    tag_ttl: float = 300.0
-    max_stale: float = 7 * 86400.0
-    # A cached tag waits at most this long for the upstream before it is served stale.
-    revalidate_timeout: float = 3.0
-
-
-@dataclass(frozen=True)
-class UpstreamConfig:
-    connect_timeout: float = 5.0
-    header_timeout: float = 10.0  # deadline for response headers: fail fast, never hang a client
-    read_timeout: float = 30.0  # longest silence inside a body before the stream counts as cut
-    retries: int = 3
-    ranged_threshold: int = 32 * 1024 * 1024
-    ranged_streams: int = 8
-    chunk_size: int = 16 * 1024 * 1024
-    breaker_failures: int = 5
-    breaker_cooldown: float = 30.0
-
-
-@dataclass(frozen=True)
-class WarmConfig:
-    platforms: tuple[str, ...] = ("linux/amd64",)
-    concurrency: int = 4
-
-
-@dataclass(frozen=True)
-class Config:
-    server: ServerConfig = ServerConfig()
-    cache: CacheConfig = CacheConfig()
-    upstream: UpstreamConfig = UpstreamConfig()
-    warm: WarmConfig = WarmConfig()
-    registries: Mapping[str, RegistryConfig] = field(
-        default_factory=lambda: MappingProxyType(
-            {n: RegistryConfig(n, u) for n, u in DEFAULT_REGISTRIES.items()}
-        )
-    )
-    default_registry: str = "docker.io"
-
 
 # (section, key in file/env) -> (dataclass field, parser)
 _SCALARS: dict[tuple[str, str], tuple[str, Any]] = {
@@ -121,6 +57,12 @@ _SCALARS: dict[tuple[str, str], tuple[str, Any]] = {
     ("warm", "concurrency"): ("concurrency", positive_int),
 }
 _SECTIONS = ("server", "cache", "upstream", "warm")
+
+
+def known_keys() -> frozenset[str]:
+    """Every "section.key" (and default_registry) a file, the environment or a flag may set;
+    registries are a table of their own (mirror.config.registries)."""
+    return frozenset({"default_registry", "server.listen"} | {f"{s}.{k}" for s, k in _SCALARS})
 
 
 def load_config(
