@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from mirror.upstream.authorize import Authorizer
 from mirror.upstream.breaker import CircuitBreaker
 from mirror.upstream.credentials import CredentialSource, StaticCredentials
 from mirror.upstream.errors import UpstreamError, UpstreamUnavailable, parse_retry_after
+from mirror.upstream.retry import RetryPolicy
 from mirror.upstream.tokens import TokenCache
 
 log = structlog.get_logger("mirror.upstream")
@@ -113,6 +113,7 @@ class RegistryClient:
         self._breaker = breaker
         self._metrics = metrics
         self._sleep = sleep
+        self._retry = RetryPolicy.of(config)
         self._wall_clock = wall_clock
         self._ratelimits: dict[str, int] = {}  # last ratelimit-remaining seen, per registry
         self._timeout = aiohttp.ClientTimeout(
@@ -232,7 +233,7 @@ class RegistryClient:
         url = URL(f"{reg.url}/v2/{name}/{suffix}", encoded=True)
         if reg.is_mirror:
             url = url.update_query(ns=registry)
-        attempts = self._config.retries + 1 if retry else 1
+        attempts = self._retry.retries + 1 if retry else 1
         for attempt in range(attempts):
             if not self._breaker.admit(registry):
                 raise UpstreamUnavailable(
@@ -250,7 +251,7 @@ class RegistryClient:
             except (aiohttp.ClientError, OSError) as exc:
                 self._failed(registry, kind, "error")
                 if attempt + 1 < attempts:
-                    await self._sleep(self._backoff(attempt))
+                    await self._sleep(self._retry.delay(attempt + 1))
                     continue
                 raise UpstreamUnavailable(
                     f"{registry} unreachable: {type(exc).__name__}", registry=registry
@@ -275,15 +276,12 @@ class RegistryClient:
             if status >= 500:
                 self._breaker.failure(registry)
                 if attempt + 1 < attempts:
-                    await self._sleep(min(error.retry_after or 0.0, 2.0) or self._backoff(attempt))
+                    await self._sleep(self._retry.delay(attempt + 1, error.retry_after))
                     continue
                 raise error
             self._breaker.success(registry)  # a 4xx is a live registry answering
             raise error
         raise AssertionError("unreachable")  # pragma: no cover
-
-    def _backoff(self, attempt: int) -> float:
-        return (0.1 * 2.0**attempt) * (0.5 + random.random())
 
     def _failed(self, registry: str, kind: str, status: str) -> None:
         self._metrics.upstream_requests.labels(registry, kind, status).inc()
