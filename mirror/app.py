@@ -1,11 +1,19 @@
-"""create_app(config): the one place where the long-lived objects are built and wired."""
+"""create_app(config, deps): the one place where the long-lived objects are built and wired.
+
+What varies between production and a test (time, sleeping, the store, the metrics registry,
+where AWS credentials come from) enters through Deps; everything else is built here from the
+config. Each resource has its own cleanup context, in dependency order, so a failure half-way
+through start-up closes exactly what was opened.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -15,6 +23,7 @@ from aiohttp import web
 from mirror.cache.blobs import BlobService
 from mirror.cache.janitor import CacheJanitor
 from mirror.cache.manifests import ManifestService
+from mirror.cache.ranged import FetchPlan
 from mirror.config import Config, describe
 from mirror.handlers import ops, registry
 from mirror.handlers.admin import add_admin_routes
@@ -26,16 +35,22 @@ from mirror.keys import (
     manifests_key,
     metrics_key,
     sendfile_pool_key,
+    session_key,
     store_key,
+    upstream_key,
 )
 from mirror.metrics import Metrics
 from mirror.middleware import add_common_headers, observe
+from mirror.storage.filesystem import FilesystemStore
 from mirror.storage.index import AccessIndex
+from mirror.storage.layout import Layout
+from mirror.storage.local import CacheStore
 from mirror.storage.lock import CacheLock
-from mirror.storage.store import FilesystemStore
 from mirror.upstream.breaker import CircuitBreaker
 from mirror.upstream.client import RegistryClient
-from mirror.upstream.credentials import open_credentials
+from mirror.upstream.issuers import open_credentials
+from mirror.upstream.origin import OriginBlobs
+from mirror.upstream.retry import RetryPolicy
 from mirror.upstream.tokens import TokenCache
 
 if TYPE_CHECKING:
@@ -44,23 +59,41 @@ if TYPE_CHECKING:
 log = structlog.get_logger("mirror.app")
 
 
-def create_app(
-    config: Config, metrics: Metrics | None = None, *, aws_session: AioSession | None = None
-) -> web.Application:
-    """`aws_session`: where ECR registries' AWS credentials come from (tests pass their own);
-    None is the standard chain: environment, profile, instance role, IRSA web identity."""
+@dataclass(frozen=True)
+class Deps:
+    """What the app takes from outside: production defaults, tests pass their own."""
+
+    clock: Callable[[], float] = time.monotonic  # durations: TTL-free timeouts, breakers, fills
+    wall_clock: Callable[[], float] = time.time  # what must survive a restart: tag ages
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep  # backoff between attempts
+    store: CacheStore | None = None  # None: the filesystem store in cache.dir
+    metrics: Metrics | None = None
+    # Where ECR registries' AWS credentials come from; None is the standard chain:
+    # environment, profile, instance role, IRSA web identity.
+    aws_session: AioSession | None = None
+
+
+def create_app(config: Config, deps: Deps | None = None) -> web.Application:
+    deps = deps or Deps()
     app = web.Application(middlewares=[observe], client_max_size=64 * 1024)
     app[config_key] = config
-    app[metrics_key] = metrics or Metrics()
-    app[metrics_key].track_registries(config.registries)
-    app[metrics_key].track_cache_limits(
+    metrics = app[metrics_key] = deps.metrics or Metrics()
+    metrics.track_registries(config.registries)
+    metrics.track_cache_limits(
         config.cache.max_size, config.cache.high_watermark, config.cache.low_watermark
     )
-    app[store_key] = FilesystemStore(config.cache.directory)
-    app.cleanup_ctx.append(_cache_lock)  # first in, last out: held while any service runs
-    app.cleanup_ctx.append(partial(_credentials, aws_session=aws_session))
-    app.cleanup_ctx.append(_services)
-    add_admin_routes(app)  # after _services: the warm service is built from its blobs/manifests
+    layout = Layout(config.cache.directory)
+    app[store_key] = deps.store or FilesystemStore(layout)
+    # First in, last out: each context may use what the ones before it built.
+    app.cleanup_ctx.append(lambda app: _cache_lock(app, layout))
+    app.cleanup_ctx.append(_http_session)
+    app.cleanup_ctx.append(lambda app: _credentials(app, deps.aws_session))
+    app.cleanup_ctx.append(lambda app: _upstream(app, deps))
+    app.cleanup_ctx.append(lambda app: _janitor(app, layout, deps))
+    app.cleanup_ctx.append(lambda app: _blobs(app, deps))
+    app.cleanup_ctx.append(lambda app: _manifests(app, deps))
+    app.cleanup_ctx.append(_sendfile_pool)
+    add_admin_routes(app)  # after the services: warming is built from them
     app.on_response_prepare.append(add_common_headers)
     app.router.add_get("/healthz", ops.healthz, allow_head=True)
     app.router.add_get("/readyz", ops.readyz, allow_head=True)
@@ -71,10 +104,26 @@ def create_app(
     return app
 
 
-async def _cache_lock(app: web.Application) -> AsyncIterator[None]:
+async def _cache_lock(app: web.Application, layout: Layout) -> AsyncIterator[None]:
     """One server per cache directory: another's temp files are not ours to sweep."""
-    with CacheLock(app[store_key].layout):
+    with CacheLock(layout):
+        swept = await asyncio.to_thread(FilesystemStore(layout).prepare)
+        log.info("mirror_started", swept_temp_files=swept, config=describe(app[config_key]))
         yield
+
+
+async def _http_session(app: web.Application) -> AsyncIterator[None]:
+    up = app[config_key].upstream
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=512, limit_per_host=0, ttl_dns_cache=300),
+        auto_decompress=False,  # digests cover the bytes as sent: never decode them
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=up.connect_timeout),
+    )
+    app[session_key] = session
+    try:
+        yield
+    finally:
+        await session.close()
 
 
 async def _credentials(app: web.Application, aws_session: AioSession | None) -> AsyncIterator[None]:
@@ -85,45 +134,86 @@ async def _credentials(app: web.Application, aws_session: AioSession | None) -> 
         yield
 
 
-async def _services(app: web.Application) -> AsyncIterator[None]:
-    config = app[config_key]
-    metrics = app[metrics_key]
-    store = app[store_key]
-    swept = store.prepare()
+async def _upstream(app: web.Application, deps: Deps) -> AsyncIterator[None]:
+    config, metrics, session = app[config_key], app[metrics_key], app[session_key]
     up = config.upstream
-    session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=512, limit_per_host=0, ttl_dns_cache=300),
-        auto_decompress=False,  # digests cover the bytes as sent: never decode them
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=up.connect_timeout),
-    )
     tokens = TokenCache(
         session,
         aiohttp.ClientTimeout(total=up.header_timeout, sock_connect=up.connect_timeout),
-        time.monotonic,
+        deps.clock,
     )
-    breaker = CircuitBreaker(up.breaker_failures, up.breaker_cooldown, time.monotonic)
+    breaker = CircuitBreaker(up.breaker_failures, up.breaker_cooldown, deps.clock)
     metrics.watch_breakers(config.registries, breaker.is_open)
-    client = RegistryClient(
-        session, config.registries, up, tokens, breaker, metrics,
+    app[upstream_key] = RegistryClient(
+        session, config.registries, up, tokens, breaker, metrics, deps.sleep, deps.wall_clock,
         credentials=app[credentials_key],
     )  # fmt: skip
-    janitor = CacheJanitor(store, AccessIndex(store.layout), config.cache, metrics)
-    await janitor.start()
-    blobs = BlobService(store, client, up, metrics, janitor)
-    manifests = ManifestService(store, client, config.cache, metrics, janitor, time.time)
-    pool = ThreadPoolExecutor(
-        max_workers=config.server.sendfile_threads, thread_name_prefix="sendfile"
-    )
-    app[sendfile_pool_key] = pool
-    app[blobs_key] = blobs
-    app[janitor_key] = janitor
-    app[manifests_key] = manifests
-    log.info("mirror_started", swept_temp_files=swept, config=describe(config))
     try:
         yield
     finally:
-        await blobs.close()
-        await manifests.close()
+        await tokens.close()
+
+
+async def _janitor(app: web.Application, layout: Layout, deps: Deps) -> AsyncIterator[None]:
+    config = app[config_key]
+    janitor = CacheJanitor(
+        app[store_key],
+        AccessIndex(layout, deps.wall_clock),
+        config.cache,
+        app[metrics_key],
+        lambda: shutil.disk_usage(layout.root).free,
+    )
+    await janitor.start()
+    app[janitor_key] = janitor
+    try:
+        yield
+    finally:
         await janitor.close()
-        await session.close()
+
+
+async def _blobs(app: web.Application, deps: Deps) -> AsyncIterator[None]:
+    up = app[config_key].upstream
+    blobs = BlobService(
+        app[store_key],
+        OriginBlobs(app[upstream_key]),
+        FetchPlan.of(up),
+        # Pieces already stream to clients: they can wait out an origin's Retry-After longer
+        # than a request still waiting for its headers could.
+        RetryPolicy.of(up, retry_after_cap=30.0),
+        app[metrics_key],
+        app[janitor_key],
+        deps.clock,
+        deps.sleep,
+    )
+    app[blobs_key] = blobs
+    try:
+        yield
+    finally:
+        await blobs.close()  # downloads cancelled, their temp files removed
+
+
+async def _manifests(app: web.Application, deps: Deps) -> AsyncIterator[None]:
+    manifests = ManifestService(
+        app[store_key],
+        app[upstream_key],
+        app[config_key].cache,
+        app[metrics_key],
+        app[janitor_key],
+        deps.wall_clock,
+    )
+    app[manifests_key] = manifests
+    try:
+        yield
+    finally:
+        await manifests.close()
+
+
+async def _sendfile_pool(app: web.Application) -> AsyncIterator[None]:
+    pool = ThreadPoolExecutor(
+        max_workers=app[config_key].server.sendfile_threads, thread_name_prefix="sendfile"
+    )
+    app[sendfile_pool_key] = pool
+    try:
+        yield
+    finally:
         pool.shutdown(wait=False, cancel_futures=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import aiohttp
 from aiohttp import web
 
 from mirror.cache.blobs import BlobService
@@ -12,15 +13,19 @@ from mirror.cache.manifests import ManifestService
 from mirror.cache.warming import WarmService
 from mirror.config import Config
 from mirror.metrics import Metrics
-from mirror.storage.store import FilesystemStore
+from mirror.storage.local import CacheStore
+from mirror.upstream.client import RegistryClient
 from mirror.upstream.credentials import CredentialSource
 
 config_key = web.AppKey("config", Config)
 metrics_key = web.AppKey("metrics", Metrics)
-store_key = web.AppKey("store", FilesystemStore)
+store_key = web.AppKey("store", CacheStore)
 blobs_key = web.AppKey("blobs", BlobService)
 manifests_key = web.AppKey("manifests", ManifestService)
 janitor_key = web.AppKey("janitor", CacheJanitor)
+# The client session every upstream request goes through.
+session_key = web.AppKey("session", aiohttp.ClientSession)
+upstream_key = web.AppKey("upstream", RegistryClient)
 # What each registry's requests are signed with (static, or issued by ECR).
 credentials_key = web.AppKey("credentials", CredentialSource)
 # Threads that run sendfile for cached blobs (one per transfer in progress).

@@ -1,18 +1,22 @@
-"""structlog set up for one JSON object per line on stdout."""
+"""structlog set up for one JSON object per line (stdout for the server)."""
 
 from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO
 
 import structlog
 
 
-def configure_logging(level: str = "info") -> None:
+def configure_logging(level: str = "info", stream: TextIO | None = None) -> None:
+    """`stream`: where lines go (default stdout; a command whose stdout is its answer, like
+    `mirror cache gc`, logs to stderr)."""
+    stream = stream or sys.stdout
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     # Libraries log through the standard library (aiohttp's server errors, botocore): their
     # lines get the same JSON shape, so a log pipeline never meets a line it cannot parse.
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[
@@ -45,7 +49,7 @@ def configure_logging(level: str = "info") -> None:
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.WriteLoggerFactory(sys.stdout),
+        logger_factory=structlog.WriteLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )
 

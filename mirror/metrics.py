@@ -13,7 +13,7 @@ from prometheus_client.exposition import choose_encoder
 # grow with traffic. Repository, tag and digest never become labels.
 REQUEST_KINDS: tuple[str, ...] = ("manifest", "blob", "tags", "other")
 REQUEST_RESULTS: tuple[str, ...] = ("hit", "miss", "coalesced", "stale", "error", "revalidated")
-SERVED_SOURCES: tuple[str, ...] = ("cache", "upstream")
+SERVED_SOURCES: tuple[str, ...] = ("disk", "origin")
 
 # One histogram covers a cached tag HEAD (well under a millisecond) and a cold multi-GB blob
 # (minutes), so the buckets are roughly logarithmic from 0.5 ms to 10 min.

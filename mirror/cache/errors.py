@@ -5,11 +5,9 @@ from __future__ import annotations
 import math
 from types import MappingProxyType
 
-import aiohttp
-
 from mirror.cache.transfer import DigestMismatch, DownloadFailed
 from mirror.oci.errors import ErrorCode, RegistryError
-from mirror.storage.store import StoreError
+from mirror.storage.blobstore import StoreError
 from mirror.upstream.errors import UpstreamBodyError, UpstreamError, UpstreamUnavailable
 
 # An upstream's own answer about the request, passed on with the spec's status: the client's
@@ -50,7 +48,7 @@ def to_registry_error(exc: BaseException, unknown: ErrorCode) -> RegistryError:
         return RegistryError(ErrorCode.UNAVAILABLE, f"cache storage failed: {exc}")
     if isinstance(exc, UpstreamUnavailable):
         return RegistryError(ErrorCode.UNAVAILABLE, str(exc), _origin(exc.registry))
-    if isinstance(exc, UpstreamBodyError | ConnectionError | aiohttp.ClientError):
+    if isinstance(exc, UpstreamBodyError | ConnectionError):
         return RegistryError(ErrorCode.UNAVAILABLE, f"the upstream registry failed: {exc}")
     if isinstance(exc, TimeoutError):  # an OSError too: before the storage case below
         return RegistryError(ErrorCode.UNAVAILABLE, "the upstream registry did not answer in time")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import sqlite3
 from collections.abc import Callable
 
@@ -20,9 +19,9 @@ import structlog
 from mirror.config import CacheConfig
 from mirror.metrics import Metrics
 from mirror.oci.digest import Digest
+from mirror.storage.blobstore import BlobStore
 from mirror.storage.eviction import choose_victims, eviction_target
 from mirror.storage.index import AccessIndex
-from mirror.storage.store import FilesystemStore
 
 log = structlog.get_logger("mirror.janitor")
 
@@ -34,13 +33,15 @@ FLUSH_INTERVAL = 10.0  # seconds between index writes: the access history a kill
 class CacheJanitor:
     def __init__(
         self,
-        store: FilesystemStore,
+        store: BlobStore,
         index: AccessIndex,
         config: CacheConfig,
         metrics: Metrics,
+        free_space: Callable[[], int],
         interval: float = FLUSH_INTERVAL,
     ) -> None:
         self._store = store
+        self._free_space = free_space  # blocking: bytes free on the cache's filesystem
         self._index = index
         self._config = config
         self._metrics = metrics
@@ -155,7 +156,7 @@ class CacheJanitor:
                     continue  # pinned since the choice was made (a request just opened it)
                 self._index.discard(key)
                 digest = Digest("sha256", key)
-                size = await asyncio.to_thread(self._store.remove_blob, digest)
+                size = await self._store.remove(digest)
                 for listener in self._evicted:
                     listener(digest)
                 if size is not None:
@@ -178,7 +179,7 @@ class CacheJanitor:
         downloads) take turns, and each looks at the free space again first: the one before it
         may already have made the room, and evicting twice would only cost the next pulls."""
         async with self._room_lock:
-            free = (await asyncio.to_thread(shutil.disk_usage, self._store.layout.root)).free
+            free = await asyncio.to_thread(self._free_space)
             if free >= needed + _SLACK:
                 return True
             if needed > free + self._index.total:

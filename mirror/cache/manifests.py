@@ -18,7 +18,7 @@ from mirror.metrics import Metrics
 from mirror.oci.digest import Digest, InvalidDigest, digest_of, parse_digest
 from mirror.oci.errors import ErrorCode, RegistryError
 from mirror.oci.mediatypes import INDEX_TYPES, MANIFEST_TYPES, SINGLE_IMAGE_TYPES, is_acceptable
-from mirror.storage.store import FilesystemStore, TagRecord
+from mirror.storage.metastore import ManifestStore, TagRecord
 from mirror.upstream.client import FetchedManifest, RegistryClient, TagList
 from mirror.upstream.errors import UpstreamError, UpstreamUnavailable
 
@@ -59,7 +59,7 @@ def _media_type(fetched: FetchedManifest) -> str:
 class ManifestService:
     def __init__(
         self,
-        store: FilesystemStore,
+        store: ManifestStore,
         client: RegistryClient,
         config: CacheConfig,
         metrics: Metrics,
@@ -86,10 +86,10 @@ class ManifestService:
 
     # -- by digest ---------------------------------------------------------------------------
 
-    def local(self, digest: Digest) -> Manifest | None:
+    async def local(self, digest: Digest) -> Manifest | None:
         found = self._memory.get(digest.hex)
         if found is None:
-            stored = self._store.read_manifest(digest)
+            stored = await self._store.read_manifest(digest)
             if stored is None:
                 return None
             found = Manifest(stored[0], stored[1], str(digest))
@@ -105,7 +105,7 @@ class ManifestService:
     async def by_digest(
         self, registry: str, name: str, digest: Digest, accepted: frozenset[str] = frozenset()
     ) -> ManifestAnswer:
-        found = self.local(digest)
+        found = await self.local(digest)
         if found is not None:
             answer = ManifestAnswer(found, "hit")
         else:
@@ -170,9 +170,9 @@ class ManifestService:
         self, registry: str, name: str, tag: str, accepted: frozenset[str]
     ) -> ManifestAnswer:
         key = (registry, name, tag)
-        record = self._record(key)
+        record = await self._record(key)
         if record is not None and self._fresh(record):
-            found = self.local(parse_digest(record.digest))
+            found = await self.local(parse_digest(record.digest))
             if found is not None:
                 return await self._acceptable(key, ManifestAnswer(found, "hit"), accepted)
         answer, shared = await self._by_tag.do(key, lambda: self._resolve(key, record))
@@ -202,7 +202,7 @@ class ManifestService:
         if record is not None and self._fresh(record):
             if not record.digest:  # the origin had nothing of these types either
                 raise _not_acceptable(f"tag {key[2]}", manifest, accepted)
-            found = self.local(parse_digest(record.digest))
+            found = await self.local(parse_digest(record.digest))
             if found is not None:
                 return ManifestAnswer(found, "hit")
         try:
@@ -214,7 +214,7 @@ class ManifestService:
                 self._narrowed[narrow] = _nothing(self._clock())
                 raise _not_acceptable(f"tag {key[2]}", manifest, accepted) from exc
             if _unavailable(exc):
-                return self._stale_or_raise(key, record, exc)
+                return await self._stale_or_raise(key, record, exc)
             raise to_registry_error(exc, ErrorCode.MANIFEST_UNKNOWN) from exc
         return ManifestAnswer(found, "coalesced" if shared else "miss")
 
@@ -236,10 +236,10 @@ class ManifestService:
         """Served without asking upstream: the one place the tag TTL is applied."""
         return self._clock() - record.fetched_at < self._config.tag_ttl
 
-    def _record(self, key: _TagKey) -> TagRecord | None:
+    async def _record(self, key: _TagKey) -> TagRecord | None:
         record = self._tags.get(key)
         if record is None:
-            record = self._store.read_tag(*key)
+            record = await self._store.read_tag(*key)
             if record is not None:
                 self._tags[key] = record
         return record
@@ -254,7 +254,7 @@ class ManifestService:
             raise
         except Exception as exc:  # noqa: BLE001 - stale, or translated for the client
             if _unavailable(exc):
-                return self._stale_or_raise(key, record, exc)
+                return await self._stale_or_raise(key, record, exc)
             raise to_registry_error(exc, ErrorCode.MANIFEST_UNKNOWN) from exc
 
     async def _revalidate(self, key: _TagKey, record: TagRecord) -> ManifestAnswer:
@@ -267,7 +267,7 @@ class ManifestService:
             digest = parse_digest(head.digest or "")
         except InvalidDigest:
             return ManifestAnswer(await self._get_tag(key), "miss")
-        found = self.local(digest)
+        found = await self.local(digest)
         if found is None:
             found, _ = await self._fetch_shared(registry, name, digest)
         await self._save_tag(key, found)
@@ -311,7 +311,7 @@ class ManifestService:
         self._metrics.cache_write_failures.labels("enospc").inc()
         log.warning("manifest_not_cached", error=exc.strerror)
 
-    def _stale_or_raise(
+    async def _stale_or_raise(
         self, key: _TagKey, record: TagRecord | None, exc: BaseException
     ) -> ManifestAnswer:
         """The last answer while the origin cannot give one (bounded by max_stale), or the
@@ -322,7 +322,7 @@ class ManifestService:
             and record.digest
             and self._clock() - record.fetched_at <= self._config.max_stale
         ):
-            found = self.local(parse_digest(record.digest))
+            found = await self.local(parse_digest(record.digest))
             if found is not None:
                 self._metrics.stale_served.labels(registry).inc()
                 log.warning(

@@ -1,14 +1,17 @@
-"""sha256 of a file's prefix as it grows, hashed off the event loop when it jumps."""
+"""sha256 of a fill's prefix as it grows, hashed off the event loop when it jumps."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
+from functools import partial
+
+from mirror.storage.blobstore import PrefixView
+from mirror.storage.threads import settled
 
 
 class PrefixHasher:
-    """sha256 of a file's prefix as it grows, on its own task.
+    """sha256 of a fill's prefix as it grows, on its own task.
 
     Ranged pieces land out of order, so the prefix often jumps by many megabytes at once (at
     the very end, by nearly the whole blob). Hashing that on the event loop would stall every
@@ -19,14 +22,19 @@ class PrefixHasher:
     STEP = 8 * 1024 * 1024
     THREAD_MIN = 1024 * 1024
 
-    def __init__(self, fd: int) -> None:
-        self._fd = fd  # the file's owner may close it at any time (a shutdown): see _run
+    def __init__(self, view: PrefixView) -> None:
+        self._view = view  # the hasher's own: closed by it, once no thread reads it
         self._hash = hashlib.sha256()
         self._done = 0
         self._target = 0
         self._final: int | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def hashed(self) -> int:
+        """Bytes [0, hashed) are in the hash."""
+        return self._done
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="prefix hasher")
@@ -47,6 +55,7 @@ class PrefixHasher:
     def update(self, data: bytes) -> None:
         """After finish(): go on hashing bytes that come in order (the pass-through relay)."""
         self._hash.update(data)
+        self._done += len(data)
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
@@ -54,30 +63,27 @@ class PrefixHasher:
     def cancel(self) -> None:
         if self._task is not None and not self._task.done():
             self._task.cancel()
+        elif self._task is None:
+            self._view.close()
 
     async def _run(self) -> None:
-        while True:
-            while self._done < self._target:
-                size = min(self.STEP, self._target - self._done)
-                if size >= self.THREAD_MIN:
-                    # A descriptor of the thread's own, which it closes: a cancelled step goes
-                    # on in its thread, and must never read a closed (or reused) number.
-                    await asyncio.to_thread(self._step, os.dup(self._fd), size, True)
-                else:
-                    self._step(self._fd, size, False)
-            if self._final is not None and self._done >= self._final:
-                return
-            self._wake.clear()
-            if self._done >= self._target:
-                await self._wake.wait()
-
-    def _step(self, fd: int, size: int, own: bool) -> None:
         try:
-            data = os.pread(fd, size, self._done)
+            while True:
+                while self._done < self._target:
+                    size = min(self.STEP, self._target - self._done)
+                    if size >= self.THREAD_MIN:
+                        # Settled: cancelled, the view is closed next, under the thread.
+                        await settled(partial(self._step, size))
+                    else:
+                        self._step(size)
+                if self._final is not None and self._done >= self._final:
+                    return
+                self._wake.clear()
+                if self._done >= self._target:
+                    await self._wake.wait()
         finally:
-            if own:
-                os.close(fd)
-        if len(data) != size:
-            raise OSError("temp file shorter than its written prefix")
-        self._hash.update(data)
+            self._view.close()
+
+    def _step(self, size: int) -> None:
+        self._hash.update(self._view.pread(self._done, size))
         self._done += size

@@ -338,8 +338,7 @@ class WarmService:
                 image.in_flight.pop(blob.digest.hex, None)
         size = blob.size
         if size < 0:  # schema 1 manifests carry no sizes: learn it from the cache
-            cached = self._blobs.cached(blob.digest)
-            size = cached.size if cached else 0
+            size = await self._blobs.cached_size(blob.digest) or 0
         image.blob_sizes[blob.digest.hex] = size
         image.blob_bytes[blob.digest.hex] = size
         image.blobs_fetched.add(blob.digest.hex)

@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import shutil
 import sys
 import time
 from typing import TextIO
 
-from mirror.cache.janitor import FLUSH_INTERVAL
+from mirror.cache.janitor import FLUSH_INTERVAL, CacheJanitor
 from mirror.config import CacheConfig
 from mirror.config.values import format_size, parse_size
-from mirror.oci.digest import Digest
-from mirror.storage.eviction import choose_victims
+from mirror.metrics import Metrics
+from mirror.storage.filesystem import FilesystemStore
 from mirror.storage.index import AccessIndex
+from mirror.storage.layout import Layout
 from mirror.storage.lock import CacheInUse, CacheLock, in_use
-from mirror.storage.store import FilesystemStore
 
 
 def run_cache(
     config: CacheConfig, command: str, target: str | None, out: TextIO = sys.stdout
 ) -> int:
-    store = FilesystemStore(config.directory)
+    store = FilesystemStore(Layout(config.directory))
     if not store.layout.blobs.is_dir():
         print(f"no cache at {config.directory}", file=sys.stderr)
         return 1
@@ -37,7 +39,7 @@ def run_cache(
         # Held while deleting: a server starting meanwhile refuses rather than serving blobs
         # that are about to go.
         with CacheLock(store.layout):
-            return _gc(store, goal, out)
+            return _gc(config, store, goal, out)
     except CacheInUse as exc:
         print(
             f"mirror cache gc: {exc} (a running mirror server). The server evicts by its own "
@@ -70,17 +72,23 @@ def _status(config: CacheConfig, store: FilesystemStore, out: TextIO) -> int:
     return 0
 
 
-def _gc(store: FilesystemStore, goal: int, out: TextIO) -> int:
+def _gc(config: CacheConfig, store: FilesystemStore, goal: int, out: TextIO) -> int:
+    """The server's own eviction (CacheJanitor.collect), run once without a server."""
     index = AccessIndex(store.layout)
-    index.load()
-    victims = choose_victims(index.rows(), index.total, goal, frozenset())
-    freed = 0
-    for key, _ in victims:
-        freed += store.remove_blob(Digest("sha256", key)) or 0
-        index.discard(key)
-    index.flush()
+
+    async def collect() -> tuple[int, int]:
+        janitor = CacheJanitor(
+            store, index, config, Metrics(), lambda: shutil.disk_usage(store.layout.root).free
+        )
+        await janitor.start()
+        try:
+            return await janitor.collect(goal)
+        finally:
+            await janitor.close()
+
+    evicted, freed = asyncio.run(collect())
     print(
-        f"evicted {len(victims)} blobs, {format_size(freed)}; now {format_size(index.total)}",
+        f"evicted {evicted} blobs, {format_size(freed)}; now {format_size(index.total)}",
         file=out,
     )
     return 0

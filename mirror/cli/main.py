@@ -94,6 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_warm(args.url, args.images, args.platforms, args.file, token)
         if args.command == "cache":
             from mirror.cli.cache import run_cache
+            from mirror.log import configure_logging
+
+            # stdout is the command's answer; the janitor's own lines go to stderr.
+            configure_logging("warning", sys.stderr)
 
             config = _load(args, {"cache.dir": args.cache_dir})
             return run_cache(config.cache, args.cache_command, getattr(args, "target", None))

@@ -14,7 +14,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """Ready when the config loaded (it did, or we would not be running) and the cache can be
     written: a read-only or vanished volume should take the pod out of the Service."""
-    writable = request.app[store_key].writable()
+    writable = await request.app[store_key].writable()
     body = {"status": "ok" if writable else "unavailable", "cache_writable": writable}
     return web.json_response(body, status=200 if writable else 503)
 

@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import structlog
 from aiohttp import web
 
-from mirror.cache.blobs import CachedBlob, LiveBlob
-from mirror.cache.errors import to_registry_error
-from mirror.cache.transfer import DownloadFailed
-from mirror.http.sendfile import (
-    Sent,
-    StallGuard,
-    drop,
-    idle_timeout,
-    send_file,
-    send_rest,
-)
+from mirror.cache.body import BlobBody, BodyFailed
+from mirror.http.sendfile import Sent, drop, reset, write_body
 from mirror.keys import (
     blobs_key,
     config_key,
@@ -29,7 +18,7 @@ from mirror.keys import (
     sendfile_pool_key,
     sent_key,
 )
-from mirror.oci.digest import Digest, InvalidDigest, parse_digest
+from mirror.oci.digest import InvalidDigest, parse_digest
 from mirror.oci.errors import ErrorCode, RegistryError
 from mirror.oci.mediatypes import accepted_types
 from mirror.oci.paths import Kind, Target, UnknownRegistry, next_page_link, parse_v2_path, route
@@ -41,11 +30,6 @@ log = structlog.get_logger("mirror.handlers")
 _READ_ONLY = RegistryError(
     ErrorCode.UNSUPPORTED, "the mirror is read-only: push and delete are not supported"
 )
-
-
-# A reader that joined a download switches to sendfile for what is left once the blob is
-# verified on disk, when enough is left for it to pay (pread + write costs ~6x more CPU/GB).
-_SENDFILE_SWITCH = 1024 * 1024
 
 
 async def base(request: web.Request) -> web.Response:
@@ -129,17 +113,12 @@ async def _blob(request: web.Request, target: Target, reference: str) -> web.Str
         size, result = await blobs.size(target.registry, target.name, digest)
         request[result_key] = result
         return web.Response(headers={**headers, "Content-Length": str(size)})
-    opened = await blobs.open(target.registry, target.name, digest)
-    request[result_key] = opened.result
-    if isinstance(opened.source, CachedBlob):
-        try:
-            return await _send_cached(request, opened.source, digest, headers)
-        except FileNotFoundError:  # evicted between lookup and open: nothing was sent yet
-            opened = await blobs.open(target.registry, target.name, digest)
-            request[result_key] = opened.result
-            if isinstance(opened.source, CachedBlob):
-                return await _send_cached(request, opened.source, digest, headers)
-    return await _stream_live(request, opened.source, headers)
+    body = await blobs.open(target.registry, target.name, digest)
+    request[result_key] = body.result
+    try:
+        return await _send(request, body, headers)
+    finally:
+        body.close()
 
 
 def _span(request: web.Request, size: int) -> tuple[int, int, bool]:
@@ -153,80 +132,39 @@ def _span(request: web.Request, size: int) -> tuple[int, int, bool]:
     return (span[0], span[1], True) if span else (0, size - 1, False)
 
 
-def _start_response(
-    headers: dict[str, str], start: int, end: int, size: int, partial: bool
+async def _send(
+    request: web.Request, body: BlobBody, headers: dict[str, str]
 ) -> web.StreamResponse:
+    start, end, partial = _span(request, body.size)
+    await body.ready(start, end + 1)
     response = web.StreamResponse(status=206 if partial else 200, headers=headers)
     if partial:
-        response.headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+        response.headers["Content-Range"] = f"bytes {start}-{end}/{body.size}"
     response.content_length = end - start + 1
-    return response
-
-
-async def _send_cached(
-    request: web.Request, blob: CachedBlob, digest: Digest, headers: dict[str, str]
-) -> web.StreamResponse:
-    start, end, partial = _span(request, blob.size)
-    response = _start_response(headers, start, end, blob.size, partial)
     sent = Sent()
     try:
-        with request.app[blobs_key].serving(digest):  # pinned: eviction passes it over
-            await send_file(
-                request, blob.path, start, end, response, request.app[sendfile_pool_key], sent
-            )
-    except ConnectionError:
-        drop(request)  # hung up, or stopped reading: normal, and nothing more can reach it
-    finally:
-        request.app[metrics_key].served_bytes.labels("cache").inc(sent.bytes)
-        request[sent_key] = sent.bytes
-    return response
-
-
-async def _stream_live(
-    request: web.Request, live: LiveBlob, headers: dict[str, str]
-) -> web.StreamResponse:
-    try:
-        start, end, partial = _span(request, live.size)
-        if start > end:  # an empty blob: nothing to hold back, so the verdict comes first
-            await live.reader.verdict()
-    except DownloadFailed as exc:
-        live.reader.close()
-        raise to_registry_error(exc, ErrorCode.BLOB_UNKNOWN) from exc
-    except BaseException:
-        live.reader.close()
-        raise
-    response = _start_response(headers, start, end, live.size, partial)
-    sent = Sent()
-    guard = StallGuard(request.transport, idle_timeout(request))
-    try:
-        await response.prepare(request)  # inside: a client gone already must not leak the fd
-        async with contextlib.aclosing(live.reader.chunks(start, end + 1)) as chunks:
-            async for chunk in chunks:
-                guard.written += len(chunk)
-                await response.write(chunk)
-                sent.bytes += len(chunk)
-                if live.reader.whole_on_disk and end + 1 - start - sent.bytes >= _SENDFILE_SWITCH:
-                    break  # verified and on disk: let the kernel send the rest
-        pos = start + sent.bytes
-        if pos <= end:
-            await send_rest(
-                request, live.reader.fd, pos, end + 1 - pos, request.app[sendfile_pool_key], sent
-            )
-        await response.write_eof()
-    except DownloadFailed as exc:
-        # Headers are out: the only honest signal left is a body short of Content-Length,
-        # ended with a FIN (containerd retries with Range; a reset would be fatal for it).
-        # Raising would let the middleware write an error response into this body, whose
-        # first bytes could complete Content-Length: a whole, wrong blob with a 200.
-        log.warning("blob_stream_aborted", digest=headers["Docker-Content-Digest"], error=str(exc))
+        await write_body(
+            request, response, body.segments(start, end + 1), request.app[sendfile_pool_key], sent
+        )
+    except BodyFailed as exc:
+        # Headers are out: the only honest signal left is how the connection ends. Raising
+        # would let the middleware write an error response into this body, whose first bytes
+        # could complete Content-Length: a whole, wrong blob with a 200.
+        log.warning(
+            "blob_stream_aborted", digest=headers["Docker-Content-Digest"], error=str(exc),
+            wrong_bytes=exc.wrong_bytes, sent=sent.bytes,
+        )  # fmt: skip
         request[result_key] = "error"
-        response.force_close()  # no keep-alive: aiohttp closes the connection after this reply
+        if exc.wrong_bytes:
+            reset(request)  # the bytes it has are wrong: a resume would glue them to good ones
+        else:
+            # Good so far, cut short: a body short of Content-Length ended with a FIN, which
+            # containerd resumes with Range (a reset would be fatal for it).
+            response.force_close()
     except ConnectionError:
-        drop(request)  # hung up, or stopped reading: the reader and its fd go at once
+        drop(request)  # hung up, or stopped reading: the follower and its file go at once
     finally:
-        guard.close()
-        live.reader.close()
-        request.app[metrics_key].served_bytes.labels("upstream").inc(sent.bytes)
+        request.app[metrics_key].served_bytes.labels(body.source).inc(sent.bytes)
         request[sent_key] = sent.bytes
     return response  # unfinished if cut short: write_eof would add nothing to a sized body
 

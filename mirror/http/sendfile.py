@@ -22,12 +22,14 @@ import select
 import socket
 import struct
 import termios
+from collections.abc import AsyncGenerator
 from concurrent.futures import Executor
+from contextlib import aclosing
 from dataclasses import dataclass
-from pathlib import Path
 
 from aiohttp import web
 
+from mirror.cache.body import FileSpan, Segment
 from mirror.keys import config_key
 
 SLICE = 8 << 20  # bytes one thread call may move before it lets other transfers have a turn
@@ -55,6 +57,23 @@ def drop(request: web.Request) -> None:
     a close would wait for buffered bytes to drain, which a stuck client never lets happen."""
     if request.transport is not None:
         request.transport.abort()
+
+
+def reset(request: web.Request) -> None:
+    """End the connection with a TCP reset, never a FIN: the body sent so far is wrong, and a
+    client seeing a clean end would resume it with Range (containerd does, then fails its
+    commit on the glued bytes). A reset it treats as fatal, and pulls again from scratch."""
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            # Linger on, for 0 s: close() discards what is queued and sends RST.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass  # already gone
+    transport.abort()
 
 
 class StallGuard:
@@ -124,26 +143,33 @@ def _sendfile_slice(sock_fd: int, file_fd: int, offset: int, count: int) -> tupl
     return sent, False
 
 
-async def send_file(
+async def write_body(
     request: web.Request,
-    path: Path,
-    start: int,
-    end: int,
     response: web.StreamResponse,
+    segments: AsyncGenerator[Segment, None],
     executor: Executor,
     sent: Sent,
 ) -> None:
-    """Send bytes start..end (inclusive) of `path` as the body of `response` (not yet prepared;
-    status and headers set by the caller), counting them into `sent`."""
-    count = end - start + 1
-    response.content_length = count
-    file_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    """Prepare `response` (status, headers and length set by the caller) and send `segments`
+    as its body: file spans by sendfile on the executor, bytes through the transport. A client
+    that takes no byte for the idle timeout raises ClientStalled (a ConnectionError)."""
+    guard = StallGuard(request.transport, idle_timeout(request))
     try:
         await response.prepare(request)
-        await send_rest(request, file_fd, start, count, executor, sent)
+        async with aclosing(segments) as body:
+            async for segment in body:
+                if isinstance(segment, FileSpan):
+                    await send_rest(
+                        request, segment.fd, segment.offset, segment.count, executor, sent
+                    )
+                    guard.written += segment.count
+                else:
+                    guard.written += len(segment)
+                    await response.write(segment)
+                    sent.bytes += len(segment)
+        await response.write_eof()
     finally:
-        os.close(file_fd)
-    await response.write_eof()
+        guard.close()
 
 
 async def send_rest(

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from urllib.parse import urlencode
 
 import aiohttp
@@ -20,7 +21,12 @@ from mirror.oci.ratelimit import parse_ratelimit_remaining
 from mirror.upstream.authorize import Authorizer
 from mirror.upstream.breaker import CircuitBreaker
 from mirror.upstream.credentials import CredentialSource, StaticCredentials
-from mirror.upstream.errors import UpstreamError, UpstreamUnavailable, parse_retry_after
+from mirror.upstream.errors import (
+    UpstreamBodyError,
+    UpstreamError,
+    UpstreamUnavailable,
+    parse_retry_after,
+)
 from mirror.upstream.retry import RetryPolicy
 from mirror.upstream.tokens import TokenCache
 
@@ -56,12 +62,21 @@ class TagList:
 
 @dataclass(slots=True)
 class BlobBody:
-    """An open blob response; `offset` is where its first byte sits in the blob."""
+    """An open blob response (a RangeBody); `offset` is where its first byte sits in the blob."""
 
     response: aiohttp.ClientResponse
     offset: int
     total: int | None
     ranged: bool
+    received: Callable[[int], None]  # told of every body byte, for the upstream bytes metric
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for data in self.response.content.iter_any():
+                self.received(len(data))
+                yield data
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise UpstreamBodyError(f"body broke off: {type(exc).__name__}: {exc}") from exc
 
     def release(self) -> None:
         self.response.release()
@@ -170,20 +185,24 @@ class RegistryClient:
 
     async def open_blob(
         self, registry: str, name: str, digest: str, start: int | None = None,
-        end: int | None = None,
+        end: int | None = None, *, retry: bool = True,
     ) -> BlobBody:  # fmt: skip
-        """GET a blob, or the bytes start..end (inclusive; end None = to the end)."""
+        """GET a blob, or the bytes start..end (inclusive; end None = to the end).
+        retry=False: one attempt, for a caller that runs its own (the blob fill)."""
         headers = {}
         if start is not None:
             headers["Range"] = f"bytes={start}-{'' if end is None else end}"
-        resp = await self.open(registry, name, f"blobs/{digest}", "GET", headers, kind="blob")
+        resp = await self.open(
+            registry, name, f"blobs/{digest}", "GET", headers, kind="blob", retry=retry
+        )
+        received = partial(self.record_bytes, registry)
         if resp.status == 206:
             span = parse_content_range(resp.headers.get("Content-Range"))
             if span is None:
                 resp.close()
                 raise UpstreamError(502, "206 without a usable Content-Range")
-            return BlobBody(resp, span[0], span[2], True)
-        return BlobBody(resp, 0, resp.content_length, False)
+            return BlobBody(resp, span[0], span[2], True, received)
+        return BlobBody(resp, 0, resp.content_length, False, received)
 
     async def list_tags(self, registry: str, name: str, query: Mapping[str, str]) -> TagList:
         suffix = "tags/list"
@@ -254,7 +273,9 @@ class RegistryClient:
                     await self._sleep(self._retry.delay(attempt + 1))
                     continue
                 raise UpstreamUnavailable(
-                    f"{registry} unreachable: {type(exc).__name__}", registry=registry
+                    f"{registry} unreachable: {type(exc).__name__}",
+                    registry=registry,
+                    unreachable=True,
                 ) from exc
             except (UpstreamError, UpstreamUnavailable) as exc:  # from the token endpoint
                 exc.registry = registry

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-from mirror.config import RegistryConfig, UpstreamConfig
-
-if TYPE_CHECKING:
-    from aiobotocore.session import AioSession
+from mirror.config import RegistryConfig
 
 
 @dataclass(frozen=True)
@@ -64,26 +60,3 @@ class CredentialsByRegistry:
 
     def refused(self, registry: RegistryConfig, creds: Credentials) -> bool:
         return self._sources.get(registry.name, self._default).refused(registry, creds)
-
-
-@asynccontextmanager
-async def open_credentials(
-    registries: Mapping[str, RegistryConfig],
-    config: UpstreamConfig,
-    aws_session: AioSession | None = None,
-) -> AsyncIterator[CredentialSource]:
-    """The source for every configured registry, open for the app's lifetime.
-
-    `aws_session`: where ECR's AWS credentials come from; None is the standard chain
-    (environment, profile, instance role, IRSA web identity).
-    """
-    ecr = [r for r in registries.values() if r.uses_ecr]
-    if not ecr:
-        yield StaticCredentials()
-        return
-    # Imported here, not at the top: aiobotocore takes a few hundred milliseconds to import,
-    # which a mirror without ECR registries should not pay at every start.
-    from mirror.upstream.ecr import open_ecr_credentials
-
-    async with open_ecr_credentials(ecr, config, aws_session) as source:
-        yield CredentialsByRegistry({r.name: source for r in ecr}, StaticCredentials())

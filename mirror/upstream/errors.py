@@ -66,8 +66,12 @@ class UpstreamUnavailable(Exception):
     status = 503
     retry_after: float | None = None
 
-    def __init__(self, message: str = "", *, registry: str = "") -> None:
+    def __init__(self, message: str = "", *, registry: str = "", unreachable: bool = False):
         self.registry = registry
+        # No connection could be made or kept (refused, reset, DNS): quick to find out, so
+        # worth another attempt even before a client has headers. A silent registry, an
+        # open breaker or missing credentials are not: trying again would only make it wait.
+        self.unreachable = unreachable
         super().__init__(message or "upstream registry unavailable")
 
 

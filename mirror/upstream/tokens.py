@@ -39,6 +39,11 @@ class TokenCache:
         self._tokens: LRUCache[_Key, tuple[str, float]] = LRUCache(_MAX_TOKENS)
         self._inflight: dict[_Key, asyncio.Future[tuple[str, float]]] = {}
 
+    async def close(self) -> None:
+        for pending in list(self._inflight.values()):
+            pending.cancel()
+        await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+
     def cached(self, challenge: Challenge, scope: str, creds: Credentials | None) -> str | None:
         hit = self._tokens.get(_key(challenge, scope, creds))
         if hit and hit[1] > self._clock():

@@ -19,6 +19,7 @@ from mirror.cache.blobs import BlobService
 from mirror.config import CacheConfig, Config, RegistryConfig, ServerConfig, UpstreamConfig
 from mirror.keys import blobs_key, metrics_key
 from mirror.oci.digest import parse_digest
+from mirror.storage.layout import Layout
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -67,6 +68,10 @@ class Mirror:
     def requests(self, kind: str, result: str) -> float:
         return self.metric("mirror_requests_total", kind=kind, result=result)
 
+    def blob_file(self, digest: str) -> Path:
+        """Where a committed blob lives in the cache directory (looking costs no access)."""
+        return Layout(self.config.cache.directory).blob(parse_digest(digest))
+
     def server_requests(self) -> int:
         """Requests the mirror's HTTP server has begun handling (counted before the handler)."""
         server = self.client.server.runner.server
@@ -86,7 +91,7 @@ async def wait_cached(mirror: Mirror, digest: str) -> None:
     """Until the blob is committed (the download finishes a moment after its last reader)."""
     parsed = parse_digest(digest)
     await poll(
-        lambda: mirror.blobs.progress(parsed) is None and mirror.blobs.cached(parsed) is not None,
+        lambda: mirror.blobs.progress(parsed) is None and mirror.blob_file(digest).exists(),
         what=f"{digest} committed and accounted",
     )
 

@@ -18,10 +18,10 @@ from mirror.cache.janitor import CacheJanitor
 from mirror.config import CacheConfig
 from mirror.metrics import Metrics
 from mirror.oci.digest import Digest
+from mirror.storage.filesystem import FilesystemStore
 from mirror.storage.index import AccessIndex, Changes
 from mirror.storage.layout import Layout
 from mirror.storage.lock import CacheInUse, CacheLock, in_use
-from mirror.storage.store import FilesystemStore
 
 HEX = "ab" * 32
 DIGEST = Digest("sha256", HEX)
@@ -40,7 +40,7 @@ class GatedIndex(AccessIndex):
     shutdown (the write at start-up, from `load`, goes through)."""
 
     def __init__(self, root: Path, clock: Clock) -> None:
-        super().__init__(FilesystemStore(root).layout, clock)
+        super().__init__(Layout(root), clock)
         self.entered = threading.Event()
         self.gate = threading.Event()
         self.first_done = threading.Event()
@@ -73,11 +73,12 @@ async def test_a_clean_stop_writes_the_last_access_times(tmp_path: Path) -> None
     save in progress cancelled it and wrote its own, and the cancelled one, still running in
     its thread, could land last and put back the older times."""
     root = tmp_path / "cache"
-    FilesystemStore(root).prepare()
+    FilesystemStore(Layout(root)).prepare()
     clock = Clock()
     index = GatedIndex(root, clock)
     # A cap of one byte: the blob stored next wakes the janitor for a round (and a save).
-    janitor = CacheJanitor(FilesystemStore(root), index, CacheConfig(root, max_size=1), Metrics())
+    store = FilesystemStore(Layout(root))
+    janitor = CacheJanitor(store, index, CacheConfig(root, max_size=1), Metrics(), lambda: 1 << 40)
     await janitor.start()
     index.armed = True
     janitor.stored(DIGEST, 10)

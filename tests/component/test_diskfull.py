@@ -17,9 +17,6 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mirror.keys import store_key
-from mirror.oci.digest import parse_digest
-
 from .conftest import MakeMirror
 from .fakeregistry import FakeRegistry
 from .harness import MiB, Mirror, mirror_config, poll, random_bytes
@@ -73,7 +70,7 @@ def temp_files(mirror: Mirror) -> list[Path]:
 
 
 def is_cached(mirror: Mirror, digest: str) -> bool:
-    return mirror.app[store_key].blob_path(parse_digest(digest)).exists()
+    return mirror.blob_file(digest).exists()
 
 
 async def fetch(mirror: Mirror, digest: str) -> bytes:

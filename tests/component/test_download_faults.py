@@ -5,7 +5,6 @@ a shutdown, and the bounds on what one blob may ask of the upstream."""
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import threading
 from pathlib import Path
@@ -14,11 +13,13 @@ from typing import Any
 import aiohttp
 import pytest
 
-from mirror.app import create_app
+from mirror.app import Deps, create_app
 from mirror.config import Config
-from mirror.keys import store_key
 from mirror.oci.digest import Digest, parse_digest
-from mirror.storage.store import FilesystemStore, TempFile
+from mirror.storage.blobstore import LocalWriter, StoreError
+from mirror.storage.filesystem import FilesystemStore
+from mirror.storage.layout import Layout
+from mirror.storage.local import CacheStore
 
 from .clients import joined
 from .conftest import MakeMirror
@@ -43,35 +44,45 @@ def files_under(root: Path) -> list[str]:
     )
 
 
-async def start(aiohttp_client: Any, config: Config, store: FilesystemStore) -> Mirror:
-    """The mirror with its store swapped before startup (the services are built from it)."""
-    app = create_app(config)
-    app[store_key] = store
+async def start(aiohttp_client: Any, config: Config, store: CacheStore) -> Mirror:
+    """The mirror on a store of the test's own."""
+    app = create_app(config, Deps(store=store))
     return Mirror(await aiohttp_client(app), app, config)
 
 
-class FailingCommitStore(FilesystemStore):
-    """A store whose commit fails after the bytes were verified (a disk that went away), at
-    once: before any reader woken by the verdict has run."""
+class FailingCommits:
+    """The filesystem store, but every commit fails after the bytes were verified (a disk
+    that went away), at once: before any follower woken by the verdict has run."""
 
-    async def commit(self, temp: TempFile, digest: Digest) -> Path:
-        raise OSError(errno.EIO, "injected: the cache disk failed")
+    def __init__(self, inner: FilesystemStore) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def create(self) -> LocalWriter:
+        writer = await self._inner.create()
+
+        async def commit(digest: Digest) -> None:
+            raise StoreError("injected: the cache disk failed")
+
+        writer.commit = commit  # type: ignore[method-assign]  # this one writer's, not the class's
+        return writer
 
 
-class GatedCommitStore(FilesystemStore):
-    """A store whose commit thread waits for the test: a slow fsync, held in place."""
+class GatedFsync:
+    """A disk whose sync waits for the test: a slow fsync, held in place in its thread."""
 
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
+    def __init__(self) -> None:
         self.entered = threading.Event()
         self.go = threading.Event()
         self.errors: list[BaseException] = []
 
-    def _commit_sync(self, temp: TempFile, final: Path) -> None:  # type: ignore[override]
+    def __call__(self, fd: int) -> None:
         self.entered.set()
         self.go.wait(30)
         try:
-            super()._commit_sync(temp, final)
+            os.fsync(fd)
         except BaseException as exc:
             self.errors.append(exc)
             raise
@@ -112,7 +123,7 @@ async def test_ignoring_range_and_cut_every_time_fails_after_bounded_retries(
         await resp.read()
     await poll(lambda: mirror.blobs.in_flight == 0)
     assert fake.count(kind="blob", method="GET") == 1 + TEST_UPSTREAM.retries
-    assert mirror.blobs.cached(parse_digest(digest)) is None
+    assert not mirror.blob_file(digest).exists()
 
 
 async def test_range_honoured_only_at_byte_0_falls_back_to_one_stream(
@@ -255,7 +266,8 @@ async def test_a_failed_commit_lets_readers_finish_the_verified_bytes(
     fake: FakeRegistry, aiohttp_client: Any, tmp_path: Path
 ) -> None:
     config = mirror_config(tmp_path / "cache", fake.url)
-    mirror = await start(aiohttp_client, config, FailingCommitStore(config.cache.directory))
+    store = FailingCommits(FilesystemStore(Layout(config.cache.directory)))
+    mirror = await start(aiohttp_client, config, store)  # type: ignore[arg-type]
     data = random_bytes(MiB, 66)
     digest = fake.add_blob(NAME, data)
     gate = fake.fault("hold", kind="blob", range_start=0)
@@ -273,7 +285,7 @@ async def test_a_failed_commit_lets_readers_finish_the_verified_bytes(
     gate.release()
     assert await asyncio.gather(*tasks) == [data, data[1000:]]
     await poll(lambda: mirror.blobs.in_flight == 0, what="the download to end")
-    assert mirror.blobs.cached(parse_digest(digest)) is None  # the commit did fail
+    assert await mirror.blobs.cached_size(parse_digest(digest)) is None  # the commit did fail
     assert files_under(config.cache.directory) == []
 
 
@@ -281,24 +293,26 @@ async def test_shutdown_during_the_commit_waits_for_its_thread(
     fake: FakeRegistry, aiohttp_client: Any, tmp_path: Path
 ) -> None:
     config = mirror_config(tmp_path / "cache", fake.url)
-    store = GatedCommitStore(config.cache.directory)
-    mirror = await start(aiohttp_client, config, store)
+    disk = GatedFsync()
+    mirror = await start(
+        aiohttp_client, config, FilesystemStore(Layout(config.cache.directory), disk)
+    )
     data = random_bytes(300 * KiB, 67)
     digest = fake.add_blob(NAME, data)
 
     resp = await mirror.client.get(blob_url(digest), params=FAKE)
     assert await resp.read() == data  # verified: the client is done while the commit runs
-    assert await asyncio.to_thread(store.entered.wait, 10)
+    assert await asyncio.to_thread(disk.entered.wait, 10)
     closing = asyncio.ensure_future(mirror.client.close())  # cancels the download
     await asyncio.sleep(0.1)  # not needed for the outcome: it lets the cancel arrive first
-    store.go.set()
+    disk.go.set()
     await closing
     # The thread never saw its descriptor closed or its file unlinked under it: the commit
     # finished, and what it left is whole.
-    assert store.errors == []
+    assert disk.errors == []
     hexd = digest.removeprefix("sha256:")
     assert files_under(config.cache.directory) == [f"blobs/sha256/{hexd[:2]}/{hexd}"]
-    assert store.blob_path(parse_digest(digest)).read_bytes() == data
+    assert Layout(config.cache.directory).blob(parse_digest(digest)).read_bytes() == data
 
 
 async def test_shutdown_mid_download_leaves_no_file(

@@ -21,7 +21,7 @@ from aiobotocore.session import AioSession
 from botocore.exceptions import CredentialRetrievalError
 from structlog.testing import capture_logs
 
-from mirror.app import create_app
+from mirror.app import Deps, create_app
 from mirror.config import Config, RegistryConfig
 
 from .aws import AWS_SECRET, SwitchedChain, aws_session
@@ -53,7 +53,7 @@ def make_ecr_mirror(
         endpoint: str | None = None, session: AioSession | None = None, **upstream: Any
     ) -> Mirror:
         config = ecr_config(tmp_path, fake, endpoint or moto.url, **upstream)
-        app = create_app(config, aws_session=session or aws_session())
+        app = create_app(config, Deps(aws_session=session or aws_session()))
         return Mirror(await aiohttp_client(app), app, config)
 
     return make
@@ -282,7 +282,7 @@ async def test_no_secret_reaches_stdout_or_stderr_at_debug_level(moto: MotoServe
 import asyncio
 from mirror.config import RegistryConfig, UpstreamConfig
 from mirror.log import configure_logging
-from mirror.upstream.credentials import open_credentials
+from mirror.upstream.issuers import open_credentials
 
 configure_logging("debug")
 host = "123456789012.dkr.ecr.us-east-1.amazonaws.com"
@@ -337,7 +337,7 @@ import asyncio, json, sys
 from types import MappingProxyType
 from pathlib import Path
 from aiohttp import web
-from mirror.app import create_app
+from mirror.app import Deps, create_app
 from mirror.config import Config, CacheConfig, RegistryConfig
 regs = {{n: RegistryConfig(n, **r) for n, r in {registries!r}.items()}}
 config = Config(cache=CacheConfig(directory=Path({str(config.cache.directory)!r})),

@@ -50,7 +50,7 @@ def blobs(fake: FakeRegistry, count: int, size: int) -> list[Blob]:
 
 
 def blob_file(mirror: Mirror, blob: Blob) -> Path:
-    return mirror.app[store_key].blob_path(parse_digest(blob[0]))
+    return mirror.blob_file(blob[0])
 
 
 def cached(mirror: Mirror, blob: Blob) -> bool:
@@ -159,7 +159,7 @@ async def test_a_blob_being_sent_is_not_evicted(
     big, other = blobs(fake, 2, 8 * MiB)
     for blob in (big, other):
         await get(mirror, blob)
-    sent_before = mirror.metric("mirror_served_bytes_total", source="cache")
+    sent_before = mirror.metric("mirror_served_bytes_total", source="disk")
 
     # A slow client: a small receive buffer, and it stops reading after 64 KiB.
     sock = socket.socket()
@@ -177,20 +177,20 @@ async def test_a_blob_being_sent_is_not_evicted(
         body = await reader.readexactly(64 * KiB)
         await asyncio.sleep(0.2)
         # Still mid-transfer: the bytes of a cached blob are counted once it is all sent.
-        assert mirror.metric("mirror_served_bytes_total", source="cache") == sent_before
+        assert mirror.metric("mirror_served_bytes_total", source="disk") == sent_before
 
         evicted, _ = await mirror.app[janitor_key].collect(target=0)
         assert evicted == 1
         assert cached(mirror, big)  # pinned while being read
         assert not cached(mirror, other)
-        assert mirror.metric("mirror_served_bytes_total", source="cache") == sent_before
+        assert mirror.metric("mirror_served_bytes_total", source="disk") == sent_before
 
         body += await asyncio.wait_for(reader.readexactly(len(big[1]) - len(body)), 10)
         assert hashlib.sha256(body).hexdigest() == big[0].removeprefix("sha256:")
     finally:
         writer.close()
     await poll(
-        lambda: mirror.metric("mirror_served_bytes_total", source="cache") > sent_before,
+        lambda: mirror.metric("mirror_served_bytes_total", source="disk") > sent_before,
         what="the transfer to finish",
     )
     assert await mirror.app[janitor_key].collect(target=0) == (1, len(big[1]))
@@ -305,7 +305,7 @@ async def test_an_evicted_manifest_is_fetched_again_not_resurrected(
         assert await resp.read() == image.manifest
     assert fake.count("manifest-digest", "GET") == 1  # the tag is fresh: no GET by tag
     assert fake.count("manifest-tag", "GET") == 0
-    stored = mirror.app[store_key].read_manifest(parse_digest(image.digest))
+    stored = await mirror.app[store_key].read_manifest(parse_digest(image.digest))
     assert stored is not None and stored[0] == image.manifest
     index_matches_disk(mirror, cfg.cache.directory)
 
@@ -446,7 +446,7 @@ async def test_a_shared_layer_is_one_file_counted_once(
     sizes = {one.digest: len(one.manifest), two.digest: len(two.manifest)}
     for image in (one, two):
         for digest in (image.config, *image.layers):
-            sizes[digest] = mirror.app[store_key].blob_size(parse_digest(digest)) or 0
+            sizes[digest] = mirror.blob_file(digest).stat().st_size
     assert len(sizes) == 6  # two manifests, one config and one base layer shared, two layers
     assert mirror.metric("mirror_cache_entries") == 6
     assert mirror.metric("mirror_cache_bytes") == sum(sizes.values())
@@ -461,9 +461,8 @@ async def test_manifests_count_toward_the_cap(
     mirror = await make_mirror(config=cfg)
     image = fake.add_image(NAME, "v1", [random_bytes(100 * KiB, 4)])
     await pull(mirror, image)
-    layer = mirror.app[store_key].blob_size(parse_digest(image.layers[0]))
-    config_size = mirror.app[store_key].blob_size(parse_digest(image.config))
-    assert layer is not None and config_size is not None
+    layer = mirror.blob_file(image.layers[0]).stat().st_size
+    config_size = mirror.blob_file(image.config).stat().st_size
     total = len(image.manifest) + config_size + layer
     assert mirror.metric("mirror_cache_bytes") == total
     assert mirror.metric("mirror_cache_entries") == 3

@@ -179,8 +179,8 @@ async def test_a_miss_then_a_hit_move_bytes_sources_and_downloads_in_flight(
         return at(b, name, **labels) - at(a, name, **labels)
 
     upstream_bytes = ("mirror_upstream_bytes_total", {"registry": REGISTRY})
-    served_up = ("mirror_served_bytes_total", {"source": "upstream"})
-    served_cache = ("mirror_served_bytes_total", {"source": "cache"})
+    served_up = ("mirror_served_bytes_total", {"source": "origin"})
+    served_cache = ("mirror_served_bytes_total", {"source": "disk"})
     blob_miss = ("mirror_requests_total", {"kind": "blob", "result": "miss"})
     blob_hit = ("mirror_requests_total", {"kind": "blob", "result": "hit"})
     fetched = ("mirror_upstream_requests_total", {"registry": REGISTRY, "kind": "blob"})

@@ -18,8 +18,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mirror.config import Config
-from mirror.keys import store_key
-from mirror.oci.digest import parse_digest
 
 from .conftest import MakeMirror
 from .fakeregistry import FakeRegistry, Image
@@ -80,9 +78,8 @@ async def pull(mirror: Mirror, image: Image) -> None:
 
 
 async def committed(mirror: Mirror, *digests: str) -> None:
-    store = mirror.app[store_key]
     await poll(
-        lambda: all(store.blob_path(parse_digest(d)).exists() for d in digests),
+        lambda: all(mirror.blob_file(d).exists() for d in digests),
         what="blobs committed",
     )
 

@@ -6,7 +6,6 @@ import json
 from email.utils import formatdate
 from typing import Any
 
-import aiohttp
 import pytest
 
 from mirror.cache.errors import to_registry_error
@@ -203,7 +202,6 @@ UNKNOWN_404 = ErrorCode.MANIFEST_UNKNOWN
         (UpstreamUnavailable("fake.test unreachable: ClientConnectorError"), "UNAVAILABLE", 503),
         (TimeoutError(), "UNAVAILABLE", 503),
         (ConnectionResetError(), "UNAVAILABLE", 503),
-        (aiohttp.ClientPayloadError("cut"), "UNAVAILABLE", 503),
         (UpstreamBodyError("body ended at byte 5 of 9"), "UNAVAILABLE", 503),
         # the origin's verdict on the request itself, with the spec's status
         (UpstreamError(400, code="NAME_INVALID"), "NAME_INVALID", 400),

@@ -21,7 +21,7 @@ from mirror.metrics import (
 COLLECTORS: list[tuple[str, str, str, dict[str, str]]] = [
     ("requests", "mirror_requests", "counter", {"kind": "manifest", "result": "hit"}),
     ("request_duration", "mirror_request_duration_seconds", "histogram", {"kind": "blob"}),
-    ("served_bytes", "mirror_served_bytes", "counter", {"source": "cache"}),
+    ("served_bytes", "mirror_served_bytes", "counter", {"source": "disk"}),
     ("upstream_requests", "mirror_upstream_requests", "counter",
      {"registry": "docker.io", "kind": "blob", "status": "2xx"}),
     ("upstream_bytes", "mirror_upstream_bytes", "counter", {"registry": "docker.io"}),

@@ -1,0 +1,94 @@
+"""A blob body for the HTTP layer to write: segments (bytes or file spans), then close.
+
+The handler never sees descriptors, fills or verdicts: it asks for segments of a range and
+writes them, and learns only whether the body failed, and whether what it sent was wrong.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncGenerator
+
+from mirror.cache.errors import to_registry_error
+from mirror.cache.follow import Follower
+from mirror.cache.transfer import DigestMismatch, DownloadFailed
+from mirror.oci.errors import ErrorCode
+
+# FileSpan and Segment are what the HTTP layer sends: it takes them from here, not storage.
+from mirror.storage.blobstore import FileSpan as FileSpan
+from mirror.storage.blobstore import OpenBlob
+from mirror.storage.blobstore import Segment as Segment
+
+
+class BodyFailed(Exception):
+    """The body cannot be completed. `wrong_bytes`: what was sent so far is not the blob's
+    (its digest did not match), so the client must not be invited to resume it."""
+
+    def __init__(self, cause: BaseException, wrong_bytes: bool) -> None:
+        self.cause = cause
+        self.wrong_bytes = wrong_bytes
+        super().__init__(str(cause))
+
+
+class BlobBody:
+    """One client's body of one blob. `source`: where its bytes came from (disk, origin...)."""
+
+    size: int
+    result: str  # hit | miss | coalesced
+    source: str
+
+    async def ready(self, start: int, end: int) -> None:
+        """Before the headers: raises RegistryError when no body can follow."""
+
+    def segments(self, start: int, end: int) -> AsyncGenerator[Segment, None]:
+        """Bytes [start, end); raises BodyFailed when they cannot all be given."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class CachedBody(BlobBody):
+    def __init__(self, blob: OpenBlob, pin: contextlib.AbstractContextManager[None]) -> None:
+        self.size = blob.size
+        self.result = "hit"
+        self.source = "disk"
+        self._blob = blob
+        self._held = contextlib.ExitStack()
+        self._held.enter_context(pin)  # eviction passes it over while it is being sent
+        self._held.callback(blob.close)
+
+    def segments(self, start: int, end: int) -> AsyncGenerator[Segment, None]:
+        return self._blob.read(start, end)
+
+    def close(self) -> None:
+        self._held.close()
+
+
+class LiveBody(BlobBody):
+    """A blob still filling: the follower gives what has landed and been verified."""
+
+    def __init__(self, follower: Follower, size: int, result: str, source: str) -> None:
+        self.size = size
+        self.result = result
+        self.source = source
+        self._follower = follower
+
+    async def ready(self, start: int, end: int) -> None:
+        if start < end:
+            return
+        # An empty body has no last byte to hold back: its verdict comes before its headers.
+        try:
+            await self._follower.verdict()
+        except DownloadFailed as exc:
+            raise to_registry_error(exc, ErrorCode.BLOB_UNKNOWN) from exc
+
+    async def segments(self, start: int, end: int) -> AsyncGenerator[Segment, None]:
+        try:
+            async for segment in self._follower.segments(start, end):
+                yield segment
+        except DownloadFailed as exc:
+            raise BodyFailed(exc.cause, isinstance(exc.cause, DigestMismatch)) from exc
+
+    def close(self) -> None:
+        self._follower.close()
