@@ -131,6 +131,7 @@ async def warm_serving(world: World) -> ScenarioResult:
                 r >= 0.9,
                 "{:.3f}x",
             )
+    _live_vs_warm(world, table, groups)
     table.notes.append(f"mirror peak RSS over the whole scenario (VmHWM): {peak / 1e6:.0f} MB")
     table.notes.append(noise_note(records))
     if not math.isnan(peak):
@@ -143,6 +144,24 @@ async def warm_serving(world: World) -> ScenarioResult:
         )
     result.tables.append(table)
     return result
+
+
+def _live_vs_warm(world: World, table: Table, warm: dict[Any, list[dict[str, Any]]]) -> None:
+    """The live path (clients following a fill) against cached serving, CPU per GB served,
+    at the largest client count both scenarios ran in this run."""
+    cold = group_by([r for r in world.cold_records if r["system"] == MIRROR], "clients")
+    both = sorted({k[0] for k in cold} & {k[0] for k in warm if k[1] == MIRROR})
+    if not both:
+        return
+    n = both[-1]
+    live = med(cold[(n,)], "cpu_s_per_gb")
+    cached = med(warm[(n, MIRROR)], "cpu_s_per_gb")
+    r = ratio(live, cached)
+    table.notes.append(
+        f"live path (a., {n} cold clients) {live:.2f} CPU s/GB served "
+        f"vs warm {cached:.2f}: {r:.2f}x"
+    )
+    world.target(f"live path CPU per GB vs warm, {n} clients", "<= 1.5x", r, r <= 1.5, "{:.2f}x")
 
 
 # --------------------------------------------------------------------------- manifests

@@ -12,7 +12,9 @@ from prometheus_client.exposition import choose_encoder
 # Label values are closed sets so that every series is known up front and cardinality cannot
 # grow with traffic. Repository, tag and digest never become labels.
 REQUEST_KINDS: tuple[str, ...] = ("manifest", "blob", "tags", "other")
-REQUEST_RESULTS: tuple[str, ...] = ("hit", "miss", "coalesced", "stale", "error", "revalidated")
+REQUEST_RESULTS: tuple[str, ...] = (
+    "hit", "miss", "coalesced", "stale", "revalidated", "not_found", "error",
+)  # fmt: skip
 SERVED_SOURCES: tuple[str, ...] = ("disk", "origin")
 
 # One histogram covers a cached tag HEAD (well under a millisecond) and a cold multi-GB blob

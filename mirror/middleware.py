@@ -64,7 +64,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
                     request[result_key] = "error"
                     raise
                 response = render_error(exc, request.method)
-                request[result_key] = "error"
+                request[result_key] = _result_of(exc.status)
             except web.HTTPException as exc:
                 if exc.status < 400:
                     raise
@@ -90,6 +90,12 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
             return response
         finally:
             _account(request, response, status, aborted, time.perf_counter() - started)
+
+
+def _result_of(status: int) -> str:
+    """A refusal the client should take as an answer (not here) is not a failure of ours:
+    the error rate must not rise because nodes ask for tags that do not exist."""
+    return "not_found" if status == 404 else "error"
 
 
 def _answered(request: web.Request) -> bool:
@@ -124,7 +130,7 @@ def _account(
     if request.path in _QUIET:
         return
     kind = request.get(kind_key, "other")
-    result = request.get(result_key, "error" if status >= 400 else "none")
+    result = request.get(result_key, _result_of(status) if status >= 400 else "none")
     metrics = request.app[metrics_key]
     metric_kind = kind if kind in _KINDS else "other"
     metrics.request_duration.labels(metric_kind).observe(seconds)

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from mirror.cache.body import BlobBody, CachedBody, LiveBody
 from mirror.cache.download import BlobDownload
-from mirror.cache.errors import to_registry_error
+from mirror.cache.errors import EXPECTED, to_registry_error
 from mirror.cache.janitor import CacheJanitor
 from mirror.cache.ranged import FetchPlan
-from mirror.cache.singleflight import SingleFlight
 from mirror.cache.transfer import DigestMismatch, DownloadFailed, State
+from mirror.coalesce import InFlight, SingleFlight
 from mirror.metrics import Metrics
 from mirror.oci.digest import Digest
 from mirror.oci.errors import ErrorCode, RegistryError
@@ -52,11 +51,10 @@ class BlobService:
         self._janitor = janitor
         self._clock = clock
         self._sleep = sleep
-        self._downloads: dict[str, BlobDownload] = {}
+        self._downloads: InFlight[str, BlobDownload] = InFlight("download")
         # Upstream HEADs, by repository too: one that lacks the blob must not answer for one
         # that has it.
-        self._heads: SingleFlight[int] = SingleFlight()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._heads: SingleFlight[tuple[str, str, str], int] = SingleFlight("blob head")
 
     @property
     def in_flight(self) -> int:
@@ -129,7 +127,7 @@ class BlobService:
             size, shared = await self._heads.do(
                 (registry, name, digest.hex), lambda: self._origin.size(registry, name, digest)
             )
-        except Exception as exc:  # noqa: BLE001 - translated for the client
+        except EXPECTED as exc:  # translated for the client; anything else is a bug
             raise to_registry_error(exc, ErrorCode.BLOB_UNKNOWN) from exc
         return size, "coalesced" if shared else "miss"
 
@@ -164,20 +162,12 @@ class BlobService:
             self._plan, self._retry, self._finished, self._janitor.make_room, self._clock,
             self._sleep,
         )  # fmt: skip
-        self._downloads[digest.hex] = download
+        self._downloads.start(digest.hex, download, download.run())
         self._metrics.downloads_in_flight.inc()
-        # A fresh context: the download is the service's, not the request's that started it,
-        # so its log lines must not carry that request's id.
-        task = asyncio.create_task(
-            download.run(), name=f"download {digest}", context=contextvars.Context()
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
         return download, "miss"
 
     def _finished(self, download: BlobDownload) -> None:
-        if self._downloads.get(download.digest.hex) is download:
-            del self._downloads[download.digest.hex]
+        if self._downloads.finished(download.digest.hex, download):
             self._metrics.downloads_in_flight.dec()
         fill = download.fill
         if fill.state is State.COMMITTED and fill.size is not None:
@@ -189,10 +179,7 @@ class BlobService:
 
     async def close(self) -> None:
         """Shutdown: cancel downloads; each discards its temp file, so nothing partial remains."""
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._downloads.close()
         await self._heads.close()
 
 

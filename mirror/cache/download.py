@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
+from mirror.cache.errors import EXPECTED
 from mirror.cache.fill import FillState
 from mirror.cache.follow import Follower
 from mirror.cache.passthrough import RelaySink
@@ -115,12 +116,17 @@ class BlobDownload:
             except asyncio.CancelledError:
                 self._finish(State.FAILED, DownloadFailed(RuntimeError("download cancelled")))
                 raise
-            except Exception as exc:  # noqa: BLE001 - every failure is handed to the followers
+            except EXPECTED as exc:
                 log.warning(
                     "blob_download_failed", digest=str(self.digest), registry=self.registry,
                     source=self._source.name, error=str(exc), error_type=type(exc).__name__,
                     bytes=self.fill.contiguous,
                 )  # fmt: skip
+                self._finish(State.FAILED, exc)
+            except Exception as exc:  # noqa: BLE001 - a bug: said once, loudly; followers fail
+                log.exception(
+                    "blob_download_bug", digest=str(self.digest), source=self._source.name
+                )
                 self._finish(State.FAILED, exc)
         finally:
             if self._writer is not None:

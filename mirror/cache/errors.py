@@ -10,6 +10,14 @@ from mirror.oci.errors import ErrorCode, RegistryError
 from mirror.storage.blobstore import StoreError
 from mirror.upstream.errors import UpstreamBodyError, UpstreamError, UpstreamUnavailable
 
+# What the services expect to go wrong, and translate for the client. Anything else is a bug:
+# it is left to reach the middleware, which logs its traceback once and answers 500 UNKNOWN.
+# OSError covers the disk, timeouts and dropped connections.
+EXPECTED: tuple[type[Exception], ...] = (
+    RegistryError, UpstreamError, UpstreamUnavailable, UpstreamBodyError, DownloadFailed,
+    DigestMismatch, StoreError, OSError,
+)  # fmt: skip
+
 # An upstream's own answer about the request, passed on with the spec's status: the client's
 # request is what is wrong, and asking elsewhere would not help. Never UNAUTHORIZED (a 401
 # makes containerd send the node's credentials) nor TOOMANYREQUESTS (skopeo backs off ~30 s).

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import structlog
 from cachetools import LRUCache
 
-from mirror.cache.errors import to_registry_error
+from mirror.cache.errors import EXPECTED, to_registry_error
 from mirror.cache.janitor import CacheJanitor
-from mirror.cache.singleflight import SingleFlight
+from mirror.coalesce import SingleFlight
 from mirror.config import CacheConfig
 from mirror.metrics import Metrics
 from mirror.oci.digest import Digest, InvalidDigest, digest_of, parse_digest
@@ -76,12 +76,12 @@ class ManifestService:
             _MEMORY_BYTES, getsizeof=lambda m: len(m.body) + 256
         )
         self._tags: LRUCache[_TagKey, TagRecord] = LRUCache(_MEMORY_TAGS)
-        self._by_digest: SingleFlight[Manifest] = SingleFlight()
-        self._by_tag: SingleFlight[ManifestAnswer] = SingleFlight()
+        self._by_digest: SingleFlight[str, Manifest] = SingleFlight("manifest")
+        self._by_tag: SingleFlight[_TagKey, ManifestAnswer] = SingleFlight("tag")
         # What the origin answers a client that rejects the tag's index (a registry rewrites it
         # to one platform's manifest): remembered for the tag TTL, each a pull on Docker Hub.
         self._narrowed: LRUCache[_NarrowKey, TagRecord] = LRUCache(_MEMORY_TAGS // 10)
-        self._by_narrow: SingleFlight[Manifest] = SingleFlight()
+        self._by_narrow: SingleFlight[_NarrowKey, Manifest] = SingleFlight("narrowed tag")
         janitor.on_evicted(self._forget)
 
     # -- by digest ---------------------------------------------------------------------------
@@ -111,7 +111,7 @@ class ManifestService:
         else:
             try:
                 manifest, shared = await self._fetch_shared(registry, name, digest)
-            except Exception as exc:  # noqa: BLE001 - translated for the client
+            except EXPECTED as exc:  # translated for the client; anything else is a bug
                 raise to_registry_error(exc, ErrorCode.MANIFEST_UNKNOWN) from exc
             answer = ManifestAnswer(manifest, "coalesced" if shared else "miss")
         if not is_acceptable(answer.manifest.media_type, accepted):
@@ -209,7 +209,7 @@ class ManifestService:
             found, shared = await self._by_narrow.do(narrow, lambda: self._get_narrow(narrow))
         except RegistryError:
             raise
-        except Exception as exc:  # noqa: BLE001 - stale, refused, or translated for the client
+        except EXPECTED as exc:  # stale, refused, or translated for the client
             if isinstance(exc, UpstreamError) and exc.status == 404:
                 self._narrowed[narrow] = _nothing(self._clock())
                 raise _not_acceptable(f"tag {key[2]}", manifest, accepted) from exc
@@ -252,7 +252,7 @@ class ManifestService:
             return await self._revalidate(key, record)
         except RegistryError:
             raise
-        except Exception as exc:  # noqa: BLE001 - stale, or translated for the client
+        except EXPECTED as exc:  # stale, or translated for the client
             if _unavailable(exc):
                 return await self._stale_or_raise(key, record, exc)
             raise to_registry_error(exc, ErrorCode.MANIFEST_UNKNOWN) from exc
@@ -335,7 +335,7 @@ class ManifestService:
     async def tags(self, registry: str, name: str, query: dict[str, str]) -> TagList:
         try:
             return await self._client.list_tags(registry, name, query)
-        except Exception as exc:  # noqa: BLE001 - translated for the client
+        except EXPECTED as exc:  # translated for the client; anything else is a bug
             raise to_registry_error(exc, ErrorCode.NAME_UNKNOWN) from exc
 
     async def close(self) -> None:

@@ -293,8 +293,10 @@ class _PieceWrites:
                 self._start()
         finally:
             task = self._inflight
-            if task is not None:  # cancelled: the write goes with us
-                task.cancel()
+            if task is not None:
+                # Cancelled (a sibling stream failed, or shutdown): the write in flight still
+                # lands, a moment's disk work, so whoever goes on from the prefix need not
+                # fetch those bytes again. What was not handed to it yet is dropped.
                 await asyncio.wait([task])
                 if not task.cancelled():
                     task.exception()  # we are failing already; this one is not news

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextvars
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -32,6 +31,7 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
+from mirror.coalesce import SingleFlight
 from mirror.config import RegistryConfig, UpstreamConfig
 from mirror.upstream.credentials import Credentials
 from mirror.upstream.ecr_client import LazyEcrClient
@@ -148,7 +148,7 @@ class EcrCredentials:
         self._wall_clock = wall_clock
         self._timeout = timeout
         self._issued: dict[Endpoint, _Issued] = {}
-        self._inflight: dict[Endpoint, asyncio.Future[_Issued]] = {}
+        self._calls: SingleFlight[Endpoint, _Issued] = SingleFlight("ecr token")
         self._forced: dict[Endpoint, float] = {}  # when a refusal last dropped a token
 
     async def get(self, registry: RegistryConfig) -> Credentials:
@@ -185,29 +185,12 @@ class EcrCredentials:
         return True
 
     async def close(self) -> None:
-        for pending in list(self._inflight.values()):
-            pending.cancel()
-        await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+        await self._calls.close()
 
-    def _refresh(self, endpoint: Endpoint) -> asyncio.Future[_Issued]:
-        """The one call in flight for `endpoint`, started if there is none."""
-        pending = self._inflight.get(endpoint)
-        if pending is None:
-            # Its own context: the call serves every request, and its log lines belong to
-            # none of them (not to the request id of the one that happened to start it).
-            pending = asyncio.get_running_loop().create_task(
-                self._fetch(endpoint), name=f"ecr token {endpoint.region}",
-                context=contextvars.Context(),
-            )  # fmt: skip
-            self._inflight[endpoint] = pending
-            pending.add_done_callback(lambda done: self._settled(endpoint, done))
-        return pending
-
-    def _settled(self, endpoint: Endpoint, done: asyncio.Future[_Issued]) -> None:
-        if self._inflight.get(endpoint) is done:
-            del self._inflight[endpoint]
-        if not done.cancelled():
-            done.exception()  # retrieved here, so a failure nobody waited for is not reported
+    def _refresh(self, endpoint: Endpoint) -> asyncio.Task[_Issued]:
+        """The one call in flight for `endpoint`, started if there is none. Its own context:
+        the call serves every request, and its log lines belong to none of them."""
+        return self._calls.launch(endpoint, lambda: self._fetch(endpoint))
 
     async def _fetch(self, endpoint: Endpoint) -> _Issued:
         started = self._clock()

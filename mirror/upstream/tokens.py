@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 
 import aiohttp
 from cachetools import LRUCache
 
+from mirror.coalesce import SingleFlight
 from mirror.upstream.auth import Challenge
 from mirror.upstream.credentials import Credentials
 from mirror.upstream.errors import UpstreamError, UpstreamUnavailable
@@ -37,12 +37,10 @@ class TokenCache:
         self._clock = clock
         # One entry per repository scope: bounded, so random names cannot grow it forever.
         self._tokens: LRUCache[_Key, tuple[str, float]] = LRUCache(_MAX_TOKENS)
-        self._inflight: dict[_Key, asyncio.Future[tuple[str, float]]] = {}
+        self._fetches: SingleFlight[_Key, tuple[str, float]] = SingleFlight("token")
 
     async def close(self) -> None:
-        for pending in list(self._inflight.values()):
-            pending.cancel()
-        await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+        await self._fetches.close()
 
     def cached(self, challenge: Challenge, scope: str, creds: Credentials | None) -> str | None:
         hit = self._tokens.get(_key(challenge, scope, creds))
@@ -60,13 +58,9 @@ class TokenCache:
         hit = self._tokens.get(key)
         if hit and hit[1] > self._clock():
             return hit[0]
-        pending = self._inflight.get(key)
-        if pending is None:
-            pending = asyncio.ensure_future(self._fetch(challenge, requested or scope, creds))
-            self._inflight[key] = pending
-            pending.add_done_callback(lambda _: self._inflight.pop(key, None))
-        # shield: one waiter hanging up must not cancel the fetch the others wait for
-        token, expires_at = await asyncio.shield(pending)
+        (token, expires_at), _ = await self._fetches.do(
+            key, lambda: self._fetch(challenge, requested or scope, creds)
+        )
         self._tokens[key] = (token, expires_at)
         return token
 

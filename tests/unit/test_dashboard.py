@@ -169,8 +169,8 @@ def _panels_titled(dashboard: dict[str, Any], title: str) -> list[dict[str, Any]
     return found
 
 
-# Results that were answered from the cache: everything but a miss (fetched) and an error.
-FROM_CACHE = set(REQUEST_RESULTS) - {"miss", "error"}
+# Results answered from the cache: everything but a miss (fetched), a 404 and an error.
+FROM_CACHE = set(REQUEST_RESULTS) - {"miss", "not_found", "error"}
 
 
 @pytest.mark.parametrize("title", ["Hit ratio", "Hit ratio by kind"])
