@@ -40,6 +40,7 @@ _READERS: dict[str, Callable[[Config], Any]] = {
     "default_registry": lambda c: c.default_registry,
     "server.listen": lambda c: (c.server.host, c.server.port),
     "cache.dir": lambda c: c.cache.directory,
+    "cluster.self": lambda c: c.cluster.self_url,
 }
 
 
