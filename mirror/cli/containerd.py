@@ -10,22 +10,31 @@ registry host as written in the image reference. For a host with a port it tries
 
 Hosts listed under `[host."..."]` are tried in order; `server` is the fallback after them all,
 and without a `server` line containerd falls back to `https://<registry>` itself.
+
+A host's `dial_timeout` (a Go duration, "1s") bounds its TCP connect: containerd 2.1 and later
+read it, older ones (1.6, 1.7) ignore the key and keep their own 30 s. A hosts.toml this
+command did not write is kept beside the new one as `hosts.toml.orig` (`.orig.1`, ... when
+that name is taken by other bytes): the node's previous setup can always be put back.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TextIO
+from typing import NamedTuple, TextIO
 from urllib.parse import urlsplit
 
 from mirror.config import DEFAULT_REGISTRIES, RegistryConfig
 
 DEFAULT_NAMESPACE = "_default"
+# The first line of every file this command writes: a file without it is someone else's.
+MARKER = "# Written by `mirror containerd-config`."
+BACKUP_SUFFIX = ".orig"
 
 # A host name or IPv4 address with an optional port, or a bracketed IPv6 literal. Anything
 # else is refused because the name becomes a directory: "..", "a/b" or "" must never get there.
@@ -94,6 +103,14 @@ def hosts_dir_name(registry: str) -> str:
     return registry
 
 
+def go_duration(seconds: float) -> str:
+    """A duration as Go's time.ParseDuration reads it: 1.0 -> "1s", 0.25 -> "250ms"."""
+    if not math.isfinite(seconds) or seconds < 0.001:
+        raise ValueError(f"dial timeout must be at least 1ms, got {seconds!r}s")
+    millis = round(seconds * 1000)
+    return f"{millis // 1000}s" if millis % 1000 == 0 else f"{millis}ms"
+
+
 def render_hosts_toml(
     registry: str,
     mirror_url: str,
@@ -101,12 +118,15 @@ def render_hosts_toml(
     *,
     override_path: bool = False,
     skip_verify: bool = False,
+    dial_timeout: float | None = None,
 ) -> str:
     """hosts.toml text for `registry`: try the mirror first, then `origin_url` (if given).
 
     With `override_path` the mirror is addressed as `<mirror_url>/v2/<registry>`, so the path
     names the registry even for clients that drop `?ns=`. `skip_verify` only applies to an
-    https mirror; a plain http mirror has no certificate to check.
+    https mirror; a plain http mirror has no certificate to check. `dial_timeout` (seconds)
+    bounds the connect to the mirror, so a node whose mirror is down reaches the fallback
+    quickly; unset, containerd's own default applies.
     """
     _check_registry(registry)
     mirror = _check_url(mirror_url, "mirror URL")
@@ -125,8 +145,9 @@ def render_hosts_toml(
         else f"{registry} itself (containerd's default)"
     )
     lines = [
-        "# Written by `mirror containerd-config`. Pull through the mirror; if it cannot answer,",
+        f"{MARKER} Pull through the mirror; if it cannot answer,",
         f"# containerd falls back to {fallback}.",
+        "# Rewritten by every run of the command: edits here are lost.",
     ]
     if origin_url:
         lines.append(f'server = "{_check_url(origin_url, "origin URL")}"')
@@ -139,19 +160,21 @@ def render_hosts_toml(
         lines.append("  override_path = true")
     if skip_verify and mirror.startswith("https://"):
         lines.append("  skip_verify = true")
+    if dial_timeout is not None:
+        lines.append(f'  dial_timeout = "{go_duration(dial_timeout)}"')
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Replace `path` in one step so containerd (which rereads on every pull) never sees half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".hosts.toml.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the file holds no secrets
+        os.chmod(tmp, mode)  # mkstemp makes 0600; the files we write hold no secrets
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -163,6 +186,32 @@ def _write_atomic(path: Path, text: str) -> None:
         os.close(dir_fd)
 
 
+class Written(NamedTuple):
+    path: Path
+    backup: Path | None  # where the file it replaced was kept, if that was not ours
+
+
+def _keep_foreign(path: Path) -> Path | None:
+    """Copy a hosts.toml this command did not write to a free `.orig` name (same mode); None
+    when there is none, it is ours, or a backup with the same bytes already exists."""
+    try:
+        data = path.read_bytes()
+        mode = path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        return None
+    if data.startswith(MARKER.encode()):
+        return None
+    for n in range(1000):
+        backup = path.with_name(path.name + BACKUP_SUFFIX + (f".{n}" if n else ""))
+        try:
+            if backup.read_bytes() == data:
+                return None  # kept by an earlier run: the init container runs on every start
+        except FileNotFoundError:
+            _write_atomic(backup, data, mode)
+            return backup
+    raise OSError(f"no free backup name for {path}")
+
+
 def write_hosts_dirs(
     out_dir: Path,
     mirror_url: str,
@@ -170,8 +219,10 @@ def write_hosts_dirs(
     *,
     override_path: bool = False,
     skip_verify: bool = False,
-) -> list[Path]:
-    """Write `<out_dir>/<hosts_dir_name(registry)>/hosts.toml` for each registry -> origin URL.
+    dial_timeout: float | None = None,
+) -> list[Written]:
+    """Write `<out_dir>/<hosts_dir_name(registry)>/hosts.toml` for each registry -> origin URL,
+    keeping any such file written by someone else as a backup first.
 
     Every file is rendered before any is written, so bad input leaves the directory untouched.
     An empty origin omits `server`, leaving containerd to use the registry's own host.
@@ -185,13 +236,17 @@ def write_hosts_dirs(
                 origin or None,
                 override_path=override_path,
                 skip_verify=skip_verify,
+                dial_timeout=dial_timeout,
             ),
         )
         for registry, origin in registries.items()
     ]
+    written = []
     for path, text in rendered:
-        _write_atomic(path, text)
-    return [path for path, _ in rendered]
+        backup = _keep_foreign(path)
+        _write_atomic(path, text.encode())
+        written.append(Written(path, backup))
+    return written
 
 
 def run_containerd_config(
@@ -200,6 +255,7 @@ def run_containerd_config(
     out: Path,
     origins: Mapping[str, str],
     *,
+    dial_timeout: float | None = None,
     stdout: TextIO | None = None,
     stderr: TextIO | None = None,
 ) -> int:
@@ -216,13 +272,17 @@ def run_containerd_config(
         print(f"mirror: not configured registries: {', '.join(unknown)}", file=stderr)
         return 2
     try:
-        written = write_hosts_dirs(out, args_mirror, {n: origins.get(n, "") for n in names})
+        written = write_hosts_dirs(
+            out, args_mirror, {n: origins.get(n, "") for n in names}, dial_timeout=dial_timeout
+        )
     except ValueError as e:
         print(f"mirror: {e}", file=stderr)
         return 2
     except OSError as e:
         print(f"mirror: cannot write under {out}: {e}", file=stderr)
         return 1
-    for path in written:
+    for path, backup in written:
+        if backup is not None:
+            print(f"kept {path} as {backup}", file=stdout)
         print(f"wrote {path}", file=stdout)
     return 0

@@ -9,10 +9,14 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from mirror.config import cluster as cl
+from mirror.config import s3
 from mirror.config.model import (
     CacheConfig,
+    ClusterConfig,
     Config,
     ConfigError,
+    S3Config,
     ServerConfig,
     UpstreamConfig,
     WarmConfig,
@@ -55,8 +59,25 @@ _SCALARS: dict[tuple[str, str], tuple[str, Any]] = {
     ("upstream", "breaker_cooldown"): ("breaker_cooldown", parse_duration),
     ("warm", "platforms"): ("platforms", parse_platforms),
     ("warm", "concurrency"): ("concurrency", positive_int),
+    ("s3", "bucket"): ("bucket", s3.s3_bucket),
+    ("s3", "region"): ("region", s3.s3_region),
+    ("s3", "endpoint_url"): ("endpoint_url", s3.s3_endpoint_url),
+    ("s3", "prefix"): ("prefix", s3.s3_prefix),
+    ("s3", "redirect"): ("redirect", parse_bool),
+    ("s3", "redirect_expiry"): ("redirect_expiry", s3.redirect_expiry),
+    ("s3", "upload_concurrency"): ("upload_concurrency", positive_int),
+    ("s3", "multipart_threshold"): ("multipart_threshold", s3.multipart_threshold),
+    ("s3", "part_size"): ("part_size", s3.part_size),
+    ("s3", "upload_queue"): ("upload_queue", positive_int),
+    ("cluster", "peers"): ("peers", cl.peer_urls),
+    ("cluster", "peers_dns"): ("peers_dns", cl.peers_dns),
+    ("cluster", "self"): ("self_url", cl.optional_peer_url),
+    ("cluster", "member"): ("member", parse_bool),
+    ("cluster", "resolve_interval"): ("resolve_interval", cl.positive_duration),
+    ("cluster", "peer_timeout"): ("peer_timeout", cl.positive_duration),
+    ("cluster", "peer_down_for"): ("peer_down_for", cl.positive_duration),
 }
-_SECTIONS = ("server", "cache", "upstream", "warm")
+_SECTIONS = ("server", "cache", "upstream", "warm", "s3", "cluster")
 
 
 def known_keys() -> frozenset[str]:
@@ -118,6 +139,7 @@ def load_config(
             raw[key] = (flag, value)
 
     sections: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
+    refused: set[str] = set()  # sections with a bad value: checks across their keys would guess
     default_registry = "docker.io"
     for dotted, (origin, value) in raw.items():
         if dotted == "default_registry":
@@ -140,6 +162,7 @@ def load_config(
             sections[section][attr] = parser(value)
         except (ValueError, TypeError) as exc:
             problems.append(f"{origin}: {exc}")
+            refused.add(section)
 
     registries = load_registries(doc.get("registries"), environ, path, problems)
     if default_registry not in registries:
@@ -151,10 +174,16 @@ def load_config(
     cache = replace(CacheConfig(), **sections["cache"])
     upstream = replace(UpstreamConfig(), **sections["upstream"])
     warm = replace(WarmConfig(), **sections["warm"])
+    s3_level = replace(S3Config(), **sections["s3"])
+    cluster = replace(ClusterConfig(), **sections["cluster"])
     if cache.low_watermark > cache.high_watermark:
         problems.append("cache.low_watermark: must not exceed cache.high_watermark")
     if upstream.chunk_size < 64 * 1024:
         problems.append("upstream.chunk_size: must be at least 64KiB")
+    if "s3" not in refused:
+        problems += s3.s3_problems(s3_level)
+    if "cluster" not in refused:
+        problems += cl.cluster_problems(cluster)
     if problems:
         raise ConfigError(problems)
     return Config(
@@ -162,6 +191,8 @@ def load_config(
         cache=cache,
         upstream=upstream,
         warm=warm,
+        s3=s3_level,
+        cluster=cluster,
         registries=MappingProxyType(registries),
         default_registry=default_registry,
     )
@@ -170,10 +201,12 @@ def load_config(
 def describe(config: Config) -> dict[str, Any]:
     """A loggable view of the config: credentials and tokens are never included."""
     out: dict[str, Any] = {}
-    for section in ("server", "cache", "upstream", "warm"):
+    for section in _SECTIONS:
         obj = getattr(config, section)
         out[section] = {
-            f.name: str(getattr(obj, f.name)) for f in fields(obj) if f.name not in ("admin_token",)
+            f.name: _shown(getattr(obj, f.name))
+            for f in fields(obj)
+            if f.name not in ("admin_token",)
         }
     out["registries"] = {
         n: {
@@ -187,3 +220,8 @@ def describe(config: Config) -> dict[str, Any]:
     }
     out["default_registry"] = config.default_registry
     return out
+
+
+def _shown(value: Any) -> str | list[str]:
+    """A value for a log line: text, lists as lists (peers, platforms)."""
+    return [str(v) for v in value] if isinstance(value, tuple) else str(value)

@@ -64,12 +64,71 @@ class WarmConfig:
     concurrency: int = 4
 
 
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class S3Config:
+    """The region's shared second level: blobs under `<prefix>blobs/sha256/<hex>` in a bucket.
+    AWS credentials are never here: the standard chain finds them (IRSA, instance profile)."""
+
+    bucket: str | None = None  # unset: no S3 level
+    region: str | None = None  # required with a bucket
+    endpoint_url: str | None = None  # unset: AWS's regional endpoint
+    prefix: str = "mirror/"
+    # Answer blob GETs of objects known to be in S3 with 307 to a presigned URL.
+    redirect: bool = False
+    redirect_expiry: float = 20 * 60.0
+    upload_concurrency: int = 4
+    multipart_threshold: int = 64 * MiB
+    part_size: int = 32 * MiB
+    # Uploads waiting beyond this many are dropped (and counted): S3 is a cache, not a queue.
+    upload_queue: int = 1000
+
+    @property
+    def enabled(self) -> bool:
+        return self.bucket is not None
+
+    def key(self, hex_digest: str) -> str:
+        """The object key of a sha256 blob."""
+        return f"{self.prefix}blobs/sha256/{hex_digest}"
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Replicas acting as one cache: each digest has one owner among the peers."""
+
+    peers: tuple[str, ...] = ()  # base URLs, http(s)://host:port
+    peers_dns: str | None = None  # host:port of a headless Service, re-resolved
+    # This replica as its peers reach it (file key `self`); unset: worked out at start.
+    self_url: str | None = None
+    # False: a client of the ring only (a node-local mirror asking owners directly).
+    member: bool = True
+    resolve_interval: float = 10.0
+    peer_timeout: float = 1.0  # connect and response-header deadline for a peer request
+    peer_down_for: float = 30.0  # how long a failing peer is skipped
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.peers) or self.peers_dns is not None
+
+    @property
+    def dns_target(self) -> tuple[str, int] | None:
+        """peers_dns as (host, port)."""
+        if self.peers_dns is None:
+            return None
+        host, _, port = self.peers_dns.rpartition(":")
+        return host, int(port)
+
+
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = ServerConfig()
     cache: CacheConfig = CacheConfig()
     upstream: UpstreamConfig = UpstreamConfig()
     warm: WarmConfig = WarmConfig()
+    s3: S3Config = S3Config()
+    cluster: ClusterConfig = ClusterConfig()
     registries: Mapping[str, RegistryConfig] = field(
         default_factory=lambda: MappingProxyType(
             {n: RegistryConfig(n, u) for n, u in DEFAULT_REGISTRIES.items()}

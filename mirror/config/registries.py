@@ -144,19 +144,20 @@ def _registry_url(value: Any) -> str:
     return value.rstrip("/")
 
 
-def _aws_endpoint_url(value: Any) -> str:
-    """https only: GetAuthorizationToken's reply is the registry password. Plain http is for
-    a stand-in (moto) on this machine, where nothing travels over a network."""
+def aws_endpoint_url(value: Any, why: str = "the reply carries the registry password") -> str:
+    """An AWS API endpoint: https only, because what travels there is secret (`why` says
+    what: GetAuthorizationToken's reply is the registry password). Plain http is for a
+    stand-in (moto) on this machine, where nothing travels over a network."""
     url = _registry_url(value)
-    if url.startswith("http://") and not _is_loopback(urlsplit(url).hostname or ""):
+    if url.startswith("http://") and not is_loopback(urlsplit(url).hostname or ""):
         raise ValueError(
-            f"must be https:// (the reply carries the registry password), got {url!r}; "
+            f"must be https:// ({why}), got {url!r}; "
             "http:// only to a loopback host (127.0.0.0/8, ::1, localhost)"
         )
     return url
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -165,7 +166,7 @@ def _is_loopback(host: str) -> bool:
         return False  # a name: it may resolve anywhere
 
 
-def _aws_region(value: Any) -> str:
+def aws_region(value: Any) -> str:
     if not isinstance(value, str) or not _AWS_REGION.fullmatch(value):
         raise ValueError(f"expected an AWS region like us-east-1, got {value!r}")
     return value
@@ -177,8 +178,8 @@ _REGISTRY_PARSERS: Mapping[str, Any] = MappingProxyType(
         "is_mirror": parse_bool,
         "username": lambda v: str(v) or None,
         "password": lambda v: str(v) or None,
-        "aws_region": _aws_region,
-        "aws_endpoint_url": _aws_endpoint_url,
+        "aws_region": aws_region,
+        "aws_endpoint_url": aws_endpoint_url,
     }
 )
 # (MIRROR_REGISTRY_<ID> suffix, RegistryConfig field), longest suffix first.

@@ -4,6 +4,7 @@ mirror (proved with the mirror's access log and by taking the upstream away)."""
 
 from __future__ import annotations
 
+import time
 import tomllib
 from pathlib import Path
 
@@ -17,10 +18,12 @@ from .upstream import Upstream
 pytestmark = pytest.mark.integration
 
 
-def generate(mirror: Mirror, out: Path, *registries: str) -> list[str]:
+def generate(mirror: Mirror, out: Path, *registries: str, dial_timeout: str = "") -> list[str]:
     args = ["containerd-config", "--mirror", mirror.url]
     for registry in registries:
         args += ["--registry", registry]
+    if dial_timeout:
+        args += ["--dial-timeout", dial_timeout]
     args += ["--out", str(out), "--config", str(mirror.config_path)]
     result = mirror_cli(*args)
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
@@ -111,3 +114,49 @@ def test_unknown_registry_is_refused(mirror: Mirror, tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "ghcr.io" in result.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_node_setup_keeps_the_old_file_and_falls_back_when_the_mirror_is_down(
+    mirror: Mirror, catalog: Catalog, containerd: Containerd, upstream: Upstream, tmp_path: Path
+) -> None:
+    """What the node tier's init container does: the node's own hosts.toml is kept as a
+    backup, the new one carries a dial_timeout, which this containerd (1.6) must accept even
+    though only 2.1+ reads it, and a node whose mirror is down still pulls, from the origin."""
+    out = tmp_path / "certs.d"
+    host, port = upstream.host.rsplit(":", 1)
+    node_dir = out / f"{host}_{port}_"
+    node_dir.mkdir(parents=True)
+    original = f'# set up with the node image\nserver = "{upstream.url}"\n'
+    (node_dir / "hosts.toml").write_text(original)
+
+    stdout = generate(mirror, out, upstream.host, dial_timeout="1s")
+
+    assert f"kept {node_dir / 'hosts.toml'} as {node_dir / 'hosts.toml.orig'}" in stdout
+    assert (node_dir / "hosts.toml.orig").read_text() == original
+    doc = tomllib.loads((node_dir / "hosts.toml").read_text())
+    assert doc["host"][mirror.url]["dial_timeout"] == "1s"
+    assert doc["server"] == upstream.url
+
+    # Through the mirror: the key is no reason for containerd to skip the host.
+    ref = catalog.hello.ref(upstream.host)
+    ns = containerd.namespace()
+    containerd.pull(ref, out, ns)
+    assert containerd.images(ns) == {ref: catalog.hello.digest}
+    assert mirror_requests(mirror, upstream.host), "the pull did not go through the mirror"
+
+    # The mirror is down: containerd falls back to the origin at once.
+    mirror.stop()
+    upstream.reset()
+    ns = containerd.namespace()
+    started = time.monotonic()
+    containerd.pull(ref, out, ns)
+    took = time.monotonic() - started
+    assert containerd.images(ns) == {ref: catalog.hello.digest}
+    wanted = catalog.hello.platform(host_platform())
+    assert upstream.counts()[("GET", "blob")] == len(wanted.blobs)  # from the origin itself
+    assert took < 5.0, f"the fallback took {took:.1f}s"
+
+    # Running the command again (every start of the init container) keeps the one backup.
+    generate(mirror, out, upstream.host, dial_timeout="1s")
+    assert sorted(p.name for p in node_dir.iterdir()) == ["hosts.toml", "hosts.toml.orig"]
+    assert (node_dir / "hosts.toml.orig").read_text() == original

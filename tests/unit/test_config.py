@@ -14,9 +14,11 @@ import pytest
 from mirror.config import (
     DEFAULT_REGISTRIES,
     CacheConfig,
+    ClusterConfig,
     Config,
     ConfigError,
     RegistryConfig,
+    S3Config,
     ServerConfig,
     UpstreamConfig,
     WarmConfig,
@@ -701,7 +703,9 @@ def test_describe_never_contains_secrets(tmp_path: Path) -> None:
 
 def test_describe_of_defaults_is_json_ready() -> None:
     view = describe(load_config({}))
-    assert set(view) == {"server", "cache", "upstream", "warm", "registries", "default_registry"}
+    assert set(view) == {
+        "server", "cache", "upstream", "warm", "s3", "cluster", "registries", "default_registry"
+    }  # fmt: skip
     assert set(view["registries"]) == set(DEFAULT_REGISTRIES)
     assert json.loads(json.dumps(view)) == view
 
@@ -755,3 +759,327 @@ url = "registry-1.docker.io"
     # the registry error removed docker.io, which then fails the default_registry check too
     assert "default_registry" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 + 6
+
+
+# ---------------------------------------------------------------- [s3]
+
+MiB, GiB = 1024**2, 1024**3
+
+
+def test_s3_from_the_file(tmp_path: Path) -> None:
+    path = _toml(
+        tmp_path,
+        """
+[s3]
+bucket = "mirror-cache-eu-west-1"
+region = "eu-west-1"
+endpoint_url = "https://bucket.vpce-0a1b.s3.eu-west-1.vpce.amazonaws.com/"
+prefix = "regional/eu/"
+redirect = true
+redirect_expiry = "1h"
+upload_concurrency = 8
+multipart_threshold = "128MiB"
+part_size = "16MiB"
+upload_queue = 50
+""",
+    )
+    s3 = load_config({}, path).s3
+    assert s3 == S3Config(
+        bucket="mirror-cache-eu-west-1", region="eu-west-1",
+        endpoint_url="https://bucket.vpce-0a1b.s3.eu-west-1.vpce.amazonaws.com",
+        prefix="regional/eu/", redirect=True, redirect_expiry=3600.0, upload_concurrency=8,
+        multipart_threshold=128 * MiB, part_size=16 * MiB, upload_queue=50,
+    )  # fmt: skip
+    assert s3.enabled
+    assert s3.key("ab" * 32) == f"regional/eu/blobs/sha256/{'ab' * 32}"
+
+
+def test_no_s3_level_by_default() -> None:
+    s3 = load_config({}).s3
+    assert s3 == S3Config() and not s3.enabled
+    assert (s3.prefix, s3.redirect, s3.redirect_expiry) == ("mirror/", False, 1200.0)
+    assert (s3.multipart_threshold, s3.part_size, s3.upload_queue) == (64 * MiB, 32 * MiB, 1000)
+
+
+@pytest.mark.parametrize(
+    ("environ", "attr", "expected"),
+    [
+        ({"MIRROR_S3_PREFIX": ""}, "prefix", ""),
+        ({"MIRROR_S3_REDIRECT": "true"}, "redirect", True),
+        ({"MIRROR_S3_REDIRECT_EXPIRY": "7d"}, "redirect_expiry", 604800.0),
+        ({"MIRROR_S3_REDIRECT_EXPIRY": "1s"}, "redirect_expiry", 1.0),
+        ({"MIRROR_S3_UPLOAD_CONCURRENCY": "16"}, "upload_concurrency", 16),
+        ({"MIRROR_S3_MULTIPART_THRESHOLD": "5GiB"}, "multipart_threshold", 5 * GiB),
+        ({"MIRROR_S3_PART_SIZE": "5MiB"}, "part_size", 5 * MiB),
+        ({"MIRROR_S3_PART_SIZE": "5GiB"}, "part_size", 5 * GiB),
+        ({"MIRROR_S3_UPLOAD_QUEUE": "1"}, "upload_queue", 1),
+        ({"MIRROR_S3_ENDPOINT_URL": "http://127.0.0.1:4566"}, "endpoint_url",
+         "http://127.0.0.1:4566"),
+        ({"MIRROR_S3_ENDPOINT_URL": "http://[::1]:4566"}, "endpoint_url", "http://[::1]:4566"),
+        ({"MIRROR_S3_BUCKET": ""}, "bucket", None),
+    ],
+)  # fmt: skip
+def test_s3_env_overrides(environ: dict[str, str], attr: str, expected: Any) -> None:
+    level = {"MIRROR_S3_BUCKET": "mirror-cache", "MIRROR_S3_REGION": "us-east-1"}
+    assert getattr(load_config({**level, **environ}).s3, attr) == expected
+
+
+def test_s3_env_beats_the_file(tmp_path: Path) -> None:
+    path = _toml(tmp_path, '[s3]\nbucket = "from-file"\nregion = "eu-west-1"\n')
+    s3 = load_config({"MIRROR_S3_BUCKET": "from-env"}, path).s3
+    assert (s3.bucket, s3.region) == ("from-env", "eu-west-1")
+
+
+@pytest.mark.parametrize(
+    ("environ", "says"),
+    [
+        ({"MIRROR_S3_BUCKET": "Mirror"}, "$MIRROR_S3_BUCKET: expected an S3 bucket name"),
+        ({"MIRROR_S3_BUCKET": "ab"}, "$MIRROR_S3_BUCKET: expected an S3 bucket name"),
+        ({"MIRROR_S3_BUCKET": "a" * 64}, "$MIRROR_S3_BUCKET: expected an S3 bucket name"),
+        ({"MIRROR_S3_BUCKET": "my..bucket"}, "$MIRROR_S3_BUCKET: expected an S3 bucket name"),
+        ({"MIRROR_S3_BUCKET": "-bucket"}, "$MIRROR_S3_BUCKET: expected an S3 bucket name"),
+        ({"MIRROR_S3_BUCKET": "192.168.0.1"}, "$MIRROR_S3_BUCKET: expected an S3 bucket name"),
+        ({"MIRROR_S3_BUCKET": "s3://mirror"}, "$MIRROR_S3_BUCKET: expected a bucket name, not"),
+        ({"MIRROR_S3_BUCKET": "mirror/x"}, "$MIRROR_S3_BUCKET: expected a bucket name, not"),
+        ({"MIRROR_S3_REGION": "eu-west"}, "$MIRROR_S3_REGION: expected an AWS region"),
+        ({"MIRROR_S3_ENDPOINT_URL": "s3.example"}, "$MIRROR_S3_ENDPOINT_URL: expected http(s)"),
+        ({"MIRROR_S3_ENDPOINT_URL": "http://s3.eu-west-1.amazonaws.com"},
+         "$MIRROR_S3_ENDPOINT_URL: must be https:// (uploads, and redirects that hand out "
+         "presigned URLs), got 'http://s3.eu-west-1.amazonaws.com'; http:// only to a loopback"),
+        ({"MIRROR_S3_ENDPOINT_URL": "http://10.0.0.5:9000"},
+         "$MIRROR_S3_ENDPOINT_URL: must be https://"),
+        ({"MIRROR_S3_PREFIX": "mirror"}, "$MIRROR_S3_PREFIX: must be empty or end in '/'"),
+        ({"MIRROR_S3_PREFIX": "/mirror/"}, "$MIRROR_S3_PREFIX: must not start with '/'"),
+        ({"MIRROR_S3_PREFIX": "a//b/"}, "$MIRROR_S3_PREFIX: must not start with '/' or hold"),
+        ({"MIRROR_S3_PREFIX": "a b/"}, "$MIRROR_S3_PREFIX: only a-z"),
+        ({"MIRROR_S3_PREFIX": "a?b/"}, "$MIRROR_S3_PREFIX: only a-z"),
+        ({"MIRROR_S3_PREFIX": "a/../"}, "$MIRROR_S3_PREFIX: must not hold '.' or '..'"),
+        ({"MIRROR_S3_PREFIX": "./"}, "$MIRROR_S3_PREFIX: must not hold '.' or '..'"),
+        ({"MIRROR_S3_PREFIX": "a" * 947 + "/"}, "$MIRROR_S3_PREFIX: at most 947 characters"),
+        ({"MIRROR_S3_REDIRECT": "sometimes"}, "$MIRROR_S3_REDIRECT: expected true or false"),
+        ({"MIRROR_S3_REDIRECT_EXPIRY": "8d"}, "$MIRROR_S3_REDIRECT_EXPIRY: must be from 1s"),
+        ({"MIRROR_S3_REDIRECT_EXPIRY": "500ms"}, "$MIRROR_S3_REDIRECT_EXPIRY: must be from"),
+        ({"MIRROR_S3_UPLOAD_CONCURRENCY": "0"}, "$MIRROR_S3_UPLOAD_CONCURRENCY: must be at"),
+        ({"MIRROR_S3_MULTIPART_THRESHOLD": "6GiB"},
+         "$MIRROR_S3_MULTIPART_THRESHOLD: must be at most 5GiB"),
+        ({"MIRROR_S3_PART_SIZE": "4MiB"}, "$MIRROR_S3_PART_SIZE: must be from 5MiB to 5GiB"),
+        ({"MIRROR_S3_PART_SIZE": "6GiB"}, "$MIRROR_S3_PART_SIZE: must be from 5MiB to 5GiB"),
+        ({"MIRROR_S3_UPLOAD_QUEUE": "0"}, "$MIRROR_S3_UPLOAD_QUEUE: must be at least 1"),
+        ({"MIRROR_S3_BUCKT": "x"}, "$MIRROR_S3_BUCKT: unknown setting"),
+    ],
+)  # fmt: skip
+def test_bad_s3_values_are_named(environ: dict[str, str], says: str) -> None:
+    level = {"MIRROR_S3_BUCKET": "mirror-cache", "MIRROR_S3_REGION": "us-east-1"}
+    (problem,) = _problems({**level, **environ})
+    assert problem.startswith(says), problem
+
+
+def test_a_longest_prefix_still_makes_a_valid_s3_key() -> None:
+    s3 = load_config({"MIRROR_S3_PREFIX": "a" * 946 + "/"}).s3
+    assert len(s3.key("0" * 64).encode()) == 1024
+
+
+@pytest.mark.parametrize(
+    ("environ", "problems"),
+    [
+        ({"MIRROR_S3_BUCKET": "mirror-cache"}, ["s3.region: required when s3.bucket is set"]),
+        ({"MIRROR_S3_REDIRECT": "true"},
+         ["s3.redirect: needs s3.bucket (there is nothing to redirect to)"]),
+        ({"MIRROR_S3_ENDPOINT_URL": "https://s3.example"}, ["s3.endpoint_url: needs s3.bucket"]),
+    ],
+)  # fmt: skip
+def test_s3_keys_that_need_each_other(environ: dict[str, str], problems: list[str]) -> None:
+    assert _problems(environ) == problems
+
+
+def test_a_region_alone_is_harmless() -> None:
+    assert not load_config({"MIRROR_S3_REGION": "eu-west-1"}).s3.enabled
+
+
+# ---------------------------------------------------------------- [cluster]
+
+
+def test_cluster_from_the_file(tmp_path: Path) -> None:
+    path = _toml(
+        tmp_path,
+        """
+[cluster]
+peers = ["http://mirror-0.mirror-peers:5000", "HTTP://Mirror-1.mirror-peers:5000/",
+         "https://[fd00::7]:5443"]
+self = "http://mirror-1.mirror-peers:5000"
+resolve_interval = "30s"
+peer_timeout = "250ms"
+peer_down_for = "1m"
+""",
+    )
+    cluster = load_config({}, path).cluster
+    assert cluster == ClusterConfig(
+        peers=("http://mirror-0.mirror-peers:5000", "http://mirror-1.mirror-peers:5000",
+               "https://[fd00::7]:5443"),
+        self_url="http://mirror-1.mirror-peers:5000",
+        resolve_interval=30.0, peer_timeout=0.25, peer_down_for=60.0,
+    )  # fmt: skip
+    assert cluster.enabled and cluster.member and cluster.dns_target is None
+
+
+def test_no_cluster_by_default() -> None:
+    cluster = load_config({}).cluster
+    assert cluster == ClusterConfig() and not cluster.enabled
+    assert (cluster.peers, cluster.peers_dns, cluster.self_url, cluster.member) == (
+        (), None, None, True
+    )  # fmt: skip
+    assert (cluster.resolve_interval, cluster.peer_timeout, cluster.peer_down_for) == (
+        10.0, 1.0, 30.0
+    )  # fmt: skip
+
+
+def test_cluster_from_the_environment_as_kubernetes_sets_it() -> None:
+    """The StatefulSet's variables: a headless Service, and the pod's own IP as self."""
+    cluster = load_config({
+        "MIRROR_CLUSTER_PEERS_DNS": "mirror-peers.mirror.svc.cluster.local:5000",
+        "MIRROR_CLUSTER_SELF": "http://10.1.2.3:5000",
+    }).cluster  # fmt: skip
+    assert cluster.enabled and cluster.peers == ()
+    assert cluster.dns_target == ("mirror-peers.mirror.svc.cluster.local", 5000)
+    assert cluster.self_url == "http://10.1.2.3:5000"
+
+
+def test_a_node_tier_is_a_client_of_the_ring() -> None:
+    cluster = load_config({
+        "MIRROR_CLUSTER_PEERS_DNS": "mirror-peers.mirror.svc.cluster.local:5000",
+        "MIRROR_CLUSTER_MEMBER": "false",
+    }).cluster  # fmt: skip
+    assert cluster.enabled and not cluster.member
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("http://a:5000,http://b:5000", ("http://a:5000", "http://b:5000")),
+        (" http://a:5000 , http://b:5000/ ,", ("http://a:5000", "http://b:5000")),
+        ("http://10.0.0.1:5000", ("http://10.0.0.1:5000",)),
+        ("", ()),
+    ],
+)
+def test_peers_from_the_environment_are_comma_separated(
+    value: str, expected: tuple[str, ...]
+) -> None:
+    assert load_config({"MIRROR_CLUSTER_PEERS": value}).cluster.peers == expected
+
+
+def test_an_empty_peers_variable_clears_the_files_list(tmp_path: Path) -> None:
+    path = _toml(tmp_path, '[cluster]\npeers = ["http://a:5000"]\n')
+    assert load_config({"MIRROR_CLUSTER_PEERS": ""}, path).cluster.peers == ()
+
+
+@pytest.mark.parametrize(
+    ("environ", "says"),
+    [
+        ({"MIRROR_CLUSTER_PEERS": "mirror-0:5000"}, "expected a base URL http(s)://host:port"),
+        ({"MIRROR_CLUSTER_PEERS": "ftp://a:5000"}, "expected a base URL"),
+        ({"MIRROR_CLUSTER_PEERS": "http://a:5000/v2"}, "expected a base URL"),
+        ({"MIRROR_CLUSTER_PEERS": "http://a:5000?x=1"}, "expected a base URL"),
+        ({"MIRROR_CLUSTER_PEERS": "http://u:p@a:5000"}, "expected a base URL"),
+        ({"MIRROR_CLUSTER_PEERS": "http://a"}, "expected host:port with a port from 1"),
+        ({"MIRROR_CLUSTER_PEERS": "http://a:0"}, "expected host:port with a port from 1"),
+        ({"MIRROR_CLUSTER_PEERS": "http://a:65536"}, "expected host:port with a port from 1"),
+        ({"MIRROR_CLUSTER_PEERS": "http://a_b:5000"}, "expected a host name or address"),
+        ({"MIRROR_CLUSTER_PEERS": "http://a:5000,http://A:5000/"},
+         "each peer once, repeated: http://a:5000"),
+        ({"MIRROR_CLUSTER_PEERS_DNS": "http://mirror-peers:5000"}, "expected host:port (a DNS"),
+        ({"MIRROR_CLUSTER_PEERS_DNS": "mirror-peers"}, "expected host:port with a port"),
+        ({"MIRROR_CLUSTER_PEERS_DNS": "[::1]:5000"}, "expected a DNS name to resolve"),
+        ({"MIRROR_CLUSTER_SELF": "10.0.0.1:5000"}, "expected a base URL"),
+        ({"MIRROR_CLUSTER_SELF": "http://$(POD_IP):5000"}, "expected a host name or address"),
+        ({"MIRROR_CLUSTER_MEMBER": "perhaps"}, "expected true or false"),
+        ({"MIRROR_CLUSTER_RESOLVE_INTERVAL": "0"}, "must be more than 0"),
+        ({"MIRROR_CLUSTER_PEER_TIMEOUT": "-1s"}, "expected a duration"),
+        ({"MIRROR_CLUSTER_PEER_DOWN_FOR": "0s"}, "must be more than 0"),
+        ({"MIRROR_CLUSTER_PEER": "http://a:5000"}, "unknown setting"),
+    ],
+)  # fmt: skip
+def test_bad_cluster_values_are_named(environ: dict[str, str], says: str) -> None:
+    (variable,) = environ
+    (problem,) = _problems(environ)
+    assert problem.startswith(f"${variable}: {says}"), problem
+
+
+def test_a_peer_list_from_the_file_must_be_a_list(tmp_path: Path) -> None:
+    (problem,) = _problems({}, _toml(tmp_path, "[cluster]\npeers = 5\n"))
+    assert problem.endswith("cluster.peers: expected a list of base URLs, got 5")
+
+
+@pytest.mark.parametrize(
+    ("environ", "problems"),
+    [
+        ({"MIRROR_CLUSTER_PEERS": "http://a:5000", "MIRROR_CLUSTER_PEERS_DNS": "peers:5000"},
+         ["cluster.peers, cluster.peers_dns: set one of them, not both"]),
+        ({"MIRROR_CLUSTER_PEERS": "http://a:5000,http://b:5000",
+          "MIRROR_CLUSTER_SELF": "http://c:5000"},
+         ["cluster.self: 'http://c:5000' is not among cluster.peers; a member must be one of "
+          "the peers, or each replica would rank owners over a different set"]),
+    ],
+)  # fmt: skip
+def test_cluster_keys_that_exclude_each_other(environ: dict[str, str], problems: list[str]) -> None:
+    assert _problems(environ) == problems
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        # one spelling of a peer is as good as another
+        {"MIRROR_CLUSTER_PEERS": "http://a:5000,http://b:5000", "MIRROR_CLUSTER_SELF":
+         "HTTP://B:5000/"},
+        # a client of the ring is none of the peers
+        {"MIRROR_CLUSTER_PEERS": "http://a:5000", "MIRROR_CLUSTER_SELF": "http://c:5000",
+         "MIRROR_CLUSTER_MEMBER": "false"},
+        # with DNS, who the peers are is known only at run time
+        {"MIRROR_CLUSTER_PEERS_DNS": "peers:5000", "MIRROR_CLUSTER_SELF": "http://c:5000"},
+    ],
+)  # fmt: skip
+def test_a_self_that_fits_the_peers(environ: dict[str, str]) -> None:
+    assert load_config(environ).cluster.enabled
+
+
+def test_every_bad_s3_and_cluster_key_is_reported_together(tmp_path: Path) -> None:
+    path = _toml(
+        tmp_path,
+        """
+[s3]
+bucket = "Bad_Bucket"
+redirect_expiry = "30d"
+part_size = "1MiB"
+colour = "blue"
+
+[cluster]
+peers = ["mirror-0:5000"]
+peer_timeout = "soon"
+""",
+    )
+    problems = _problems({"MIRROR_S3_REDIRECT": "yes", "MIRROR_CLUSTER_MEMBER": "x"}, path)
+    text = "\n".join(problems)
+    for fragment in [
+        "s3.bucket: expected an S3 bucket name",
+        "s3.redirect_expiry: must be from 1s to 7d",
+        "s3.part_size: must be from 5MiB",
+        "s3.colour: unknown setting",
+        "cluster.peers: expected a base URL",
+        "cluster.peer_timeout: expected a duration",
+        "$MIRROR_CLUSTER_MEMBER: expected true or false",
+    ]:
+        assert fragment in text, fragment
+    # Not "s3.redirect: needs s3.bucket" as well: the bucket was given, only misspelt.
+    assert len(problems) == 7, problems
+
+
+def test_describe_shows_s3_and_cluster(tmp_path: Path) -> None:
+    config = load_config({
+        "MIRROR_S3_BUCKET": "mirror-cache", "MIRROR_S3_REGION": "eu-west-1",
+        "MIRROR_CLUSTER_PEERS": "http://a:5000,http://b:5000",
+    })  # fmt: skip
+    view = describe(config)
+    assert view["s3"]["bucket"] == "mirror-cache" and view["s3"]["region"] == "eu-west-1"
+    assert view["s3"]["prefix"] == "mirror/"
+    assert view["cluster"]["peers"] == ["http://a:5000", "http://b:5000"]
+    assert view["warm"]["platforms"] == ["linux/amd64"]
+    assert json.loads(json.dumps(view)) == view

@@ -13,6 +13,7 @@ import pytest
 from mirror.cli import main
 from mirror.cli.containerd import (
     fallback_origins,
+    go_duration,
     hosts_dir_candidates,
     hosts_dir_name,
     render_hosts_toml,
@@ -137,7 +138,9 @@ def test_override_path_needs_a_named_registry() -> None:
 
 def test_write_hosts_dirs(tmp_path: Path) -> None:
     origins = {**ORIGINS, "127.0.0.1:5000": "http://127.0.0.1:5000"}
-    paths = write_hosts_dirs(tmp_path, "http://mirror:5000", origins)
+    written = write_hosts_dirs(tmp_path, "http://mirror:5000", origins)
+    assert all(backup is None for _, backup in written)  # nothing was there before
+    paths = [path for path, _ in written]
     assert paths == [
         tmp_path / "docker.io" / "hosts.toml",
         tmp_path / "ghcr.io" / "hosts.toml",
@@ -285,3 +288,144 @@ def test_the_comment_names_the_real_fallback(registry: str, origin: str | None, 
     text = render_hosts_toml(registry, "http://mirror:5000", origin)
     assert says in text.splitlines()[1]
     assert ("server" in _parse(text)) is (origin is not None)
+
+
+# ---------------------------------------------------------------- dial_timeout
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(1.0, "1s"), (2, "2s"), (0.5, "500ms"), (0.25, "250ms"), (1.5, "1500ms"), (0.001, "1ms"),
+     (30.0, "30s")],
+)  # fmt: skip
+def test_go_duration(seconds: float, text: str) -> None:
+    assert go_duration(seconds) == text
+
+
+@pytest.mark.parametrize("seconds", [0.0, 0.0004, -1.0, float("inf"), float("nan")])
+def test_go_duration_refuses_what_containerd_cannot_use(seconds: float) -> None:
+    with pytest.raises(ValueError):
+        go_duration(seconds)
+
+
+def test_dial_timeout_goes_in_the_mirror_host_block() -> None:
+    text = render_hosts_toml(
+        "docker.io", "http://127.0.0.1:5001", "https://registry-1.docker.io", dial_timeout=1.0
+    )
+    doc = _parse(text)
+    assert doc["host"]["http://127.0.0.1:5001"] == {
+        "capabilities": ["pull", "resolve"], "dial_timeout": "1s"
+    }  # fmt: skip
+    assert "dial_timeout" not in doc  # the origin keeps containerd's default: it may be far
+
+
+def test_no_dial_timeout_unless_asked() -> None:
+    assert "dial_timeout" not in render_hosts_toml("docker.io", "http://mirror:5000", None)
+
+
+@pytest.mark.parametrize(("flag", "written"), [("1s", "1s"), ("500ms", "500ms"), ("2", "2s")])
+def test_dial_timeout_flag(tmp_path: Path, flag: str, written: str) -> None:
+    out = tmp_path / "certs.d"
+    argv = ["containerd-config", "--mirror", "http://127.0.0.1:5001", "--out", str(out),
+            "--registry", "docker.io", "--dial-timeout", flag]  # fmt: skip
+    assert main(argv) == 0
+    doc = _parse((out / "docker.io" / "hosts.toml").read_text())
+    assert doc["host"]["http://127.0.0.1:5001"]["dial_timeout"] == written
+
+
+@pytest.mark.parametrize("flag", ["soon", "-1s", "1h30m"])
+def test_a_bad_dial_timeout_flag_is_refused(
+    tmp_path: Path, flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["containerd-config", "--mirror", "http://m:5001", "--out", str(tmp_path / "o"),
+            "--dial-timeout", flag]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert "--dial-timeout" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_zero_dial_timeout_writes_nothing(tmp_path: Path) -> None:
+    err = io.StringIO()
+    status = run_containerd_config(
+        "http://m:5001", None, tmp_path, ORIGINS, dial_timeout=0.0, stderr=err
+    )
+    assert status == 2 and "at least 1ms" in err.getvalue()
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- backups of foreign files
+
+FOREIGN = b'server = "https://registry-1.docker.io"\n[host."https://corp-mirror"]\n  ca = "x.pem"\n'
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_a_hosts_toml_someone_else_wrote_is_kept(tmp_path: Path) -> None:
+    hub = tmp_path / "docker.io"
+    hub.mkdir()
+    (hub / "hosts.toml").write_bytes(FOREIGN)
+    (hub / "hosts.toml").chmod(0o600)
+    out = io.StringIO()
+
+    assert run_containerd_config("http://m:5001", None, tmp_path, ORIGINS, stdout=out) == 0
+
+    files = _files(tmp_path)
+    assert files["docker.io/hosts.toml.orig"] == FOREIGN
+    assert (hub / "hosts.toml.orig").stat().st_mode & 0o777 == 0o600  # as private as it was
+    assert list(_parse(files["docker.io/hosts.toml"].decode())["host"]) == ["http://m:5001"]
+    assert "ghcr.io/hosts.toml.orig" not in files  # nothing was there to keep
+    assert f"kept {hub / 'hosts.toml'} as {hub / 'hosts.toml.orig'}" in out.getvalue()
+
+
+def test_every_start_of_the_init_container_keeps_the_one_original(tmp_path: Path) -> None:
+    """Run on every pod start: our own file is replaced without a backup, and the original
+    backup is never overwritten by a copy of ours."""
+    hub = tmp_path / "docker.io"
+    hub.mkdir()
+    (hub / "hosts.toml").write_bytes(FOREIGN)
+    for mirror in ("http://m:5001", "http://m:5001", "http://other:5001"):
+        write_hosts_dirs(tmp_path, mirror, ORIGINS, dial_timeout=1.0)
+    files = _files(tmp_path)
+    assert sorted(files) == [
+        "docker.io/hosts.toml", "docker.io/hosts.toml.orig", "ghcr.io/hosts.toml"
+    ]  # fmt: skip
+    assert files["docker.io/hosts.toml.orig"] == FOREIGN
+    assert list(_parse(files["docker.io/hosts.toml"].decode())["host"]) == ["http://other:5001"]
+
+
+def test_a_second_foreign_file_gets_the_next_backup_name(tmp_path: Path) -> None:
+    hub = tmp_path / "docker.io"
+    hub.mkdir()
+    (hub / "hosts.toml").write_bytes(FOREIGN)
+    write_hosts_dirs(tmp_path, "http://m:5001", ORIGINS)
+    (hub / "hosts.toml").write_bytes(b"# the admin's second try\n" + FOREIGN)
+    (written,) = write_hosts_dirs(tmp_path, "http://m:5001", {"docker.io": ""})
+    assert written.backup == hub / "hosts.toml.orig.1"
+    assert (hub / "hosts.toml.orig").read_bytes() == FOREIGN
+    assert (hub / "hosts.toml.orig.1").read_bytes() == b"# the admin's second try\n" + FOREIGN
+
+
+def test_files_an_older_version_wrote_count_as_ours(tmp_path: Path) -> None:
+    hub = tmp_path / "docker.io"
+    hub.mkdir()
+    old = (
+        "# Written by `mirror containerd-config`. Pull through the mirror; if it cannot answer,\n"
+        '# containerd falls back to the server below.\nserver = "https://registry-1.docker.io"\n'
+    )
+    (hub / "hosts.toml").write_text(old)
+    (written,) = write_hosts_dirs(tmp_path, "http://m:5001", {"docker.io": ""})
+    assert written.backup is None
+    assert sorted(p.name for p in hub.iterdir()) == ["hosts.toml"]
+
+
+def test_bad_input_keeps_foreign_files_untouched(tmp_path: Path) -> None:
+    hub = tmp_path / "docker.io"
+    hub.mkdir()
+    (hub / "hosts.toml").write_bytes(FOREIGN)
+    with pytest.raises(ValueError):
+        write_hosts_dirs(tmp_path, "http://m:5001", {"docker.io": "", "../x": ""})
+    assert _files(tmp_path) == {"docker.io/hosts.toml": FOREIGN}

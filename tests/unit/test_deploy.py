@@ -1,36 +1,54 @@
-"""Deployment files agree with the code: the example config is exactly the documented defaults,
-the manifests parse, and the configs they embed load and line up with their pods."""
+"""Deployment files agree with the code: the example config is exactly the documented defaults;
+every Kustomize overlay renders with `kubectl kustomize`, validates offline against the
+Kubernetes schemas and yamllint, and what it renders loads as a config and lines up with the
+pods, the app and the other tier."""
 
 from __future__ import annotations
 
+import functools
+import ipaddress
+import json
+import os
 import re
+import shutil
+import subprocess
 import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import botocore.session
+import kubernetes_validate
 import pytest
+import yaml  # type: ignore[import-untyped]
+from botocore.validate import validate_parameters
+from yamllint import linter
+from yamllint.config import YamlLintConfig
 
+from mirror.app import create_app
 from mirror.cache.warm_jobs import ImageStatus, Job
-from mirror.cli import ADMIN_TOKEN_ENV
+from mirror.cli import ADMIN_TOKEN_ENV, main
 from mirror.config import DEFAULT_REGISTRIES, Config, ConfigError, known_keys, load_config
+from mirror.config.values import parse_listen
 from mirror.handlers.admin import MAX_BODY
 from mirror.oci.reference import parse_image_reference
-
-# PyYAML arrives with the test extras: moto[server] (and responses) require it.
-try:
-    import yaml  # type: ignore[import-untyped]
-except ImportError:  # pragma: no cover - then only the minimal checks below can run
-    yaml = None
 
 PROJECT = Path(__file__).resolve().parents[2]
 DEPLOY = PROJECT / "deploy"
 EXAMPLE = DEPLOY / "mirror.example.toml"
-REGIONAL = DEPLOY / "kubernetes" / "regional.yaml"
-NODE_LOCAL = DEPLOY / "kubernetes" / "node-local.yaml"
-MANIFESTS = (REGIONAL, NODE_LOCAL)
+KUBERNETES = DEPLOY / "kubernetes"
+REGIONAL, REGIONAL_S3, NODE_LOCAL = "regional", "regional-s3", "node-local"
+OVERLAYS = (REGIONAL, REGIONAL_S3, NODE_LOCAL)
+REGIONALS = (REGIONAL, REGIONAL_S3)
+LIFECYCLE = DEPLOY / "s3-lifecycle.json"
+YAMLLINT = DEPLOY / ".yamllint"
 COMPOSE = PROJECT / "docker-compose.yml"
 DOCKERFILE = PROJECT / "Dockerfile"
+# The oldest Kubernetes the manifests are for: the first where trafficDistribution accepts
+# PreferSameZone without a feature gate.
+KUBERNETES_VERSION = "1.34.0"
+# What the pod's downward API gives the variables the manifests refer to, for the checks.
+POD_IP = "10.1.2.3"
 
 CONFIG_KEY = "mirror.toml"  # the ConfigMap data key the pods mount at /etc/mirror
 UID = 10001  # the image's user (Dockerfile); the manifests must run as it
@@ -40,6 +58,7 @@ _READERS: dict[str, Callable[[Config], Any]] = {
     "default_registry": lambda c: c.default_registry,
     "server.listen": lambda c: (c.server.host, c.server.port),
     "cache.dir": lambda c: c.cache.directory,
+    "cluster.self": lambda c: c.cluster.self_url,
 }
 
 
@@ -133,88 +152,91 @@ def test_example_commented_registries_are_valid(tmp_path: Path) -> None:
     assert registries["docker.io"].is_mirror and registries["ghcr.io"].is_mirror
 
 
-# ---------------------------------------------------------------- manifests: parse
+# ---------------------------------------------------------------- overlays: render and validate
 
 
-def _split_documents(text: str) -> list[str]:
-    """Documents between `---` lines; ones holding only comments are empty, as in YAML."""
-    documents = re.split(r"^---[ \t]*$", text, flags=re.MULTILINE)
-    return [d for d in documents if re.search(r"^[ \t]*[^#\s]", d, re.MULTILINE)]
+@functools.cache
+def rendered(overlay: str) -> str:
+    """`kubectl kustomize` of one overlay, as `kubectl apply -k` would send it."""
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl is needed to render deploy/kubernetes (.ci/run installs it)"
+    result = subprocess.run(
+        [kubectl, "kustomize", str(KUBERNETES / "overlays" / overlay)],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    # A deprecation warning today is a rendering failure in some later kustomize.
+    assert result.stderr == "", result.stderr
+    return result.stdout
 
 
-@pytest.mark.parametrize("path", [*MANIFESTS, COMPOSE], ids=lambda p: p.name)
-def test_yaml_parses(path: Path) -> None:
-    text = path.read_text()
-    if yaml is None:
-        # Minimal check without PyYAML: separated documents, each a Kubernetes object.
-        if path != COMPOSE:
-            for document in _split_documents(text):
-                assert re.search(r"^kind: \w+$", document, re.MULTILINE), document[:200]
-        return
-    documents = [d for d in yaml.safe_load_all(text) if d is not None]
-    assert documents
-    if path == COMPOSE:
-        return
-    for d in documents:
-        assert d.get("apiVersion") and d.get("kind") and d["metadata"].get("name"), d
+def documents(overlay: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(rendered(overlay)) if d is not None]
 
 
-def _documents(path: Path) -> list[dict[str, Any]]:
-    if yaml is None:
-        pytest.fail("PyYAML is needed to check the manifests' contents (pip install '.[test]')")
-    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
-
-
-def _one(path: Path, kind: str) -> dict[str, Any]:
-    (found,) = [d for d in _documents(path) if d["kind"] == kind]
+def one(overlay: str, kind: str, name: str | None = None) -> dict[str, Any]:
+    (found,) = [
+        d for d in documents(overlay) if d["kind"] == kind and name in (None, d["metadata"]["name"])
+    ]
     return found
 
 
-def _configmap_toml(path: Path) -> str:
-    """The embedded mirror.toml; a plain-text read of the block scalar without PyYAML."""
-    if yaml is not None:
-        return str(_one(path, "ConfigMap")["data"][CONFIG_KEY])
-    text = path.read_text()
-    match = re.search(rf"^(\s*){re.escape(CONFIG_KEY)}: \|\n((?:\1\s+.*\n|\s*\n)+)", text, re.M)
-    assert match, f"no {CONFIG_KEY} block in {path}"
-    body = match.group(2).splitlines()
-    indent = min(len(line) - len(line.lstrip()) for line in body if line.strip())
-    return "\n".join(line[indent:] for line in body) + "\n"
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rendered_objects_are_valid_kubernetes(overlay: str) -> None:
+    """Offline, against the API schemas: strict, so a misspelt or misplaced field fails."""
+    docs = documents(overlay)
+    assert docs
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
 
 
-def _load_embedded(path: Path, tmp_path: Path) -> Config:
-    toml = tmp_path / f"{path.stem}.toml"
-    toml.write_text(_configmap_toml(path))
-    return load_config({}, toml)
+def test_schema_validation_catches_a_misspelt_field() -> None:
+    service = one(REGIONAL, "Service", "mirror")
+    broken = {**service, "spec": {**service["spec"], "trafficDistributon": "PreferSameZone"}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
 
 
-@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
-def test_configmap_toml_loads(path: Path, tmp_path: Path) -> None:
-    config = _load_embedded(path, tmp_path)
-    assert set(config.registries) == set(DEFAULT_REGISTRIES)
-    assert config.cache.max_size > 0  # a cache on a fixed-size volume needs a cap
+def _lint(text: str, name: str) -> list[str]:
+    config = YamlLintConfig(file=str(YAMLLINT))
+    return [f"{name}:{p.line}: {p.message}" for p in linter.run(text, config, name)]
 
 
-# ---------------------------------------------------------------- manifests: contents
+def test_yamllint_passes_on_the_sources() -> None:
+    sources = sorted(KUBERNETES.rglob("*.yaml"))
+    assert len(sources) >= 10
+    assert [line for path in sources for line in _lint(path.read_text(), str(path))] == []
 
 
-def _workload(path: Path) -> dict[str, Any]:
-    (found,) = [d for d in _documents(path) if d["kind"] in ("StatefulSet", "DaemonSet")]
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_yamllint_passes_on_what_is_applied(overlay: str) -> None:
+    assert _lint(rendered(overlay), overlay) == []
+
+
+def test_yamllint_config_is_in_force() -> None:
+    assert _lint("a: yes\nb: [1,2]\n", "probe")  # a truthy and bad spacing: both refused
+
+
+# ---------------------------------------------------------------- overlays: the objects
+
+
+def _workload(overlay: str) -> dict[str, Any]:
+    (found,) = [d for d in documents(overlay) if d["kind"] in ("StatefulSet", "DaemonSet")]
     return found
 
 
-def _pod(path: Path) -> dict[str, Any]:
-    return dict(_workload(path)["spec"]["template"]["spec"])
+def _pod(overlay: str) -> dict[str, Any]:
+    return dict(_workload(overlay)["spec"]["template"]["spec"])
 
 
-def _containers(path: Path) -> Iterator[dict[str, Any]]:
-    pod = _pod(path)
+def _containers(overlay: str) -> Iterator[dict[str, Any]]:
+    pod = _pod(overlay)
     yield from pod.get("initContainers", [])
     yield from pod["containers"]
 
 
-def _mirror_container(path: Path) -> dict[str, Any]:
-    (found,) = [c for c in _pod(path)["containers"] if c["name"] == "mirror"]
+def _mirror_container(overlay: str) -> dict[str, Any]:
+    (found,) = [c for c in _pod(overlay)["containers"] if c["name"] == "mirror"]
     return dict(found)
 
 
@@ -223,29 +245,77 @@ def _port(container: dict[str, Any], name: str) -> int:
     return int(found)
 
 
-@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
-def test_objects_live_in_the_files_namespace(path: Path) -> None:
-    namespace = _one(path, "Namespace")["metadata"]["name"]
-    for d in _documents(path):
+def _configmap_toml(overlay: str) -> str:
+    return str(one(overlay, "ConfigMap")["data"][CONFIG_KEY])
+
+
+def _env(overlay: str, container: dict[str, Any]) -> dict[str, str]:
+    """The container's variables as the pod sees them: downward-API values filled in and
+    $(VAR) references expanded, each only from variables defined before it, as Kubernetes
+    does (a reference to a later one stays literal, and then the mirror refuses it)."""
+    namespace = _workload(overlay)["metadata"]["namespace"]
+    downward = {"status.podIP": POD_IP, "metadata.namespace": namespace}
+    env: dict[str, str] = {}
+    for entry in container.get("env", []):
+        if "valueFrom" in entry:
+            env[entry["name"]] = downward[entry["valueFrom"]["fieldRef"]["fieldPath"]]
+        else:
+            value = str(entry["value"])
+            env[entry["name"]] = re.sub(
+                r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m[1], m[0]), value
+            )
+    return env
+
+
+def _config(overlay: str, tmp_path: Path) -> Config:
+    """What the mirror container loads: the mounted file and its environment."""
+    toml = tmp_path / f"{overlay}.toml"
+    toml.write_text(_configmap_toml(overlay))
+    return load_config(_env(overlay, _mirror_container(overlay)), toml)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_pods_config_loads(overlay: str, tmp_path: Path) -> None:
+    config = _config(overlay, tmp_path)
+    assert set(config.registries) == set(DEFAULT_REGISTRIES)
+    assert config.cache.max_size > 0  # a cache on a fixed-size volume needs a cap
+    assert config.cluster.enabled
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_objects_share_the_overlays_namespace(overlay: str) -> None:
+    (namespace,) = [d["metadata"]["name"] for d in documents(overlay) if d["kind"] == "Namespace"]
+    for d in documents(overlay):
         if d["kind"] != "Namespace":
             assert d["metadata"]["namespace"] == namespace, d["metadata"]
 
 
-@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
-def test_pod_environment_is_accepted(path: Path) -> None:
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pod_environment_is_accepted(overlay: str) -> None:
     """The mirror refuses unknown MIRROR_* variables, and Kubernetes injects MIRROR_SERVICE_HOST
     and friends for Services named mirror*: service links must be off, and every variable the
-    manifests set must be a setting."""
-    assert _pod(path)["enableServiceLinks"] is False
-    for container in _containers(path):
-        env = {e["name"]: str(e.get("value", "x")) for e in container.get("env", [])}
+    manifests set must be a setting, with its value as the pod will see it."""
+    assert _pod(overlay)["enableServiceLinks"] is False
+    for container in _containers(overlay):
+        env = _env(overlay, container)
+        assert "$(" not in "".join(env.values()), env  # every reference was defined before
+        assert {n for n in env if n.startswith("MIRROR_")} <= {
+            f"MIRROR_{key.replace('.', '_').upper()}" for key in known_keys()
+        }
         load_config(env)
 
 
-@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
-def test_pod_matches_its_config(path: Path, tmp_path: Path) -> None:
-    config = _load_embedded(path, tmp_path)
-    pod, container = _pod(path), _mirror_container(path)
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_one_image_everywhere(overlay: str) -> None:
+    """Every container runs the placeholder image the overlay names, never the bare name the
+    sources use for kustomize's images transformer."""
+    assert {c["image"] for c in _containers(overlay)} == {"registry.example.com/mirror:0.1.0"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pod_matches_its_config(overlay: str, tmp_path: Path) -> None:
+    config = _config(overlay, tmp_path)
+    pod, container = _pod(overlay), _mirror_container(overlay)
     assert container["args"] == ["serve", "--config", f"/etc/mirror/{CONFIG_KEY}"]
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert mounts["config"] == "/etc/mirror"
@@ -253,19 +323,44 @@ def test_pod_matches_its_config(path: Path, tmp_path: Path) -> None:
     assert _port(container, "http") == config.server.port
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
-    annotations = _workload(path)["spec"]["template"]["metadata"]["annotations"]
+    assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    annotations = _workload(overlay)["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     assert annotations["prometheus.io/port"] == str(config.server.port)
     assert annotations["prometheus.io/path"] == "/metrics"
     assert pod["terminationGracePeriodSeconds"] > 5  # aiohttp's shutdown_timeout
-    configmap = _one(path, "ConfigMap")["metadata"]["name"]
+    configmap = one(overlay, "ConfigMap")["metadata"]["name"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["config"]["configMap"]["name"] == configmap
 
 
-@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
-def test_mirror_runs_as_the_image_user_on_a_read_only_root(path: Path) -> None:
-    pod, container = _pod(path), _mirror_container(path)
+def test_probe_and_scrape_paths_are_served_by_the_app(tmp_path: Path) -> None:
+    paths = {"/metrics"}
+    for overlay in OVERLAYS:
+        container = _mirror_container(overlay)
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            paths.add(container[probe]["httpGet"]["path"])
+    app = create_app(load_config({"MIRROR_CACHE_DIR": str(tmp_path)}))
+    served = {r.resource.canonical for r in app.router.routes() if r.method == "GET" and r.resource}
+    assert paths == {"/healthz", "/readyz", "/metrics"} and paths <= served
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_admin_api_stays_off_the_pod_network(overlay: str) -> None:
+    """`kubectl exec <pod> -- mirror warm` reaches the admin listener on the pod's loopback;
+    the pod declares no port for it, and its config never moves it off loopback."""
+    assert [p["name"] for p in _mirror_container(overlay)["ports"]] == ["http"]
+    server = tomllib.loads(_configmap_toml(overlay)).get("server", {})
+    if "admin_listen" in server:
+        host, _ = parse_listen(server["admin_listen"])
+        assert ipaddress.ip_address(host).is_loopback
+    env = _env(overlay, _mirror_container(overlay))
+    assert "MIRROR_SERVER_ADMIN_LISTEN" not in env
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_mirror_runs_as_the_image_user_on_a_read_only_root(overlay: str) -> None:
+    pod, container = _pod(overlay), _mirror_container(overlay)
     context = {**pod.get("securityContext", {}), **container.get("securityContext", {})}
     assert context["runAsNonRoot"] is True
     assert context["runAsUser"] == UID
@@ -274,49 +369,200 @@ def test_mirror_runs_as_the_image_user_on_a_read_only_root(path: Path) -> None:
     assert context["capabilities"]["drop"] == ["ALL"]
 
 
-def test_regional_statefulset() -> None:
-    statefulset = _workload(REGIONAL)
+# ---------------------------------------------------------------- the regional tier
+
+
+def _selects(selector: dict[str, Any], overlay: str) -> bool:
+    labels = _workload(overlay)["spec"]["template"]["metadata"]["labels"]
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+@pytest.mark.parametrize("overlay", REGIONALS)
+def test_regional_statefulset(overlay: str) -> None:
+    statefulset = _workload(overlay)
     assert statefulset["kind"] == "StatefulSet"
     (claim,) = statefulset["spec"]["volumeClaimTemplates"]
     assert claim["metadata"]["name"] == "cache"
     assert claim["spec"]["storageClassName"] == "local-nvme"
-    headless = [d for d in _documents(REGIONAL) if d["kind"] == "Service"]
-    assert statefulset["spec"]["serviceName"] in {s["metadata"]["name"] for s in headless}
-    pod = _pod(REGIONAL)
+    assert statefulset["spec"]["serviceName"] == "mirror-peers"
+    pod = _pod(overlay)
     assert pod["securityContext"]["fsGroup"] == UID  # makes the claimed volume writable
-    resources = _mirror_container(REGIONAL)["resources"]
+    resources = _mirror_container(overlay)["resources"]
     assert resources["requests"] == {"cpu": "2", "memory": "1Gi"}
     assert resources["limits"] == {"cpu": "2", "memory": "1Gi"}
+    # Draining outlasts the preStop sleep (endpoints, DNS and the peers' re-resolve) plus
+    # aiohttp's 5 s for running requests.
+    (sleep,) = [
+        int(arg) for arg in _mirror_container(overlay)["lifecycle"]["preStop"]["exec"]["command"]
+        if arg.isdigit()
+    ]  # fmt: skip
+    assert sleep >= 10 + 5  # resolve_interval + CoreDNS's TTL
+    assert pod["terminationGracePeriodSeconds"] >= sleep + 5 + 10
 
 
-def _regional_service() -> tuple[str, int]:
-    """`name.namespace` and port of the ClusterIP Service the nodes use."""
+@pytest.mark.parametrize("overlay", REGIONALS)
+def test_replicas_spread_across_zones_and_hosts(overlay: str) -> None:
+    constraints = {c["topologyKey"]: c for c in _pod(overlay)["topologySpreadConstraints"]}
+    assert set(constraints) == {"topology.kubernetes.io/zone", "kubernetes.io/hostname"}
+    for constraint in constraints.values():
+        assert constraint["maxSkew"] == 1
+        assert _selects(constraint["labelSelector"]["matchLabels"], overlay)
+    budget = one(overlay, "PodDisruptionBudget")
+    assert budget["spec"]["maxUnavailable"] == 1
+    assert _selects(budget["spec"]["selector"]["matchLabels"], overlay)
+
+
+def _client_service(overlay: str = REGIONAL) -> dict[str, Any]:
     (service,) = [
         d
-        for d in _documents(REGIONAL)
+        for d in documents(overlay)
         if d["kind"] == "Service" and d["spec"].get("clusterIP") != "None"
     ]
-    assert service["spec"]["type"] == "ClusterIP"
+    return service
+
+
+def _service_address(service: dict[str, Any]) -> tuple[str, int]:
+    """`name.namespace.svc.cluster.local` and port of a Service."""
     (port,) = service["spec"]["ports"]
     assert port["targetPort"] == "http"
     meta = service["metadata"]
-    return f"{meta['name']}.{meta['namespace']}", int(port["port"])
+    return f"{meta['name']}.{meta['namespace']}.svc.cluster.local", int(port["port"])
 
 
-def test_regional_service_port_is_the_mirror_port(tmp_path: Path) -> None:
-    _, port = _regional_service()
-    assert port == _load_embedded(REGIONAL, tmp_path).server.port == 5000
+@pytest.mark.parametrize("overlay", REGIONALS)
+def test_the_client_service(overlay: str, tmp_path: Path) -> None:
+    service = _client_service(overlay)
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["trafficDistribution"] == "PreferSameZone"
+    # The replicas are one cache: pinning a node to one replica would only skew the load.
+    assert service["spec"].get("sessionAffinity", "None") == "None"
+    assert _selects(service["spec"]["selector"], overlay)
+    assert _service_address(service)[1] == _config(overlay, tmp_path).server.port == 5000
+
+
+@pytest.mark.parametrize("overlay", REGIONALS)
+def test_the_ring_is_the_ready_pods_of_the_headless_service(overlay: str, tmp_path: Path) -> None:
+    peers = one(overlay, "Service", "mirror-peers")
+    assert peers["spec"]["clusterIP"] == "None"
+    assert peers["spec"]["publishNotReadyAddresses"] is False
+    assert _selects(peers["spec"]["selector"], overlay)
+    cluster = _config(overlay, tmp_path).cluster
+    assert cluster.member and cluster.peers == ()
+    assert cluster.dns_target == _service_address(peers)
+    # self is what a peer finds in that DNS answer: the pod IP, on the mirror's port
+    assert cluster.self_url == f"http://{POD_IP}:{_port(_mirror_container(overlay), 'http')}"
+
+
+def test_the_ring_follows_the_namespace_an_overlay_picks(tmp_path: Path) -> None:
+    """An overlay of one's own that renames the namespace needs no other change."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    regional = KUBERNETES / "overlays" / REGIONAL
+    (mine / "kustomization.yaml").write_text(
+        f"namespace: registry-cache\nresources:\n  - {Path(os.path.relpath(regional, mine))}\n"
+    )
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(mine)], capture_output=True, text=True, check=True
+    ).stdout
+    statefulset = next(d for d in yaml.safe_load_all(out) if d and d["kind"] == "StatefulSet")
+    assert statefulset["metadata"]["namespace"] == "registry-cache"
+    (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert env["MIRROR_CLUSTER_PEERS_DNS"]["value"].startswith("mirror-peers.$(POD_NAMESPACE).")
+
+
+# ---------------------------------------------------------------- the S3 level
+
+
+def test_regional_s3_is_regional_plus_the_s3_level() -> None:
+    def names(overlay: str) -> set[tuple[str, str]]:
+        return {(d["kind"], d["metadata"]["name"]) for d in documents(overlay)}
+
+    assert names(REGIONAL_S3) - names(REGIONAL) == {("ServiceAccount", "mirror")}
+    assert names(REGIONAL) <= names(REGIONAL_S3)
+
+
+def test_regional_s3_pods_use_the_irsa_service_account(tmp_path: Path) -> None:
+    account = one(REGIONAL_S3, "ServiceAccount")
+    role = account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+    assert re.fullmatch(r"arn:aws:iam::[0-9]{12}:role/[\w+=,.@/-]+", role), role
+    pod = _pod(REGIONAL_S3)
+    assert pod["serviceAccountName"] == account["metadata"]["name"]
+    assert pod["automountServiceAccountToken"] is True  # the webhook's token mount needs it
+    assert _pod(REGIONAL)["automountServiceAccountToken"] is False
+    s3 = _config(REGIONAL_S3, tmp_path).s3
+    assert s3.enabled and s3.region and not s3.redirect
+    assert not _config(REGIONAL, tmp_path).s3.enabled
+
+
+def _lifecycle_rule() -> dict[str, Any]:
+    (rule,) = json.loads(LIFECYCLE.read_text())["Rules"]
+    return dict(rule)
+
+
+def test_the_lifecycle_rule_is_what_s3_accepts() -> None:
+    """Checked against botocore's own model of put-bucket-lifecycle-configuration."""
+    operation = (
+        botocore.session.get_session()
+        .get_service_model("s3")
+        .operation_model("PutBucketLifecycleConfiguration")
+    )
+    configuration = json.loads(LIFECYCLE.read_text())
+    validate_parameters(
+        {"Bucket": "mirror-cache-eu-west-1", "LifecycleConfiguration": configuration},
+        operation.input_shape,
+    )
+    rule = _lifecycle_rule()
+    assert rule["Status"] == "Enabled"
+    assert rule["Expiration"]["Days"] >= 1
+    assert rule["AbortIncompleteMultipartUpload"] == {"DaysAfterInitiation": 1}
+
+
+def test_the_lifecycle_rule_covers_the_keys_the_mirror_writes(tmp_path: Path) -> None:
+    s3 = _config(REGIONAL_S3, tmp_path).s3
+    assert s3.key("0" * 64).startswith(_lifecycle_rule()["Filter"]["Prefix"])
+    assert _lifecycle_rule()["Filter"]["Prefix"] == s3.prefix
+
+
+def test_the_readme_iam_policy_fits_the_s3_overlay(tmp_path: Path) -> None:
+    section = _readme_section("S3 level")
+    policy = json.loads(section.split("```json\n", 1)[1].split("\n```", 1)[0])
+    s3 = _config(REGIONAL_S3, tmp_path).s3
+    allowed: dict[str, set[str]] = {}
+    for statement in policy["Statement"]:
+        assert statement["Effect"] == "Allow"
+        actions = statement["Action"]
+        for action in [actions] if isinstance(actions, str) else actions:
+            allowed.setdefault(action, set()).add(statement["Resource"])
+    objects = f"arn:aws:s3:::{s3.bucket}/{s3.prefix}*"
+    assert allowed == {
+        "s3:GetObject": {objects},
+        "s3:PutObject": {objects},
+        "s3:AbortMultipartUpload": {objects},
+        "s3:ListBucket": {f"arn:aws:s3:::{s3.bucket}"},
+    }
+    assert "gateway endpoint" in section  # when to turn redirects on
+
+
+# ---------------------------------------------------------------- the node tier
 
 
 def test_node_tier_chains_to_the_regional_service(tmp_path: Path) -> None:
-    host, port = _regional_service()
-    node = _load_embedded(NODE_LOCAL, tmp_path)
-    regional = _load_embedded(REGIONAL, tmp_path)
+    host, port = _service_address(_client_service())
+    node = _config(NODE_LOCAL, tmp_path)
+    regional = _config(REGIONAL, tmp_path)
     assert set(node.registries) == set(regional.registries)
     for registry in node.registries.values():
         assert registry.is_mirror
-        assert registry.url == f"http://{host}.svc.cluster.local:{port}"
+        assert registry.url == f"http://{host}:{port}"
     assert node.default_registry == regional.default_registry
+
+
+def test_node_tier_asks_the_regional_owners_as_a_client(tmp_path: Path) -> None:
+    cluster = _config(NODE_LOCAL, tmp_path).cluster
+    assert cluster.member is False
+    assert cluster.dns_target == _service_address(one(REGIONAL, "Service", "mirror-peers"))
 
 
 def test_node_tier_network_and_cache() -> None:
@@ -331,21 +577,35 @@ def test_node_tier_network_and_cache() -> None:
     }
 
 
-def test_node_tier_writes_containerd_hosts_files(tmp_path: Path) -> None:
-    node = _load_embedded(NODE_LOCAL, tmp_path)
+def _init_argv() -> list[str]:
     (init,) = [c for c in _pod(NODE_LOCAL)["initContainers"] if c["name"] == "containerd-config"]
-    argv = init["command"] + init.get("args", [])
-    assert argv[:2] == ["mirror", "containerd-config"]
-    options = dict(zip(argv[2::2], argv[3::2], strict=True))
-    assert options == {
-        "--mirror": f"http://127.0.0.1:{node.server.port}",
-        "--out": "/host/etc/containerd/certs.d",
-        "--config": f"/etc/mirror/{CONFIG_KEY}",
-    }
     mounts = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}
     assert mounts == {"containerd-certs": "/host/etc/containerd/certs.d", "config": "/etc/mirror"}
-    # The node's containerd must read those files: the manifest documents config_path.
-    text = NODE_LOCAL.read_text()
+    return [*init["command"], *init.get("args", [])]
+
+
+def test_node_tier_writes_containerd_hosts_files(tmp_path: Path) -> None:
+    """The init container's own command line, run against stand-ins for its two mounts: a
+    node with the image's own docker.io hosts.toml, and the rendered config file."""
+    node = _config(NODE_LOCAL, tmp_path)
+    argv = _init_argv()
+    assert argv[:2] == ["mirror", "containerd-config"]
+    certs, config = tmp_path / "certs.d", tmp_path / CONFIG_KEY
+    config.write_text(_configmap_toml(NODE_LOCAL))
+    (certs / "docker.io").mkdir(parents=True)
+    (certs / "docker.io" / "hosts.toml").write_text('server = "https://registry-1.docker.io"\n')
+    mounted = {"/host/etc/containerd/certs.d": str(certs), f"/etc/mirror/{CONFIG_KEY}": str(config)}
+    assert main([mounted.get(arg, arg) for arg in argv[1:]]) == 0
+
+    local = f"http://127.0.0.1:{node.server.port}"
+    for registry in node.registries:
+        doc = tomllib.loads((certs / registry / "hosts.toml").read_text())
+        assert list(doc["host"]) == [local]
+        assert doc["host"][local]["dial_timeout"] == "1s"  # a dead node mirror costs 1 s
+        assert doc["server"] == DEFAULT_REGISTRIES[registry]  # the origin, not the chain
+    assert (certs / "docker.io" / "hosts.toml.orig").exists()  # the node's own file, kept
+    # The node's containerd must read those files: the overlay documents config_path.
+    text = (KUBERNETES / "overlays" / NODE_LOCAL / "kustomization.yaml").read_text()
     assert '#   [plugins."io.containerd.grpc.v1.cri".registry]' in text
     assert '#     config_path = "/etc/containerd/certs.d"' in text
 
@@ -354,8 +614,6 @@ def test_node_tier_writes_containerd_hosts_files(tmp_path: Path) -> None:
 
 
 def test_compose_service() -> None:
-    if yaml is None:
-        pytest.fail("PyYAML is needed to check docker-compose.yml (pip install '.[test]')")
     service = yaml.safe_load(COMPOSE.read_text())["services"]["mirror"]
     assert service["build"] == "."
     assert service["ports"] == ["5000:5000"]
