@@ -24,6 +24,8 @@ from mirror.cache.blobs import BlobService
 from mirror.cache.janitor import CacheJanitor
 from mirror.cache.manifests import ManifestService
 from mirror.cache.ranged import FetchPlan
+from mirror.cache.second import SecondLevel
+from mirror.cache.uploads import Uploader
 from mirror.config import Config, describe
 from mirror.handlers import ops, registry
 from mirror.handlers.admin import add_admin_routes
@@ -34,9 +36,11 @@ from mirror.keys import (
     janitor_key,
     manifests_key,
     metrics_key,
+    second_key,
     sendfile_pool_key,
     session_key,
     store_key,
+    uploads_key,
     upstream_key,
 )
 from mirror.metrics import Metrics
@@ -90,6 +94,8 @@ def create_app(config: Config, deps: Deps | None = None) -> web.Application:
     app.cleanup_ctx.append(lambda app: _credentials(app, deps.aws_session))
     app.cleanup_ctx.append(lambda app: _upstream(app, deps))
     app.cleanup_ctx.append(lambda app: _janitor(app, layout, deps))
+    if config.s3.enabled:
+        app.cleanup_ctx.append(lambda app: _s3(app, deps))
     app.cleanup_ctx.append(lambda app: _blobs(app, deps))
     app.cleanup_ctx.append(lambda app: _manifests(app, deps))
     app.cleanup_ctx.append(_sendfile_pool)
@@ -171,6 +177,48 @@ async def _janitor(app: web.Application, layout: Layout, deps: Deps) -> AsyncIte
         await janitor.close()
 
 
+async def _s3(app: web.Application, deps: Deps) -> AsyncIterator[None]:
+    """The region's bucket: its client (made at the first call, credentials from the standard
+    chain as ECR's are), its breaker, and the uploader that copies blobs into it."""
+    # Imported here: aiobotocore costs a few hundred ms to import, paid only with an S3 level.
+    from aiobotocore.config import AioConfig
+    from aiobotocore.session import get_session
+
+    from mirror.aws import LazyClient
+    from mirror.storage.s3 import S3Settings, S3Store
+
+    config, metrics = app[config_key], app[metrics_key]
+    s3, up = config.s3, config.upstream
+    assert s3.bucket is not None and s3.region is not None
+    aio_config = AioConfig(
+        connect_timeout=up.connect_timeout,
+        read_timeout=up.read_timeout,
+        retries={"total_max_attempts": 1},  # fills and uploads own their retries
+    )
+    client = LazyClient(
+        deps.aws_session or get_session(), "s3", s3.region, s3.endpoint_url, aio_config
+    )
+    store = S3Store(
+        client,
+        S3Settings(s3.bucket, s3.prefix, s3.multipart_threshold, s3.part_size),
+        lambda operation, result: metrics.s3_requests.labels(operation, result).inc(),
+    )
+    breaker = CircuitBreaker(up.breaker_failures, up.breaker_cooldown, deps.clock)
+    second = SecondLevel(store, breaker, s3, metrics, deps.clock)
+    metrics.watch_s3(second.is_open)
+    uploads = Uploader(
+        app[store_key], store, s3, RetryPolicy.of(up), metrics, second.seen, deps.sleep
+    )
+    uploads.start()
+    app[second_key], app[uploads_key] = second, uploads
+    try:
+        yield
+    finally:
+        await uploads.close()
+        await second.close()
+        await client.close()
+
+
 async def _blobs(app: web.Application, deps: Deps) -> AsyncIterator[None]:
     up = app[config_key].upstream
     blobs = BlobService(
@@ -184,6 +232,8 @@ async def _blobs(app: web.Application, deps: Deps) -> AsyncIterator[None]:
         app[janitor_key],
         deps.clock,
         deps.sleep,
+        app.get(second_key),
+        app.get(uploads_key),
     )
     app[blobs_key] = blobs
     try:
@@ -200,6 +250,7 @@ async def _manifests(app: web.Application, deps: Deps) -> AsyncIterator[None]:
         app[metrics_key],
         app[janitor_key],
         deps.wall_clock,
+        app.get(second_key),
     )
     app[manifests_key] = manifests
     try:

@@ -10,6 +10,8 @@ from aiohttp import web
 from mirror.cache.blobs import BlobService
 from mirror.cache.janitor import CacheJanitor
 from mirror.cache.manifests import ManifestService
+from mirror.cache.second import SecondLevel
+from mirror.cache.uploads import Uploader
 from mirror.cache.warming import WarmService
 from mirror.config import Config
 from mirror.metrics import Metrics
@@ -31,6 +33,9 @@ credentials_key = web.AppKey("credentials", CredentialSource)
 # Threads that run sendfile for cached blobs (one per transfer in progress).
 sendfile_pool_key = web.AppKey("sendfile_pool", ThreadPoolExecutor)
 warm_key = web.AppKey("warm", WarmService)
+# The region's bucket (only when [s3] names one) and what copies blobs into it.
+second_key = web.AppKey("second", SecondLevel)
+uploads_key = web.AppKey("uploads", Uploader)
 
 # Per-request notes the handlers leave for the middleware's access line and metrics.
 request_id_key = web.RequestKey("mirror.request_id", str)

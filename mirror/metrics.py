@@ -15,7 +15,10 @@ REQUEST_KINDS: tuple[str, ...] = ("manifest", "blob", "tags", "other")
 REQUEST_RESULTS: tuple[str, ...] = (
     "hit", "miss", "coalesced", "stale", "revalidated", "not_found", "error",
 )  # fmt: skip
-SERVED_SOURCES: tuple[str, ...] = ("disk", "origin")
+# disk: the local cache; s3: a fill from the region's bucket; peer: from the replica that owns
+# the digest; origin: from the registry; redirect: sent to the bucket by a presigned URL.
+SERVED_SOURCES: tuple[str, ...] = ("disk", "s3", "peer", "origin", "redirect")
+S3_UPLOAD_RESULTS: tuple[str, ...] = ("queued", "done", "failed", "skipped", "dropped")
 
 # One histogram covers a cached tag HEAD (well under a millisecond) and a cold multi-GB blob
 # (minutes), so the buckets are roughly logarithmic from 0.5 ms to 10 min.
@@ -142,6 +145,22 @@ class Metrics:
         self.downloads_in_flight = Gauge(
             "mirror_downloads_in_flight", "Upstream downloads currently running.", registry=r
         )
+        self.s3_requests = Counter(
+            "mirror_s3_requests_total",
+            "Calls to the S3 level by operation and how they ended (ok, missing, lost_race, "
+            "error).",
+            ["operation", "result"],
+            registry=r,
+        )
+        self.s3_uploads = Counter(
+            "mirror_s3_uploads_total",
+            "Background copies of blobs to the S3 level, by outcome.",
+            ["result"],
+            registry=r,
+        )
+        self.s3_breaker_open = Gauge(
+            "mirror_s3_breaker_open", "1 while the S3 level's circuit breaker is open.", registry=r
+        )
         self.warm_jobs = Counter(
             "mirror_warm_jobs_total",
             "Warm jobs by the state they reached.",
@@ -184,6 +203,12 @@ class Metrics:
         alone (its cooldown runs out), with no event that could update a stored value."""
         for name in names:
             self.breaker_open.labels(registry=name).set_function(partial(_as_float, is_open, name))
+
+    def watch_s3(self, is_open: Callable[[], bool]) -> None:
+        """The S3 level's breaker, read at scrape time (it closes by the clock alone)."""
+        self.s3_breaker_open.set_function(lambda: 1.0 if is_open() else 0.0)
+        for result in S3_UPLOAD_RESULTS:
+            self.s3_uploads.labels(result)
 
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """The exposition body and its Content-Type; OpenMetrics when `accept` asks for it."""

@@ -7,12 +7,15 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from mirror.cache.body import BlobBody, CachedBody, LiveBody
+from mirror.cache.body import BlobBody, CachedBody, LiveBody, Redirect
 from mirror.cache.download import BlobDownload
 from mirror.cache.errors import EXPECTED, to_registry_error
 from mirror.cache.janitor import CacheJanitor
 from mirror.cache.ranged import FetchPlan
+from mirror.cache.second import NAME, SecondLevel
+from mirror.cache.sources import SourceChain
 from mirror.cache.transfer import DigestMismatch, DownloadFailed, State
+from mirror.cache.uploads import Uploader
 from mirror.coalesce import InFlight, SingleFlight
 from mirror.metrics import Metrics
 from mirror.oci.digest import Digest
@@ -42,8 +45,14 @@ class BlobService:
         janitor: CacheJanitor,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        second: SecondLevel | None = None,
+        uploads: Uploader | None = None,
     ) -> None:
+        """`second`: the region's bucket, asked before the origin; `uploads`: what copies
+        blobs fetched from elsewhere into it."""
         self._store = store
+        self._second = second
+        self._uploads = uploads
         self._origin = origin
         self._plan = plan
         self._retry = retry
@@ -76,13 +85,21 @@ class BlobService:
         self._janitor.accessed(digest)
         return CachedBody(blob, self._janitor.pinned(digest))
 
-    async def open(self, registry: str, name: str, digest: Digest, rejoin: bool = True) -> BlobBody:
-        """The body of a blob: from disk, or following its fill (started if need be).
+    async def open(
+        self, registry: str, name: str, digest: Digest, rejoin: bool = True
+    ) -> BlobBody | Redirect:
+        """The body of a blob: from disk, or following its fill (started if need be); or,
+        with redirects on, a presigned URL of the bucket's copy when it is known to be there.
 
         Fills are shared by digest across repositories (a base layer is one download for
         every image built on it). One started for a repository that lacks the blob, or that
         the mirror may not read, fails for that reason only: a caller that joined it from
         another repository then tries once with its own."""
+        if self._second is not None and self._second.redirects:
+            found = await self._second.redirect(digest)
+            if found is not None:
+                self._janitor.accessed(digest)
+                return Redirect(*found)
         for _ in range(3):  # a fill that ends as we join is cached now: look again
             try:
                 hit = await self._cached(digest)
@@ -108,7 +125,7 @@ class BlobService:
             except BaseException:
                 follower.close()
                 raise
-            return LiveBody(follower, size, result, "origin")
+            return LiveBody(follower, size, result, download.source.current)
         raise RegistryError(ErrorCode.UNAVAILABLE, "the blob's fill kept ending; try again")
 
     async def size(self, registry: str, name: str, digest: Digest) -> tuple[int, str]:
@@ -124,6 +141,10 @@ class BlobService:
                 except DownloadFailed as exc:
                     if not _theirs_alone(download, registry, name, exc):
                         raise
+            if self._second is not None:
+                size = await self._second.has(digest)
+                if size is not None:
+                    return size, "hit"
             size, shared = await self._heads.do(
                 (registry, name, digest.hex), lambda: self._origin.size(registry, name, digest)
             )
@@ -158,7 +179,7 @@ class BlobService:
         if download is not None:  # a finished one is gone already: _finished runs synchronously
             return download, "coalesced"
         download = BlobDownload(
-            digest, registry, name, self._origin.source(registry, name, digest), self._store,
+            digest, registry, name, self._sources(registry, name, digest), self._store,
             self._plan, self._retry, self._finished, self._janitor.make_room, self._clock,
             self._sleep,
         )  # fmt: skip
@@ -166,16 +187,34 @@ class BlobService:
         self._metrics.downloads_in_flight.inc()
         return download, "miss"
 
+    def _sources(self, registry: str, name: str, digest: Digest) -> SourceChain:
+        """Region first: the bucket's copy when there may be one, then the origin."""
+        sources: list[RangeSource] = []
+        if self._second is not None:
+            bucket = self._second.source(digest)
+            if bucket is not None:
+                sources.append(bucket)
+        sources.append(self._origin.source(registry, name, digest))
+        return SourceChain(sources)
+
     def _finished(self, download: BlobDownload) -> None:
         if self._downloads.finished(download.digest.hex, download):
             self._metrics.downloads_in_flight.dec()
-        fill = download.fill
+        fill, digest = download.fill, download.digest
+        from_bucket = NAME in download.source.used
         if fill.state is State.COMMITTED and fill.size is not None:
-            self._janitor.stored(download.digest, fill.size)
+            self._janitor.stored(digest, fill.size)
+            if self._second is not None:
+                if from_bucket and download.source.used == {NAME}:
+                    self._second.seen(digest, fill.size)
+                elif self._uploads is not None:
+                    self._uploads.enqueue(digest, fill.size)  # the region's copy, for later
         if download.passed_through and fill.state is State.RUNNING:
             self._metrics.cache_write_failures.labels("enospc").inc()
         if isinstance(fill.error, DigestMismatch):
             self._metrics.digest_mismatches.labels(download.registry).inc()
+            if from_bucket and self._second is not None:
+                self._second.condemn(digest)
 
     async def close(self) -> None:
         """Shutdown: cancel downloads; each discards its temp file, so nothing partial remains."""

@@ -7,7 +7,8 @@ writes them, and learns only whether the body failed, and whether what it sent w
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
 
 from mirror.cache.errors import to_registry_error
 from mirror.cache.follow import Follower
@@ -30,12 +31,25 @@ class BodyFailed(Exception):
         super().__init__(str(cause))
 
 
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    """The client is sent elsewhere for the bytes (a presigned URL of the region's bucket)."""
+
+    url: str
+    size: int
+    result: str = "hit"
+
+
 class BlobBody:
-    """One client's body of one blob. `source`: where its bytes came from (disk, origin...)."""
+    """One client's body of one blob."""
 
     size: int
     result: str  # hit | miss | coalesced
-    source: str
+
+    @property
+    def source(self) -> str:
+        """Where its bytes came from (disk, s3, peer, origin), as far as known now."""
+        raise NotImplementedError
 
     async def ready(self, start: int, end: int) -> None:
         """Before the headers: raises RegistryError when no body can follow."""
@@ -52,11 +66,14 @@ class CachedBody(BlobBody):
     def __init__(self, blob: OpenBlob, pin: contextlib.AbstractContextManager[None]) -> None:
         self.size = blob.size
         self.result = "hit"
-        self.source = "disk"
         self._blob = blob
         self._held = contextlib.ExitStack()
         self._held.enter_context(pin)  # eviction passes it over while it is being sent
         self._held.callback(blob.close)
+
+    @property
+    def source(self) -> str:
+        return "disk"
 
     def segments(self, start: int, end: int) -> AsyncGenerator[Segment, None]:
         return self._blob.read(start, end)
@@ -68,11 +85,17 @@ class CachedBody(BlobBody):
 class LiveBody(BlobBody):
     """A blob still filling: the follower gives what has landed and been verified."""
 
-    def __init__(self, follower: Follower, size: int, result: str, source: str) -> None:
+    def __init__(
+        self, follower: Follower, size: int, result: str, source: Callable[[], str]
+    ) -> None:
         self.size = size
         self.result = result
-        self.source = source
+        self._source = source  # the fill's source of the moment: it may move down its chain
         self._follower = follower
+
+    @property
+    def source(self) -> str:
+        return self._source()
 
     async def ready(self, start: int, end: int) -> None:
         if start < end:

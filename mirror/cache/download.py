@@ -21,11 +21,11 @@ from mirror.cache.follow import Follower
 from mirror.cache.passthrough import RelaySink
 from mirror.cache.prefix_hash import PrefixHasher
 from mirror.cache.ranged import FetchPlan, RangedFetch
+from mirror.cache.sources import SourceChain
 from mirror.cache.transfer import DigestMismatch, DownloadFailed, State
 from mirror.oci.digest import Digest
 from mirror.storage.blobstore import LocalStore, LocalWriter, NoSpace, PrefixView
 from mirror.upstream.retry import RetryPolicy
-from mirror.upstream.source import RangeSource
 
 log = structlog.get_logger("mirror.download")
 
@@ -36,7 +36,7 @@ class BlobDownload:
         digest: Digest,
         registry: str,
         name: str,
-        source: RangeSource,
+        source: SourceChain,
         store: LocalStore,
         plan: FetchPlan,
         retry: RetryPolicy,
@@ -48,7 +48,7 @@ class BlobDownload:
         self.digest = digest
         self.registry = registry  # the repository it was started for (see BlobService)
         self.name = name
-        self._source = source
+        self.source = source
         self._store = store
         self._on_finish = on_finish
         self._make_room = make_room
@@ -110,7 +110,7 @@ class BlobDownload:
                 await self._commit()
                 log.info(
                     "blob_committed", digest=str(self.digest), registry=self.registry,
-                    source=self._source.name, bytes=self.fill.size, streams=self._fetch.streams,
+                    source=self.source.name, bytes=self.fill.size, streams=self._fetch.streams,
                     retries=self._fetch.retries, seconds=round(self._clock() - started, 3),
                 )  # fmt: skip
             except asyncio.CancelledError:
@@ -119,14 +119,12 @@ class BlobDownload:
             except EXPECTED as exc:
                 log.warning(
                     "blob_download_failed", digest=str(self.digest), registry=self.registry,
-                    source=self._source.name, error=str(exc), error_type=type(exc).__name__,
+                    source=self.source.name, error=str(exc), error_type=type(exc).__name__,
                     bytes=self.fill.contiguous,
                 )  # fmt: skip
                 self._finish(State.FAILED, exc)
             except Exception as exc:  # noqa: BLE001 - a bug: said once, loudly; followers fail
-                log.exception(
-                    "blob_download_bug", digest=str(self.digest), source=self._source.name
-                )
+                log.exception("blob_download_bug", digest=str(self.digest), source=self.source.name)
                 self._finish(State.FAILED, exc)
         finally:
             if self._writer is not None:

@@ -6,19 +6,21 @@ import errno
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
 from cachetools import LRUCache
 
 from mirror.cache.errors import EXPECTED, to_registry_error
 from mirror.cache.janitor import CacheJanitor
+from mirror.cache.second import SecondLevel
 from mirror.coalesce import SingleFlight
 from mirror.config import CacheConfig
 from mirror.metrics import Metrics
 from mirror.oci.digest import Digest, InvalidDigest, digest_of, parse_digest
 from mirror.oci.errors import ErrorCode, RegistryError
 from mirror.oci.mediatypes import INDEX_TYPES, MANIFEST_TYPES, SINGLE_IMAGE_TYPES, is_acceptable
-from mirror.storage.metastore import ManifestStore, TagRecord
+from mirror.storage.metastore import ManifestStore, TagRecord, TagStore
 from mirror.upstream.client import FetchedManifest, RegistryClient, TagList
 from mirror.upstream.errors import UpstreamError, UpstreamUnavailable
 
@@ -56,16 +58,23 @@ def _media_type(fetched: FetchedManifest) -> str:
     return declared if isinstance(declared, str) and declared else fetched.media_type
 
 
+class _LocalMeta(ManifestStore, TagStore, Protocol):
+    pass
+
+
 class ManifestService:
     def __init__(
         self,
-        store: ManifestStore,
+        store: _LocalMeta,
         client: RegistryClient,
         config: CacheConfig,
         metrics: Metrics,
         janitor: CacheJanitor,
         clock: Callable[[], float],
+        second: SecondLevel | None = None,
     ) -> None:
+        """`second`: the region's bucket, where manifests by digest are shared too."""
+        self._second = second
         self._janitor = janitor
         self._store = store
         self._client = client
@@ -125,6 +134,12 @@ class ManifestService:
         return self._by_digest.do(digest.hex, lambda: self._fetch_by_digest(registry, name, digest))
 
     async def _fetch_by_digest(self, registry: str, name: str, digest: Digest) -> Manifest:
+        if self._second is not None:
+            shared = await self._second.read_manifest(digest)
+            if shared is not None and digest_of(shared[0]) == digest:
+                return await self._keep(digest, shared[0], shared[1], share=False)
+            if shared is not None:
+                self._second.condemn(digest)  # never served: fetched from the origin instead
         fetched = await self._client.get_manifest(registry, name, str(digest))
         actual = digest_of(fetched.body)
         if actual != digest:
@@ -135,9 +150,13 @@ class ManifestService:
             )  # fmt: skip
         return await self._keep(digest, fetched.body, _media_type(fetched))
 
-    async def _keep(self, digest: Digest, body: bytes, media_type: str) -> Manifest:
+    async def _keep(
+        self, digest: Digest, body: bytes, media_type: str, share: bool = True
+    ) -> Manifest:
         manifest = Manifest(body, media_type, str(digest))
         self._memory[digest.hex] = manifest
+        if share and self._second is not None:
+            self._second.keep_manifest(digest, body, media_type)  # in the background
         try:
             await self._store.write_manifest(digest, body, media_type)
         except OSError as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import structlog
 from aiohttp import web
 
-from mirror.cache.body import BlobBody, BodyFailed
+from mirror.cache.body import BlobBody, BodyFailed, Redirect
 from mirror.http.sendfile import Sent, drop, reset, write_body
 from mirror.keys import (
     blobs_key,
@@ -115,10 +115,27 @@ async def _blob(request: web.Request, target: Target, reference: str) -> web.Str
         return web.Response(headers={**headers, "Content-Length": str(size)})
     body = await blobs.open(target.registry, target.name, digest)
     request[result_key] = body.result
+    if isinstance(body, Redirect):
+        return _redirect(request, body, headers)
     try:
         return await _send(request, body, headers)
     finally:
         body.close()
+
+
+def _redirect(request: web.Request, redirect: Redirect, headers: dict[str, str]) -> web.Response:
+    """307 to the bucket's presigned URL: the node reads the bytes from S3 directly, with
+    the same method and Range (S3 honours a single range), and no Authorization."""
+    start, end, _ = _span(request, redirect.size)
+    request.app[metrics_key].served_bytes.labels("redirect").inc(end - start + 1)
+    return web.Response(
+        status=307,
+        headers={
+            "Location": redirect.url,
+            "Docker-Content-Digest": headers["Docker-Content-Digest"],
+            "Cache-Control": "no-store",  # the URL expires; never reuse it from a cache
+        },
+    )
 
 
 def _span(request: web.Request, size: int) -> tuple[int, int, bool]:

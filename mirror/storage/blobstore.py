@@ -9,6 +9,8 @@ crash leaves nothing of it behind.
 
 from __future__ import annotations
 
+import asyncio
+import os
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Protocol
@@ -22,6 +24,15 @@ class StoreError(Exception):
 
 class NoSpace(StoreError):
     """The store cannot grow: its disk (or quota) is full."""
+
+
+class StoreUnavailable(StoreError):
+    """A remote level could not be asked or did not answer well (5xx, a timeout, access
+    denied, no credentials): it is skipped and the origin serves; no pull fails for it."""
+
+
+class AlreadyStored(StoreError):
+    """Another writer completed the same blob first: its copy stands, this one is dropped."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,14 +116,37 @@ class BlobStore(Protocol):
 
     async def open(self, digest: Digest) -> OpenBlob | None: ...
 
-    async def create(self) -> BlobWriter: ...
+    async def create(self, *, size: int | None = None, digest: Digest | None = None) -> BlobWriter:
+        """A writer. `size` and `digest`, when known, let a store choose how to write (a
+        bucket: one PUT or parts, sent as they fill); commit still names the digest."""
+        ...
 
     async def remove(self, digest: Digest) -> int | None:
         """Delete a blob; the bytes freed, None when it was not there."""
         ...
 
 
+async def read_bytes(blob: OpenBlob, start: int, end: int) -> bytes:
+    """Bytes [start, end) of an open blob as one copy (file spans are read on a thread)."""
+    out = bytearray()
+    async for segment in blob.read(start, end):
+        if isinstance(segment, FileSpan):
+            out += await asyncio.to_thread(_pread_all, segment)
+        else:
+            out += segment
+    return bytes(out)
+
+
+def _pread_all(span: FileSpan) -> bytes:
+    data = os.pread(span.fd, span.count, span.offset)
+    if len(data) != span.count:
+        raise StoreError("the file is shorter than its span")
+    return data
+
+
 class LocalStore(BlobStore, Protocol):
     """The level clients are served from while it fills: its writers can be followed."""
 
-    async def create(self) -> LocalWriter: ...
+    async def create(
+        self, *, size: int | None = None, digest: Digest | None = None
+    ) -> LocalWriter: ...

@@ -201,7 +201,7 @@ class FilesystemStore:
             os.close(fd)
             raise
 
-    async def create(self) -> FileWriter:
+    async def create(self, *, size: int | None = None, digest: Digest | None = None) -> FileWriter:
         return await asyncio.to_thread(self._create)
 
     def _create(self) -> FileWriter:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Protocol
 
 from mirror.storage.blobstore import LocalStore
-from mirror.storage.metastore import ManifestStore
+from mirror.storage.metastore import ManifestStore, TagStore
 
 
-class CacheStore(LocalStore, ManifestStore, Protocol):
+class CacheStore(LocalStore, ManifestStore, TagStore, Protocol):
     async def writable(self) -> bool:
         """Can a file be created now (readiness: a read-only or vanished volume is not)."""
         ...

@@ -117,7 +117,9 @@ class MemoryStore:
         data = self.blobs.get(digest.hex)
         return None if data is None else MemoryBlob(data)
 
-    async def create(self) -> MemoryWriter:
+    async def create(
+        self, *, size: int | None = None, digest: Digest | None = None
+    ) -> MemoryWriter:
         writer = MemoryWriter(self)
         self.writers.add(writer)
         return writer

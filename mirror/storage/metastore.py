@@ -1,4 +1,4 @@
-"""What a level keeps besides blob bytes: each manifest's media type, and what tags point at."""
+"""What a level keeps besides blob bytes: manifests with their media type; what tags point at."""
 
 from __future__ import annotations
 
@@ -24,6 +24,10 @@ class ManifestStore(Protocol):
     async def write_manifest(self, digest: Digest, body: bytes, media_type: str) -> None:
         """Raises OSError when it cannot be written (the caller decides if that matters)."""
         ...
+
+
+class TagStore(Protocol):
+    """Each replica's own: a tag is revalidated by a HEAD, which costs the origin nothing."""
 
     async def read_tag(self, registry: str, name: str, tag: str) -> TagRecord | None: ...
 

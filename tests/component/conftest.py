@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,16 +48,6 @@ async def make_mirror(aiohttp_client: Any, fake: FakeRegistry, tmp_path: Path) -
 @pytest.fixture
 async def mirror(make_mirror: MakeMirror) -> Mirror:
     return await make_mirror()
-
-
-@pytest.fixture(scope="session")
-def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
-    """One moto process for the session (it takes about half a second to start)."""
-    server = MotoServer(tmp_path_factory.mktemp("moto"))
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture

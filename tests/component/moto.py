@@ -19,6 +19,7 @@ from .harness import closed_port
 # What moto's ECR issues for its default account: base64 of "AWS:<account>-auth-token".
 ECR_USER = "AWS"
 ECR_PASSWORD = "123456789012-auth-token"
+PART_MIN = 256 * 1024
 
 
 class MotoServer:
@@ -30,6 +31,8 @@ class MotoServer:
             **os.environ,
             "MOTO_ENABLE_RECORDING": "true",
             "MOTO_RECORDER_FILEPATH": str(self.recording),
+            # S3's smallest part is 5 MiB; tests cut blobs of a MiB or two into parts.
+            "S3_UPLOAD_PART_MIN_SIZE": str(PART_MIN),
         }
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(

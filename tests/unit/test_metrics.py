@@ -41,6 +41,9 @@ COLLECTORS: list[tuple[str, str, str, dict[str, str]]] = [
     ("digest_mismatches", "mirror_digest_mismatches", "counter", {"registry": "docker.io"}),
     ("cache_write_failures", "mirror_cache_write_failures", "counter", {"reason": "enospc"}),
     ("warm_jobs", "mirror_warm_jobs", "counter", {"state": "done"}),
+    ("s3_requests", "mirror_s3_requests", "counter", {"operation": "get_object", "result": "ok"}),
+    ("s3_uploads", "mirror_s3_uploads", "counter", {"result": "done"}),
+    ("s3_breaker_open", "mirror_s3_breaker_open", "gauge", {}),
 ]  # fmt: skip
 
 
