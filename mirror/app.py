@@ -36,6 +36,7 @@ from mirror.storage.store import FilesystemStore
 from mirror.upstream.breaker import CircuitBreaker
 from mirror.upstream.client import RegistryClient
 from mirror.upstream.credentials import open_credentials
+from mirror.upstream.session import open_session
 from mirror.upstream.tokens import TokenCache
 
 if TYPE_CHECKING:
@@ -91,11 +92,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     store = app[store_key]
     swept = store.prepare()
     up = config.upstream
-    session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=512, limit_per_host=0, ttl_dns_cache=300),
-        auto_decompress=False,  # digests cover the bytes as sent: never decode them
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=up.connect_timeout),
-    )
+    session = open_session(up, config.registries)
     tokens = TokenCache(
         session,
         aiohttp.ClientTimeout(total=up.header_timeout, sock_connect=up.connect_timeout),
@@ -103,6 +100,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     )
     breaker = CircuitBreaker(up.breaker_failures, up.breaker_cooldown, time.monotonic)
     metrics.watch_breakers(config.registries, breaker.is_open)
+    metrics.watch_holds(config.registries, breaker.held_for)
     client = RegistryClient(
         session, config.registries, up, tokens, breaker, metrics,
         credentials=app[credentials_key],
@@ -125,5 +123,6 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         await blobs.close()
         await manifests.close()
         await janitor.close()
+        await client.close()
         await session.close()
         pool.shutdown(wait=False, cancel_futures=True)

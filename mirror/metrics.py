@@ -14,6 +14,8 @@ from prometheus_client.exposition import choose_encoder
 REQUEST_KINDS: tuple[str, ...] = ("manifest", "blob", "tags", "other")
 REQUEST_RESULTS: tuple[str, ...] = ("hit", "miss", "coalesced", "stale", "error", "revalidated")
 SERVED_SOURCES: tuple[str, ...] = ("cache", "upstream")
+# The kinds of request the mirror makes to an origin; a 429 holds one kind, not the registry.
+UPSTREAM_KINDS: tuple[str, ...] = ("manifest", "manifest_head", "blob", "blob_head", "tags")
 
 # One histogram covers a cached tag HEAD (well under a millisecond) and a cold multi-GB blob
 # (minutes), so the buckets are roughly logarithmic from 0.5 ms to 10 min.
@@ -90,8 +92,14 @@ class Metrics:
         )
         self.breaker_open = Gauge(
             "mirror_upstream_breaker_open",
-            "1 while the circuit breaker for an origin is open.",
+            "1 while the circuit breaker for an origin is open (the origin is failing).",
             ["registry"],
+            registry=r,
+        )
+        self.hold = Gauge(
+            "mirror_upstream_hold_seconds",
+            "Seconds left of an origin's Retry-After for one kind of request (0: none).",
+            ["registry", "kind"],
             registry=r,
         )
         self.stale_served = Counter(
@@ -182,6 +190,14 @@ class Metrics:
         alone (its cooldown runs out), with no event that could update a stored value."""
         for name in names:
             self.breaker_open.labels(registry=name).set_function(partial(_as_float, is_open, name))
+
+    def watch_holds(self, names: Iterable[str], held_for: Callable[[str, str], float]) -> None:
+        """Read each registry's Retry-After holds at scrape time, per kind of request."""
+        for name in names:
+            for kind in UPSTREAM_KINDS:
+                self.hold.labels(registry=name, kind=kind).set_function(
+                    partial(held_for, name, kind)
+                )
 
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """The exposition body and its Content-Type; OpenMetrics when `accept` asks for it."""

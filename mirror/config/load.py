@@ -24,6 +24,7 @@ from mirror.config.values import (
     optional_str,
     parse_bool,
     parse_duration,
+    parse_hosts_or_networks,
     parse_listen,
     parse_platforms,
     parse_size,
@@ -53,6 +54,7 @@ _SCALARS: dict[tuple[str, str], tuple[str, Any]] = {
     ("upstream", "chunk_size"): ("chunk_size", parse_size),
     ("upstream", "breaker_failures"): ("breaker_failures", positive_int),
     ("upstream", "breaker_cooldown"): ("breaker_cooldown", parse_duration),
+    ("upstream", "redirect_allow"): ("redirect_allow", parse_hosts_or_networks),
     ("warm", "platforms"): ("platforms", parse_platforms),
     ("warm", "concurrency"): ("concurrency", positive_int),
 }
