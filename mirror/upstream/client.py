@@ -457,7 +457,7 @@ class RegistryClient:
         """Send, following redirects by hand: the registry's Authorization header never goes
         to another host (presigned CDN and S3 URLs reject it, and it must not leak), and a
         redirect goes only where RedirectPolicy lets it; `may_leave`: to another host at all."""
-        registry = url
+        first = url  # the registry's: where a redirect may always lead back to
         for _ in range(_MAX_REDIRECTS + 1):
             try:
                 async with asyncio.timeout(self._config.header_timeout):
@@ -468,7 +468,7 @@ class RegistryClient:
                 refused = refused_address(exc)
                 if refused is not None:
                     raise UpstreamRefused(f"redirected to {shown(url)}: {refused}") from None
-                if url.origin() == registry.origin():
+                if url.origin() == first.origin():
                     raise _Unreachable(exc) from exc
                 raise
             location = resp.headers.get("Location")
@@ -479,7 +479,7 @@ class RegistryClient:
                 target = url.join(URL(location, encoded=True))
             except ValueError:
                 raise UpstreamRefused("redirected to an unreadable Location") from None
-            reason = self._redirects.refusal(registry, target, may_leave=may_leave)
+            reason = self._redirects.refusal(first, target, may_leave=may_leave)
             if reason is not None:
                 raise UpstreamRefused(f"redirected to {shown(target)}: {reason}")
             if target.origin() != url.origin():
