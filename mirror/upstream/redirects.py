@@ -94,7 +94,7 @@ class RedirectPolicy:
         if target.origin() == registry.origin():
             return None
         if not may_leave:
-            return "only blobs may come from another host"
+            return "only blobs may come from another origin"
         if (host, target.port) in self.origins or host.rstrip(".") in self.hosts:
             return None
         ip = _literal(host)

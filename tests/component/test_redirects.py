@@ -100,12 +100,23 @@ async def test_a_tag_redirected_to_another_host_is_refused_and_nothing_is_cached
     assert resp.status == 502
     if method == "GET":
         status, code, entry = await error_of(resp)
-        assert "only blobs may come from another host" in entry["message"]
+        assert "only blobs may come from another origin" in entry["message"]
     assert fake.count(host="cdn") == 0
     fake.clear_faults()
     resp = await mirror.client.get("/v2/team/app/manifests/v1", params=FAKE)
     assert resp.status == 200
     assert await resp.read() == image.manifest
+
+
+async def test_a_tag_list_redirected_to_another_host_is_refused(
+    fake: FakeRegistry, make_mirror: MakeMirror
+) -> None:
+    mirror = await make_mirror(redirect_allow=CDN_ALLOWED)
+    seed(fake)
+    redirect_to(fake, "{cdn}/cdn/list", kind="tags")
+    resp = await mirror.client.get("/v2/team/app/tags/list", params=FAKE)
+    assert (await error_of(resp))[:2] == (502, "UNKNOWN")
+    assert fake.count(host="cdn") == 0
 
 
 async def test_a_manifest_redirected_within_the_registry_is_followed(

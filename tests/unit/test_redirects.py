@@ -51,9 +51,9 @@ def test_where_a_blob_may_be_redirected(target: str, reason: str | None) -> None
     [
         ("http://127.0.0.1:5000/v2/team/app/manifests/sha256:" + "b" * 64, None),
         ("/v2/team/app/manifests/v2", "a relative: URLs are never followed"),  # unjoined
-        ("https://cdn.example.com/manifest", "only blobs may come from another host"),
-        ("http://127.0.0.1:6000/", "only blobs may come from another host"),
-        ("https://127.0.0.1:5000/", "only blobs may come from another host"),  # other scheme
+        ("https://cdn.example.com/manifest", "only blobs may come from another origin"),
+        ("http://127.0.0.1:6000/", "only blobs may come from another origin"),
+        ("https://127.0.0.1:5000/", "only blobs may come from another origin"),  # other scheme
         ("file:///etc/passwd", "file: URLs are never followed"),
     ],
 )
