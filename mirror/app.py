@@ -55,6 +55,7 @@ from mirror.upstream.client import RegistryClient
 from mirror.upstream.issuers import open_credentials
 from mirror.upstream.origin import OriginBlobs
 from mirror.upstream.retry import RetryPolicy
+from mirror.upstream.session import open_session
 from mirror.upstream.tokens import TokenCache
 
 if TYPE_CHECKING:
@@ -120,11 +121,7 @@ async def _cache_lock(app: web.Application, layout: Layout) -> AsyncIterator[Non
 
 async def _http_session(app: web.Application) -> AsyncIterator[None]:
     up = app[config_key].upstream
-    session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=512, limit_per_host=0, ttl_dns_cache=300),
-        auto_decompress=False,  # digests cover the bytes as sent: never decode them
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=up.connect_timeout),
-    )
+    session = open_session(up, app[config_key].registries)  # redirects go only where allowed
     app[session_key] = session
     try:
         yield
@@ -150,6 +147,7 @@ async def _upstream(app: web.Application, deps: Deps) -> AsyncIterator[None]:
     )
     breaker = CircuitBreaker(up.breaker_failures, up.breaker_cooldown, deps.clock)
     metrics.watch_breakers(config.registries, breaker.is_open)
+    metrics.watch_holds(config.registries, breaker.held_for)
     app[upstream_key] = RegistryClient(
         session, config.registries, up, tokens, breaker, metrics, deps.sleep, deps.wall_clock,
         credentials=app[credentials_key],
@@ -157,6 +155,7 @@ async def _upstream(app: web.Application, deps: Deps) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        await app[upstream_key].close()  # its origin probes
         await tokens.close()
 
 

@@ -19,6 +19,8 @@ REQUEST_RESULTS: tuple[str, ...] = (
 # the digest; origin: from the registry; redirect: sent to the bucket by a presigned URL.
 SERVED_SOURCES: tuple[str, ...] = ("disk", "s3", "peer", "origin", "redirect")
 S3_UPLOAD_RESULTS: tuple[str, ...] = ("queued", "done", "failed", "skipped", "dropped")
+# The kinds of request the mirror makes to an origin; a 429 holds one kind, not the registry.
+UPSTREAM_KINDS: tuple[str, ...] = ("manifest", "manifest_head", "blob", "blob_head", "tags")
 
 # One histogram covers a cached tag HEAD (well under a millisecond) and a cold multi-GB blob
 # (minutes), so the buckets are roughly logarithmic from 0.5 ms to 10 min.
@@ -95,8 +97,14 @@ class Metrics:
         )
         self.breaker_open = Gauge(
             "mirror_upstream_breaker_open",
-            "1 while the circuit breaker for an origin is open.",
+            "1 while the circuit breaker for an origin is open (the origin is failing).",
             ["registry"],
+            registry=r,
+        )
+        self.hold = Gauge(
+            "mirror_upstream_hold_seconds",
+            "Seconds left of an origin's Retry-After for one kind of request (0: none).",
+            ["registry", "kind"],
             registry=r,
         )
         self.stale_served = Counter(
@@ -209,6 +217,14 @@ class Metrics:
         self.s3_breaker_open.set_function(lambda: 1.0 if is_open() else 0.0)
         for result in S3_UPLOAD_RESULTS:
             self.s3_uploads.labels(result)
+
+    def watch_holds(self, names: Iterable[str], held_for: Callable[[str, str], float]) -> None:
+        """Read each registry's Retry-After holds at scrape time, per kind of request."""
+        for name in names:
+            for kind in UPSTREAM_KINDS:
+                self.hold.labels(registry=name, kind=kind).set_function(
+                    partial(held_for, name, kind)
+                )
 
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """The exposition body and its Content-Type; OpenMetrics when `accept` asks for it."""

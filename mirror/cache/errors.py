@@ -8,14 +8,19 @@ from types import MappingProxyType
 from mirror.cache.transfer import DigestMismatch, DownloadFailed
 from mirror.oci.errors import ErrorCode, RegistryError
 from mirror.storage.blobstore import StoreError
-from mirror.upstream.errors import UpstreamBodyError, UpstreamError, UpstreamUnavailable
+from mirror.upstream.errors import (
+    UpstreamBodyError,
+    UpstreamError,
+    UpstreamRefused,
+    UpstreamUnavailable,
+)
 
 # What the services expect to go wrong, and translate for the client. Anything else is a bug:
 # it is left to reach the middleware, which logs its traceback once and answers 500 UNKNOWN.
 # OSError covers the disk, timeouts and dropped connections.
 EXPECTED: tuple[type[Exception], ...] = (
-    RegistryError, UpstreamError, UpstreamUnavailable, UpstreamBodyError, DownloadFailed,
-    DigestMismatch, StoreError, OSError,
+    RegistryError, UpstreamError, UpstreamUnavailable, UpstreamBodyError, UpstreamRefused,
+    DownloadFailed, DigestMismatch, StoreError, OSError,
 )  # fmt: skip
 
 # An upstream's own answer about the request, passed on with the spec's status: the client's
@@ -55,7 +60,13 @@ def to_registry_error(exc: BaseException, unknown: ErrorCode) -> RegistryError:
     if isinstance(exc, StoreError):
         return RegistryError(ErrorCode.UNAVAILABLE, f"cache storage failed: {exc}")
     if isinstance(exc, UpstreamUnavailable):
-        return RegistryError(ErrorCode.UNAVAILABLE, str(exc), _origin(exc.registry))
+        return RegistryError(
+            ErrorCode.UNAVAILABLE, str(exc), _origin(exc.registry),
+            headers=_retry_after(exc.retry_after),
+        )  # fmt: skip
+    if isinstance(exc, UpstreamRefused):  # a redirect or realm it may not follow: 502
+        name = exc.registry or "the upstream registry"
+        return RegistryError(ErrorCode.UPSTREAM_ERROR, f"{name} {exc}", _origin(exc.registry))
     if isinstance(exc, UpstreamBodyError | ConnectionError):
         return RegistryError(ErrorCode.UNAVAILABLE, f"the upstream registry failed: {exc}")
     if isinstance(exc, TimeoutError):  # an OSError too: before the storage case below
@@ -76,11 +87,10 @@ def _answered(exc: UpstreamError, unknown: ErrorCode) -> RegistryError:
             ErrorCode.DENIED, f"{name} refused the mirror's credentials", detail
         )  # fmt: skip
     if exc.status == 429:
-        wait = exc.retry_after
-        headers = {"Retry-After": str(math.ceil(wait))} if wait and math.isfinite(wait) else {}
         return RegistryError(
-            ErrorCode.UNAVAILABLE, f"{name} is rate limiting the mirror", detail, headers=headers
-        )
+            ErrorCode.UNAVAILABLE, f"{name} is rate limiting the mirror", detail,
+            headers=_retry_after(exc.retry_after),
+        )  # fmt: skip
     detail["upstream_message"] = str(exc)
     if exc.status >= 500:
         return RegistryError(ErrorCode.UNAVAILABLE, f"{name} answered {exc.status}", detail)
@@ -90,6 +100,11 @@ def _answered(exc: UpstreamError, unknown: ErrorCode) -> RegistryError:
     if exc.code:
         detail["upstream_code"] = exc.code
     return RegistryError(ErrorCode.UPSTREAM_ERROR, f"{name} answered {exc.status}", detail)
+
+
+def _retry_after(wait: float | None) -> dict[str, str]:
+    """When to ask again, in whole seconds, if there is a usable answer to that."""
+    return {"Retry-After": str(math.ceil(wait))} if wait and math.isfinite(wait) else {}
 
 
 def _origin(registry: str) -> dict[str, str]:

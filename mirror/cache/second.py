@@ -140,19 +140,19 @@ class SecondLevel:
 
     async def guarded(self, call: Callable[[], Awaitable[T]]) -> T:
         """One call through the breaker: its failures open it, any answer closes it."""
-        if not self._breaker.admit(NAME):
-            raise StoreUnavailable(
-                f"S3 is failing; next try in {self._breaker.retry_in(NAME):.0f}s"
-            )
+        refused = self._breaker.admit(NAME, NAME)
+        if refused is not None:
+            raise StoreUnavailable(f"S3 is failing; next try in {refused.retry_in:.0f}s")
         try:
             result = await call()
         except StoreUnavailable:
-            self._breaker.failure(NAME)
+            # No client's request can make the bucket fail: every failure counts (key None).
+            self._breaker.failure(NAME, NAME, None)
             raise
         except (StoreError, KeyError):
-            self._breaker.success(NAME)  # it answered (lost a race, or the key is gone)
+            self._breaker.success(NAME, NAME)  # it answered (lost a race, or the key is gone)
             raise
-        self._breaker.success(NAME)
+        self._breaker.success(NAME, NAME)
         return result
 
     def _chore(self, what: str, digest: Digest, work: Callable[[], Awaitable[None]]) -> None:

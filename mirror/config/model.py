@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from types import MappingProxyType
 
@@ -56,6 +57,9 @@ class UpstreamConfig:
     chunk_size: int = 16 * 1024 * 1024
     breaker_failures: int = 5
     breaker_cooldown: float = 30.0
+    # Where a blob redirect (or a token realm) may lead although the address is loopback,
+    # link-local or otherwise never a CDN's: host names and networks, for private setups.
+    redirect_allow: tuple[str | IPv4Network | IPv6Network, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from typing import Any
@@ -13,6 +14,7 @@ _SIZE_UNITS = {
     "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
 }  # fmt: skip
 _DURATION_UNITS = {"": 1, "s": 1, "ms": 0.001, "m": 60, "h": 3600, "d": 86400}
+_DNS_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)", re.ASCII)
 _NUMBER_WITH_UNIT = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*")
 
 
@@ -110,6 +112,31 @@ def parse_platforms(value: Any) -> tuple[str, ...]:
     if not result:
         raise ValueError("at least one platform is needed")
     return result
+
+
+def parse_hosts_or_networks(
+    value: Any,
+) -> tuple[str | ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """ "cdn.internal, 10.0.0.0/8, fd00::1" (or a list of them) -> host names (lower case) and
+    networks (a bare address is a network of one)."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    result: list[str | ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    for item in items:
+        text = str(item).strip()
+        if not text:
+            continue
+        try:
+            result.append(ipaddress.ip_network(text.strip("[]"), strict=False))
+            continue
+        except ValueError:
+            pass
+        name = text.lower().removesuffix(".")
+        if len(name) > 253 or not all(_DNS_LABEL.fullmatch(p) for p in name.split(".")):
+            raise ValueError(f"expected a host name, an address or a CIDR network, got {text!r}")
+        if name.replace(".", "").isdigit():  # 127.1, 2130706433: not names, not addresses
+            raise ValueError(f"{text!r} is not an address in dotted form")
+        result.append(name)
+    return tuple(result)
 
 
 def optional_str(value: Any) -> str | None:

@@ -35,7 +35,7 @@ from mirror.coalesce import SingleFlight
 from mirror.config import RegistryConfig, UpstreamConfig
 from mirror.upstream.credentials import Credentials
 from mirror.upstream.ecr_client import LazyEcrClient
-from mirror.upstream.errors import UpstreamUnavailable
+from mirror.upstream.errors import NoCredentials
 
 if TYPE_CHECKING:
     from aiobotocore.session import AioSession
@@ -166,7 +166,7 @@ class EcrCredentials:
             # shield: one waiter hanging up must not cancel the call the others wait for
             return (await asyncio.shield(self._refresh(endpoint))).creds
         except AwsFailure as exc:
-            raise UpstreamUnavailable(
+            raise NoCredentials(
                 f"no ECR credentials for {registry.name}: {exc}", registry=registry.name
             ) from exc
 

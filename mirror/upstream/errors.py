@@ -60,19 +60,44 @@ class UpstreamError(Exception):
 
 
 class UpstreamUnavailable(Exception):
-    """No usable answer: connection refused or reset, timeout, or the circuit breaker is open."""
+    """No usable answer: connection refused or reset, timeout, or the circuit breaker is open.
+    `retry_after`: when the mirror itself will ask again, if it refused to ask now."""
 
     transient = True
     status = 503
-    retry_after: float | None = None
 
-    def __init__(self, message: str = "", *, registry: str = "", unreachable: bool = False):
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        registry: str = "",
+        retry_after: float | None = None,
+        unreachable: bool = False,
+    ) -> None:
         self.registry = registry
+        self.retry_after = retry_after
         # No connection could be made or kept (refused, reset, DNS): quick to find out, so
         # worth another attempt even before a client has headers. A silent registry, an
         # open breaker or missing credentials are not: trying again would only make it wait.
         self.unreachable = unreachable
         super().__init__(message or "upstream registry unavailable")
+
+
+class NoCredentials(UpstreamUnavailable):
+    """The registry's credentials cannot be had (its issuer is unreachable or refuses): every
+    request to it fails alike, whatever it asks for."""
+
+
+class UpstreamRefused(Exception):
+    """An answer the mirror will not act on: a redirect (or a token realm) leading where a
+    registry may not send it. Not retried: the same answer would be refused again."""
+
+    transient = False
+    status = 502
+
+    def __init__(self, message: str, *, registry: str = "") -> None:
+        self.registry = registry
+        super().__init__(message)
 
 
 class UpstreamBodyError(Exception):

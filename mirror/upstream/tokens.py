@@ -10,7 +10,8 @@ from cachetools import LRUCache
 from mirror.coalesce import SingleFlight
 from mirror.upstream.auth import Challenge
 from mirror.upstream.credentials import Credentials
-from mirror.upstream.errors import UpstreamError, UpstreamUnavailable
+from mirror.upstream.errors import UpstreamError, UpstreamRefused, UpstreamUnavailable
+from mirror.upstream.session import refused_address
 
 # Tokens are used a little before they expire, so a request never leaves with a dead one.
 _EXPIRY_MARGIN = 10.0
@@ -90,6 +91,9 @@ class TokenCache:
                     raise UpstreamError(resp.status, f"token endpoint answered {resp.status}")
                 doc = await resp.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            refused = refused_address(exc)
+            if refused is not None:  # a realm by a name for a forbidden address
+                raise UpstreamRefused(f"named a token realm where {refused}") from None
             raise UpstreamUnavailable(f"token endpoint failed: {type(exc).__name__}") from exc
         token = doc.get("token") or doc.get("access_token")
         if not isinstance(token, str) or not token:

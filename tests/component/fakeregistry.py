@@ -2,9 +2,10 @@
 faults and a request log.
 
     registry  GET|HEAD /v2/<name>/manifests/<tag|digest>, /v2/<name>/blobs/<digest>,
-              GET /v2/<name>/tags/list, GET /token
-    cdn       GET|HEAD /cdn/<digest>: where blobs redirect to in redirect mode; like a presigned
-              S3 URL it answers 400 to any request that carries an Authorization header
+              GET /v2/<name>/tags/list, GET /token, GET /v2/ (faults apply to it as "base")
+    cdn       GET|HEAD /cdn/<digest>: where blobs redirect to in redirect mode (a manifest by
+              digest too); like a presigned S3 URL it answers 400 to any request that
+              carries an Authorization header
 
 Every request is logged (`FakeRegistry.log`) with its kind (manifest-tag, manifest-digest,
 blob, tags, token, cdn, base), Range, Authorization and the body bytes actually sent, so tests can
@@ -52,6 +53,7 @@ MODES = frozenset(
         "first_range_only",  # honour a Range from byte 0; answer any other with 200, whole
         "drip",  # send the body in writes of `rate` bytes, `delay` seconds apart
         "challenge",  # answer 401 with `WWW-Authenticate: <challenge>` (a CDN can, too)
+        "redirect",  # answer 307 to `location`, with "{registry}", "{cdn}", "{ref}" filled in
     }
 )
 
@@ -65,7 +67,7 @@ class Fault:
     """One named failure mode, applied to the requests it matches, `times` times (None: always)."""
 
     mode: str
-    kind: str | None = None  # manifest-tag | manifest-digest | blob | tags | token | cdn | None
+    kind: str | None = None  # manifest-tag | manifest-digest | blob | tags | token | cdn | base
     ref: str | None = None  # a tag or digest; None = any
     range_start: int | None = None  # only requests whose Range starts at this byte
     method: str | None = None
@@ -78,6 +80,7 @@ class Fault:
     retry_after: str | None = None
     code: str | None = None  # the OCI error code a "status" fault answers with
     challenge: str = ""
+    location: str = ""  # where a "redirect" fault sends the client
     hits: int = 0
     reached: asyncio.Event = field(default_factory=asyncio.Event)  # hold, stall: pause began
     _released: asyncio.Event = field(default_factory=asyncio.Event)
@@ -187,6 +190,11 @@ class FakeRegistry:
     def cdn_url(self) -> str:
         assert self._cdn is not None
         return f"http://127.0.0.1:{self._cdn.port}"
+
+    @property
+    def cdn_port(self) -> int:
+        assert self._cdn is not None and self._cdn.port is not None
+        return self._cdn.port
 
     # -- content ------------------------------------------------------------------------------
 
@@ -366,6 +374,12 @@ class FakeRegistry:
             headers = {"Retry-After": f.retry_after} if f.retry_after is not None else {}
             code = f.code or {404: "NOT_FOUND", 429: "TOOMANYREQUESTS"}.get(f.status, "UNKNOWN")
             return _error(f.status, code, f"injected {f.status}", headers)
+        if "redirect" in faults:
+            rec.status = 307
+            location = faults["redirect"].location.format(
+                registry=self.url, cdn=self.cdn_url, ref=rec.ref
+            )
+            return web.Response(status=307, headers={"Location": location})
         if "challenge" in faults:
             rec.status = 401
             challenge = {"WWW-Authenticate": faults["challenge"].challenge}
@@ -388,7 +402,9 @@ class FakeRegistry:
         )
 
     async def _base(self, request: web.Request) -> web.Response:
-        rec = self._record(request, "registry", "base", "", "")
+        rec, faults, early = await self._admit(request, "registry", "base", "", "")
+        if early is not None:
+            return early
         if not self._authorized(request, ""):
             return self._challenge(rec, "")
         rec.status = 200
@@ -483,6 +499,11 @@ class FakeRegistry:
             rec.status = 400
             return _error(400, "InvalidArgument", "Only one auth mechanism allowed")
         data = next((r.blobs[ref] for r in self.repos.values() if ref in r.blobs), None)
+        manifest = next((r.manifests[ref] for r in self.repos.values() if ref in r.manifests), None)
+        if data is None and manifest is not None:
+            rec.status = 200
+            headers = {"Content-Type": manifest[1], "Docker-Content-Digest": ref}
+            return web.Response(body=manifest[0], headers=headers)
         if data is None:
             rec.status = 404
             return _error(404, "NoSuchKey", "no such key")

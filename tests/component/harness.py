@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestClient
 
 from mirror.cache.blobs import BlobService
 from mirror.config import CacheConfig, Config, RegistryConfig, ServerConfig, UpstreamConfig
+from mirror.config.values import parse_hosts_or_networks
 from mirror.keys import blobs_key, metrics_key
 from mirror.oci.digest import parse_digest
 from mirror.storage.layout import Layout
@@ -34,6 +35,9 @@ TEST_UPSTREAM = UpstreamConfig(
     ranged_streams=4,
     chunk_size=64 * KiB,  # the smallest the config allows
 )
+
+# The fake's CDN listens on 127.0.0.1, where no redirect may lead unless allowed.
+CDN_ALLOWED = parse_hosts_or_networks("127.0.0.1")
 
 
 def mirror_config(cache_dir: Path, upstream_url: str, **upstream: Any) -> Config:

@@ -18,6 +18,7 @@ from mirror.config import RegistryConfig
 from .conftest import MakeMirror
 from .fakeregistry import OCI_MANIFEST, FakeRegistry, Image
 from .harness import (
+    CDN_ALLOWED,
     KiB,
     MiB,
     Mirror,
@@ -350,8 +351,9 @@ async def test_concurrent_token_fetches_coalesce(fake: FakeRegistry, mirror: Mir
 
 @pytest.mark.parametrize("size", [40 * KiB, MiB], ids=["single-request", "ranged"])
 async def test_blob_redirect_is_followed_without_authorization(
-    fake: FakeRegistry, mirror: Mirror, size: int
+    fake: FakeRegistry, make_mirror: MakeMirror, size: int
 ) -> None:
+    mirror = await make_mirror(redirect_allow=CDN_ALLOWED)  # the fake's CDN is on 127.0.0.1
     fake.auth = True
     fake.redirect = True
     data = random_bytes(size, 5)
@@ -418,9 +420,9 @@ async def test_upstream_429_is_503_with_retry_after_and_holds_off(
     assert resp.status == 503  # never 429: skopeo would back off for ~30 s
     assert resp.headers["Retry-After"] == "7"
     assert fake.count() == 1  # a 429 is not retried at once
-    # While the registry asked us to wait, the mirror fails fast without asking again.
+    # While the registry asked us to wait, manifest GETs fail fast without asking again.
     started = time.monotonic()
-    resp = await mirror.client.get(f"/v2/team/app/blobs/{image.layers[1]}", params=FAKE)
+    resp = await mirror.client.get(f"/v2/team/app/manifests/{image.digest}", params=FAKE)
     assert resp.status == 503
     assert time.monotonic() - started < 0.5
     assert fake.count() == 1

@@ -23,12 +23,12 @@ from mirror.config import Config, RegistryConfig
 from mirror.metrics import Metrics
 from mirror.upstream.breaker import CircuitBreaker
 from mirror.upstream.client import RegistryClient
-from mirror.upstream.errors import UpstreamUnavailable
+from mirror.upstream.errors import UpstreamError, UpstreamUnavailable
 from mirror.upstream.tokens import TokenCache
 
 from .conftest import MakeMirror
 from .fakeregistry import FakeRegistry, Image
-from .harness import TEST_UPSTREAM, KiB, mirror_config, poll, random_bytes
+from .harness import CDN_ALLOWED, TEST_UPSTREAM, KiB, mirror_config, poll, random_bytes
 
 FAKE = {"ns": "fake.test"}
 USER, PASSWORD = "mirror-bot", "s3cret-pass"
@@ -90,7 +90,8 @@ async def test_a_401_after_a_redirect_never_gets_the_registrys_credentials(
     fake.auth = True
     fake.redirect = True
     image = seed(fake)
-    mirror = await make_mirror(config=with_credentials(tmp_path, fake))
+    cfg = with_credentials(tmp_path, fake, redirect_allow=CDN_ALLOWED)
+    mirror = await make_mirror(config=cfg)
     resp = await mirror.client.get(f"/v2/team/app/blobs/{image.config}", params=FAKE)
     assert resp.status == 200  # the registry's token is cached: sent straight away now
     challenge = f'Bearer realm="{thief.realm}",service="cdn"'
@@ -182,25 +183,59 @@ async def test_a_timeout_given_to_the_client_counts_towards_the_breaker(
 ) -> None:
     """How tag revalidation bounds its HEAD: the client times out itself and counts it, where
     a caller's asyncio.timeout would cancel it before it could."""
-    image = seed(fake)
-    fake.fault("silent", kind="manifest-tag")
+    seed(fake, "a")
+    seed(fake, "b")
+    fake.fault("silent")  # the origin's ping too: the breaker's probe times out as well
     registries = {"fake.test": RegistryConfig("fake.test", fake.url)}
-    config = replace(TEST_UPSTREAM, header_timeout=30.0, breaker_failures=2)
+    config = replace(TEST_UPSTREAM, header_timeout=0.3, breaker_failures=2)
     async with aiohttp.ClientSession() as session:
         breaker = CircuitBreaker(2, 60.0, time.monotonic)
         tokens = TokenCache(session, aiohttp.ClientTimeout(total=5), time.monotonic)
         client = RegistryClient(session, registries, config, tokens, breaker, Metrics())
-        for _ in range(2):
+        for tag in ("a", "b"):
             with pytest.raises(UpstreamUnavailable, match="in time"):
                 await client.head_manifest(
-                    "fake.test", "team/app", image.tag, retry=False, attempt_timeout=0.1
+                    "fake.test", "team/app", tag, retry=False, attempt_timeout=0.1
                 )
-        assert breaker.is_open("fake.test")
+        await poll(lambda: breaker.is_open("fake.test"), what="the probe to time out")
         with pytest.raises(UpstreamUnavailable, match="is failing"):
             await client.head_manifest(
-                "fake.test", "team/app", image.tag, retry=False, attempt_timeout=0.1
+                "fake.test", "team/app", "a", retry=False, attempt_timeout=0.1
             )
+        await client.close()
     assert fake.count("manifest-tag") == 2  # the third never left
+    assert fake.count("base") == 1
+
+
+async def test_the_pieces_of_one_blob_are_one_request_to_the_breaker(
+    fake: FakeRegistry,
+) -> None:
+    """A blob download that retries its pieces itself (retry=False here): however many
+    pieces fail however often, the breaker counts one failing request, and does not even
+    ask the origin whether it is down."""
+    data = random_bytes(64 * KiB, 7)
+    digest = fake.add_blob("team/app", data)
+    fake.fault("status", status=503, kind="blob")
+    registries = {"fake.test": RegistryConfig("fake.test", fake.url)}
+    config = replace(TEST_UPSTREAM, breaker_failures=2)
+    async with aiohttp.ClientSession() as session:
+        breaker = CircuitBreaker(2, 60.0, time.monotonic)
+        tokens = TokenCache(session, aiohttp.ClientTimeout(total=5), time.monotonic)
+        client = RegistryClient(session, registries, config, tokens, breaker, Metrics())
+        for start in range(0, 64 * KiB, 4 * KiB):
+            for _ in range(3):
+                with pytest.raises(UpstreamError):
+                    await client.open_blob(
+                        "fake.test", "team/app", digest, start, start + 4 * KiB - 1, retry=False
+                    )
+        fake.clear_faults()
+        body = await client.open_blob("fake.test", "team/app", digest)
+        assert await body.response.read() == data
+        body.release()
+        await client.close()
+    assert fake.count("blob") == 16 * 3 + 1  # each call one attempt: retry=False
+    assert fake.count("base") == 0
+    assert not breaker.is_open("fake.test")
 
 
 async def test_half_open_breaker_lets_one_trial_through_and_fails_the_rest_fast(
@@ -209,10 +244,14 @@ async def test_half_open_breaker_lets_one_trial_through_and_fails_the_rest_fast(
     image = seed(fake)
     mirror = await make_mirror(retries=0, breaker_failures=2, breaker_cooldown=0.3)
     fake.fault("status", status=500, kind="manifest-tag", times=2)
+    fake.fault("status", status=500, kind="base", times=1)  # the origin's ping fails too
     for tag in ("a", "b"):
         resp = await mirror.client.get(f"/v2/team/app/manifests/{tag}", params=FAKE)
         assert resp.status == 503
-    assert mirror.metric("mirror_upstream_breaker_open", registry="fake.test") == 1
+    await poll(
+        lambda: mirror.metric("mirror_upstream_breaker_open", registry="fake.test") == 1,
+        what="the probe to fail",
+    )
     await poll(
         lambda: mirror.metric("mirror_upstream_breaker_open", registry="fake.test") == 0,
         what="the cooldown to end",
@@ -266,7 +305,7 @@ async def test_an_unreadable_retry_after_is_a_503_not_a_crash(
         ("http-date+86400", 3600, 3600),
     ],
 )
-async def test_retry_after_holds_the_registry_off_for_as_long_as_it_says_at_most_an_hour(
+async def test_retry_after_holds_manifest_gets_off_for_as_long_as_it_says_at_most_an_hour(
     fake: FakeRegistry, make_mirror: MakeMirror, value: str, low: int, high: int
 ) -> None:
     image = seed(fake)
@@ -278,25 +317,28 @@ async def test_retry_after_holds_the_registry_off_for_as_long_as_it_says_at_most
     assert resp.status == 503
     assert low <= int(resp.headers["Retry-After"]) <= high
     asked = fake.count()
-    resp = await mirror.client.get(f"/v2/team/app/blobs/{image.layers[0]}", params=FAKE)
+    resp = await mirror.client.get(f"/v2/team/app/manifests/{image.digest}", params=FAKE)
     assert resp.status == 503  # held off: not asked again
+    assert low <= int(resp.headers["Retry-After"]) <= high
     assert fake.count() == asked
+    held = mirror.metric("mirror_upstream_hold_seconds", registry="fake.test", kind="manifest")
+    assert low - 1 <= held <= high
 
 
-async def test_429s_with_retry_after_zero_still_open_the_breaker(
+async def test_a_429_with_retry_after_zero_still_holds_its_kind_for_a_cooldown(
     fake: FakeRegistry, make_mirror: MakeMirror
 ) -> None:
     image = seed(fake)
     mirror = await make_mirror(retries=0, breaker_failures=2, breaker_cooldown=60.0)
-    fake.fault("status", status=429, retry_after="0")
+    fake.fault("status", status=429, retry_after="0", kind="manifest-tag")
     for tag in ("a", "b"):
         resp = await mirror.client.get(f"/v2/team/app/manifests/{tag}", params=FAKE)
         assert resp.status == 503
-    assert fake.count() == 2
+    assert fake.count() == 1  # the second was held: the origin is spared
+    assert resp.headers["Retry-After"] == "60"
     resp = await mirror.client.get(f"/v2/team/app/blobs/{image.layers[0]}", params=FAKE)
-    assert resp.status == 503
-    assert fake.count() == 2  # open: the origin is spared
-    assert mirror.metric("mirror_upstream_breaker_open", registry="fake.test") == 1
+    assert resp.status == 200  # another kind of request: not held
+    assert mirror.metric("mirror_upstream_breaker_open", registry="fake.test") == 0
 
 
 # -- what the client is told ---------------------------------------------------------------------
@@ -400,7 +442,7 @@ async def test_a_silent_upstream_during_revalidation_opens_the_breaker(
     fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path
 ) -> None:
     base = mirror_config(
-        tmp_path / "cache", fake.url, header_timeout=30.0, retries=0, breaker_failures=2,
+        tmp_path / "cache", fake.url, header_timeout=0.4, retries=0, breaker_failures=2,
         breaker_cooldown=60.0,
     )  # fmt: skip
     cache = replace(base.cache, tag_ttl=0.05, revalidate_timeout=0.2)
@@ -410,11 +452,18 @@ async def test_a_silent_upstream_during_revalidation_opens_the_breaker(
         resp = await mirror.client.get(f"/v2/team/app/manifests/{tag}", params=FAKE)
         assert resp.status == 200
     await asyncio.sleep(0.1)  # every tag is past its TTL
-    fake.fault("silent", kind="manifest-tag")
-    for tag in ("a", "b", "c"):
+    fake.fault("silent")  # and the origin's ping, which decides
+    for tag in ("a", "b"):
         resp = await mirror.client.head(f"/v2/team/app/manifests/{tag}", params=FAKE)
         assert resp.status == 200  # stale, within max_stale
-    # Two silent HEADs counted as failures: the third tag was served without asking.
+    # Two silent HEADs of different tags: the origin is asked whether it is down, and stays
+    # silent past header_timeout. From then on the third tag is served without asking.
+    await poll(
+        lambda: mirror.metric("mirror_upstream_breaker_open", registry="fake.test") == 1,
+        what="the probe to time out",
+    )
+    resp = await mirror.client.head("/v2/team/app/manifests/c", params=FAKE)
+    assert resp.status == 200
     assert fake.count("manifest-tag", method="HEAD") == 2
+    assert fake.count("base") == 1
     assert mirror.requests("manifest", "stale") == 3
-    assert mirror.metric("mirror_upstream_breaker_open", registry="fake.test") == 1

@@ -8,8 +8,9 @@ from collections import Counter
 import pytest
 
 from .clients import Containerd, Skopeo, host_platform
-from .images import Catalog
+from .images import ACCEPT_ALL, Catalog
 from .mirror_proc import Mirror, MirrorFactory
+from .procs import http_request
 from .upstream import Upstream
 
 pytestmark = pytest.mark.integration
@@ -83,6 +84,30 @@ def test_upstream_rate_limit_serves_cached_image(
     # The mirror asked (and was refused), and did not hammer the upstream while refused.
     tag_requests = content_requests(upstream)[("HEAD", "manifest_tag")]
     assert 1 <= tag_requests <= 4, [str(r) for r in upstream.requests()]
+
+
+def test_a_limit_on_manifest_gets_does_not_stop_blobs(
+    mirror_factory: MirrorFactory, catalog: Catalog, containerd: Containerd, upstream: Upstream
+) -> None:
+    """Docker Hub counts manifest GETs as pulls. Once it answers one with 429, the mirror holds
+    back manifest GETs only: a node pulling an image whose manifests the mirror holds (its
+    layers not yet) revalidates the tag by HEAD and gets every layer."""
+    mirror = mirror_factory(tag_ttl="0s")
+    accept = [("Accept", t) for t in ACCEPT_ALL]
+    base = "/v2/docker.io/library/hello/manifests"
+    for ref in ("1.0", catalog.hello.platform(host_platform()).digest):
+        assert http_request("GET", mirror.host, f"{base}/{ref}", accept).status == 200
+    limit = {"status": 429, "method": "GET", "headers": {"Retry-After": "60"}}
+    upstream.set_faults({**limit, "kind": "manifest_tag"}, {**limit, "kind": "manifest_digest"})
+    held = http_request("GET", mirror.host, "/v2/docker.io/library/single/manifests/1.0", accept)
+    assert (held.status, held.headers["Retry-After"]) == (503, "60")
+    upstream.reset()
+
+    ctr_pull_hello(containerd, mirror, catalog)
+    counts = content_requests(upstream)
+    assert counts[("HEAD", "manifest_tag")] == 1  # the revalidation went out, and succeeded
+    assert counts[("GET", "blob")] >= 2  # config and layers: from the origin, not held
+    assert not any(method == "GET" and "manifest" in kind for method, kind in counts)
 
 
 def test_sigterm_exits_cleanly(mirror: Mirror) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import subprocess
@@ -26,7 +27,12 @@ from mirror.config import (
     env_id,
     load_config,
 )
-from mirror.config.values import parse_duration, parse_listen, parse_size
+from mirror.config.values import (
+    parse_duration,
+    parse_hosts_or_networks,
+    parse_listen,
+    parse_size,
+)
 
 PROJECT = Path(__file__).resolve().parents[2]
 
@@ -127,6 +133,32 @@ def test_parse_listen(value: str, expected: tuple[str, int]) -> None:
 def test_parse_listen_rejects(value: str) -> None:
     with pytest.raises(ValueError):
         parse_listen(value)
+
+
+_net = ipaddress.ip_network
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ([], ()),
+        ("", ()),
+        (["cdn.Example.com."], ("cdn.example.com",)),
+        ("10.0.0.0/8, fd00::/8", (_net("10.0.0.0/8"), _net("fd00::/8"))),
+        (["[::1]", "10.1.2.3/8"], (_net("::1/128"), _net("10.0.0.0/8"))),
+        (["localhost"], ("localhost",)),
+    ],
+)  # fmt: skip
+def test_parse_hosts_or_networks(value: Any, expected: tuple[Any, ...]) -> None:
+    assert parse_hosts_or_networks(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value", ["http://cdn", "cdn:443", "a_b.example", "-cdn", "127.1", "2130706433", "10.0.0.0/33"]
+)
+def test_parse_hosts_or_networks_rejects(value: str) -> None:
+    with pytest.raises(ValueError):
+        parse_hosts_or_networks(value)
 
 
 def test_parse_listen_rejects_bare_ipv6() -> None:
@@ -234,6 +266,8 @@ concurrency = 2
         ({"MIRROR_UPSTREAM_RETRIES": "0"}, "upstream", "retries", 0),
         ({"MIRROR_UPSTREAM_READ_TIMEOUT": "500ms"}, "upstream", "read_timeout", 0.5),
         ({"MIRROR_UPSTREAM_BREAKER_FAILURES": "9"}, "upstream", "breaker_failures", 9),
+        ({"MIRROR_UPSTREAM_REDIRECT_ALLOW": "S3.local, 127.0.0.1"}, "upstream",
+         "redirect_allow", ("s3.local", ipaddress.ip_network("127.0.0.1/32"))),
         ({"MIRROR_WARM_PLATFORMS": "linux/amd64, linux/arm/v7,"}, "warm", "platforms",
          ("linux/amd64", "linux/arm/v7")),
         ({"MIRROR_WARM_CONCURRENCY": "16"}, "warm", "concurrency", 16),
@@ -359,6 +393,7 @@ def test_passwords_stay_out_of_repr() -> None:
         ({"MIRROR_UPSTREAM_RANGED_STREAMS": "0"}, "$MIRROR_UPSTREAM_RANGED_STREAMS"),
         ({"MIRROR_UPSTREAM_BREAKER_FAILURES": "1.5"}, "$MIRROR_UPSTREAM_BREAKER_FAILURES"),
         ({"MIRROR_UPSTREAM_CHUNK_SIZE": "1KiB"}, "upstream.chunk_size"),  # below 64KiB
+        ({"MIRROR_UPSTREAM_REDIRECT_ALLOW": "http://cdn"}, "$MIRROR_UPSTREAM_REDIRECT_ALLOW"),
         ({"MIRROR_WARM_PLATFORMS": "amd64"}, "$MIRROR_WARM_PLATFORMS"),
         ({"MIRROR_WARM_PLATFORMS": " , "}, "$MIRROR_WARM_PLATFORMS"),
         ({"MIRROR_WARM_CONCURRENCY": "0"}, "$MIRROR_WARM_CONCURRENCY"),

@@ -13,6 +13,7 @@ from mirror.metrics import (
     REQUEST_KINDS,
     REQUEST_RESULTS,
     SERVED_SOURCES,
+    UPSTREAM_KINDS,
     Metrics,
     status_class,
 )
@@ -29,6 +30,7 @@ COLLECTORS: list[tuple[str, str, str, dict[str, str]]] = [
     ("ratelimit_remaining", "mirror_upstream_ratelimit_remaining", "gauge",
      {"registry": "docker.io"}),
     ("breaker_open", "mirror_upstream_breaker_open", "gauge", {"registry": "docker.io"}),
+    ("hold", "mirror_upstream_hold_seconds", "gauge", {"registry": "docker.io", "kind": "blob"}),
     ("stale_served", "mirror_stale_served", "counter", {"registry": "docker.io"}),
     ("cache_bytes", "mirror_cache_bytes", "gauge", {}),
     ("cache_entries", "mirror_cache_entries", "gauge", {}),
@@ -149,6 +151,17 @@ def test_breaker_gauge_reads_the_breaker_at_scrape_time() -> None:
     assert value(m, "mirror_upstream_breaker_open", registry="ghcr.io") == 0
     open_now.clear()  # a cooldown ran out: no event, and the next scrape says closed
     assert value(m, "mirror_upstream_breaker_open", registry="docker.io") == 0
+
+
+def test_hold_gauge_reads_each_kind_at_scrape_time() -> None:
+    m = Metrics()
+    left = {("docker.io", "manifest"): 42.0}
+    m.watch_holds(["docker.io"], lambda name, kind: left.get((name, kind), 0.0))
+    assert value(m, "mirror_upstream_hold_seconds", registry="docker.io", kind="manifest") == 42
+    for kind in UPSTREAM_KINDS[1:]:  # one series per kind, each its own
+        assert value(m, "mirror_upstream_hold_seconds", registry="docker.io", kind=kind) == 0
+    left.clear()
+    assert value(m, "mirror_upstream_hold_seconds", registry="docker.io", kind="manifest") == 0
 
 
 def test_tallies_are_batched_until_a_render_flushes_them_all() -> None:
