@@ -17,7 +17,7 @@ from mirror.cache.janitor import CacheJanitor
 from mirror.cache.manifests import ManifestService
 from mirror.config import Config, describe
 from mirror.handlers import ops, registry
-from mirror.handlers.admin import add_admin_routes
+from mirror.handlers.admin import add_admin_routes, add_warm_service
 from mirror.keys import (
     blobs_key,
     config_key,
@@ -26,6 +26,7 @@ from mirror.keys import (
     manifests_key,
     metrics_key,
     sendfile_pool_key,
+    services_key,
     store_key,
 )
 from mirror.metrics import Metrics
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
     from aiobotocore.session import AioSession
 
 log = structlog.get_logger("mirror.app")
+
+UPSTREAM_CONNECTIONS = 512  # the upstream session's pool: descriptors kept out of clients' reach
 
 
 def create_app(
@@ -60,7 +63,7 @@ def create_app(
     app.cleanup_ctx.append(_cache_lock)  # first in, last out: held while any service runs
     app.cleanup_ctx.append(partial(_credentials, aws_session=aws_session))
     app.cleanup_ctx.append(_services)
-    add_admin_routes(app)  # after _services: the warm service is built from its blobs/manifests
+    add_warm_service(app)  # after _services: the warm service is built from its blobs/manifests
     app.on_response_prepare.append(add_common_headers)
     app.router.add_get("/healthz", ops.healthz, allow_head=True)
     app.router.add_get("/readyz", ops.readyz, allow_head=True)
@@ -69,6 +72,18 @@ def create_app(
     app.router.add_get("/v2", registry.base, allow_head=True)
     app.router.add_route("*", "/v2/{tail:.*}", registry.dispatch)
     return app
+
+
+def create_admin_app(app: web.Application) -> web.Application:
+    """The admin API (/admin/...) as an application of its own, for server.admin_listen: the
+    registry listener has no route to it at all. Start it after `app`, whose services it uses."""
+    admin = web.Application(middlewares=[observe], client_max_size=64 * 1024)
+    admin[config_key] = app[config_key]
+    admin[metrics_key] = app[metrics_key]
+    admin[services_key] = app
+    add_admin_routes(admin)
+    admin.on_response_prepare.append(add_common_headers)
+    return admin
 
 
 async def _cache_lock(app: web.Application) -> AsyncIterator[None]:
@@ -92,7 +107,9 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     swept = store.prepare()
     up = config.upstream
     session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=512, limit_per_host=0, ttl_dns_cache=300),
+        connector=aiohttp.TCPConnector(
+            limit=UPSTREAM_CONNECTIONS, limit_per_host=0, ttl_dns_cache=300
+        ),
         auto_decompress=False,  # digests cover the bytes as sent: never decode them
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=up.connect_timeout),
     )

@@ -26,6 +26,8 @@ credentials_key = web.AppKey("credentials", CredentialSource)
 # Threads that run sendfile for cached blobs (one per transfer in progress).
 sendfile_pool_key = web.AppKey("sendfile_pool", ThreadPoolExecutor)
 warm_key = web.AppKey("warm", WarmService)
+# On the admin app: the registry app, whose services (the warm service) it uses.
+services_key = web.AppKey("services", web.Application)
 
 # Per-request notes the handlers leave for the middleware's access line and metrics.
 request_id_key = web.RequestKey("mirror.request_id", str)

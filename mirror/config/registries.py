@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -11,7 +10,7 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
-from mirror.config.values import optional_str, parse_bool
+from mirror.config.values import is_loopback, optional_str, parse_bool
 
 DEFAULT_REGISTRIES: Mapping[str, str] = MappingProxyType(
     {
@@ -148,21 +147,12 @@ def _aws_endpoint_url(value: Any) -> str:
     """https only: GetAuthorizationToken's reply is the registry password. Plain http is for
     a stand-in (moto) on this machine, where nothing travels over a network."""
     url = _registry_url(value)
-    if url.startswith("http://") and not _is_loopback(urlsplit(url).hostname or ""):
+    if url.startswith("http://") and not is_loopback(urlsplit(url).hostname or ""):
         raise ValueError(
             f"must be https:// (the reply carries the registry password), got {url!r}; "
             "http:// only to a loopback host (127.0.0.0/8, ::1, localhost)"
         )
     return url
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a name: it may resolve anywhere
 
 
 def _aws_region(value: Any) -> str:

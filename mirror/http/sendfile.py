@@ -28,6 +28,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from mirror.http.connections import reset
 from mirror.keys import config_key
 
 SLICE = 8 << 20  # bytes one thread call may move before it lets other transfers have a turn
@@ -51,10 +52,9 @@ def idle_timeout(request: web.Request) -> float:
 
 
 def drop(request: web.Request) -> None:
-    """End the connection of a client that hung up or stopped reading. An abort, not a close:
+    """End the connection of a client that hung up or stopped reading. A reset, not a close:
     a close would wait for buffered bytes to drain, which a stuck client never lets happen."""
-    if request.transport is not None:
-        request.transport.abort()
+    reset(request.transport)
 
 
 class StallGuard:
@@ -91,7 +91,7 @@ class StallGuard:
             self._progress_at = now
         elif now - self._progress_at >= self._idle:
             self._timer = None
-            transport.abort()  # the pending write fails with a connection error: a hang-up
+            reset(transport)  # the pending write fails with a connection error: a hang-up
             return
         self._timer = self._loop.call_later(self._idle / 2, self._check)
 

@@ -41,6 +41,9 @@ COLLECTORS: list[tuple[str, str, str, dict[str, str]]] = [
     ("digest_mismatches", "mirror_digest_mismatches", "counter", {"registry": "docker.io"}),
     ("cache_write_failures", "mirror_cache_write_failures", "counter", {"reason": "enospc"}),
     ("warm_jobs", "mirror_warm_jobs", "counter", {"state": "done"}),
+    ("connections_open", "mirror_connections_open", "gauge", {}),
+    ("connections_limit", "mirror_connections_limit", "gauge", {}),
+    ("connections_dropped", "mirror_connections_dropped", "counter", {"reason": "limit"}),
 ]  # fmt: skip
 
 
