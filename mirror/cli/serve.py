@@ -13,6 +13,7 @@ from aiohttp import web
 
 from mirror.app import UPSTREAM_CONNECTIONS, create_admin_app, create_app
 from mirror.config import Config
+from mirror.http.accept import Acceptor, listening_sockets
 from mirror.http.connections import (
     ClientConnections,
     HeadWatch,
@@ -81,9 +82,9 @@ async def serve(
             def factory() -> asyncio.Protocol:
                 return HeadWatch(aiohttp_protocol(), clients, admitted=False)
 
-        listener = await loop.create_server(
-            factory, server.host, server.port, backlog=BACKLOG, reuse_address=True
-        )
+        # Not loop.create_server: libuv accepts one connection per loop iteration (Acceptor).
+        listener = Acceptor(loop, factory, listening_sockets(server.host, server.port, BACKLOG))
+        listener.start()
         stack.callback(listener.close)
         admin_listener = await loop.create_server(
             lambda: HeadWatch(admin_protocol(), admin_clients, admitted=False),

@@ -28,6 +28,7 @@ TCP_STATES = {
 class Served:
     port: int
     admin_port: int
+    loop: asyncio.AbstractEventLoop | None = None  # the server's own, when not the test's
 
     @property
     def url(self) -> str:
@@ -90,7 +91,8 @@ def served_on_uvloop(config: Config) -> Iterator[Served]:
         assert ready.wait(10), "the mirror did not start"
         if "error" in found:
             raise AssertionError(f"the mirror failed: {found['error']!r}")
-        yield Served(int(found["main"]), int(found["admin"]))  # type: ignore[call-overload]
+        loop, _ = found["stop"]  # type: ignore[misc]
+        yield Served(int(found["main"]), int(found["admin"]), loop)  # type: ignore[call-overload]
     finally:
         if "stop" in found:
             loop, stop = found["stop"]  # type: ignore[misc]
