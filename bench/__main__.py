@@ -1,6 +1,6 @@
 """Entry point: `python -m bench [scenario ...] [--quick]` starts everything, runs, reports, stops.
 
-Scenarios: fanout (a), single (b), warm (c), manifests (d); none named means all four.
+Scenarios: fanout (a), single (b), warm (c), manifests (d), load (e); none named means all.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "scenarios",
         nargs="*",
         metavar="scenario",
-        help=f"any of {', '.join(SCENARIOS)} (or a b c d); default: all",
+        help=f"any of {', '.join(SCENARIOS)} (or {' '.join(ALIASES)}); default: all",
     )
     p.add_argument("--quick", action="store_true", help="32 MiB blob, 1 s load runs (~2 min)")
     p.add_argument("--reps", type=int, help="repetitions per measurement (default 3)")

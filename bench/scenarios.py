@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from .cold import cold_fanout, cold_single
+from .load import load
 from .manifests import manifests
 from .report import ScenarioResult
 from .warm import warm_serving
@@ -15,5 +16,6 @@ SCENARIOS: dict[str, Callable[[World], Awaitable[ScenarioResult]]] = {
     "single": cold_single,
     "warm": warm_serving,
     "manifests": manifests,
+    "load": load,
 }
-ALIASES = {"a": "fanout", "b": "single", "c": "warm", "d": "manifests"}
+ALIASES = {"a": "fanout", "b": "single", "c": "warm", "d": "manifests", "e": "load"}

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .procs import Process, http_status, peak_rss_bytes, rss_bytes
+from .procs import Process, free_port, http_status, peak_rss_bytes, rss_bytes
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -16,6 +16,7 @@ CONFIG = """\
 default_registry = "bench"
 [server]
 listen = "127.0.0.1:{port}"
+admin_listen = "127.0.0.1:{admin_port}"
 access_log = false
 [cache]
 dir = "{cache}"
@@ -84,6 +85,7 @@ class Mirror:
         self.config_path = workdir / "mirror.toml"
         self.config_text = CONFIG.format(
             port=port,
+            admin_port=free_port(),  # not the default 5050: a mirror on this box may have it
             cache=self.cache,
             link=link,
             ranged_streams=ranged_streams,

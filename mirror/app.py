@@ -28,7 +28,7 @@ from mirror.cache.second import SecondLevel
 from mirror.cache.uploads import Uploader
 from mirror.config import Config, describe
 from mirror.handlers import ops, registry
-from mirror.handlers.admin import add_admin_routes
+from mirror.handlers.admin import add_admin_routes, add_warm_service
 from mirror.keys import (
     blobs_key,
     config_key,
@@ -38,6 +38,7 @@ from mirror.keys import (
     metrics_key,
     second_key,
     sendfile_pool_key,
+    services_key,
     session_key,
     store_key,
     uploads_key,
@@ -62,6 +63,8 @@ if TYPE_CHECKING:
     from aiobotocore.session import AioSession
 
 log = structlog.get_logger("mirror.app")
+
+UPSTREAM_CONNECTIONS = 512  # the upstream session's pool: descriptors kept out of clients' reach
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,7 @@ def create_app(config: Config, deps: Deps | None = None) -> web.Application:
     app.cleanup_ctx.append(lambda app: _blobs(app, deps))
     app.cleanup_ctx.append(lambda app: _manifests(app, deps))
     app.cleanup_ctx.append(_sendfile_pool)
-    add_admin_routes(app)  # after the services: warming is built from them
+    add_warm_service(app)  # after the services: warming is built from them
     app.on_response_prepare.append(add_common_headers)
     app.router.add_get("/healthz", ops.healthz, allow_head=True)
     app.router.add_get("/readyz", ops.readyz, allow_head=True)
@@ -109,6 +112,18 @@ def create_app(config: Config, deps: Deps | None = None) -> web.Application:
     app.router.add_get("/v2", registry.base, allow_head=True)
     app.router.add_route("*", "/v2/{tail:.*}", registry.dispatch)
     return app
+
+
+def create_admin_app(app: web.Application) -> web.Application:
+    """The admin API (/admin/...) as an application of its own, for server.admin_listen: the
+    registry listener has no route to it at all. Start it after `app`, whose services it uses."""
+    admin = web.Application(middlewares=[observe], client_max_size=64 * 1024)
+    admin[config_key] = app[config_key]
+    admin[metrics_key] = app[metrics_key]
+    admin[services_key] = app
+    add_admin_routes(admin)
+    admin.on_response_prepare.append(add_common_headers)
+    return admin
 
 
 async def _cache_lock(app: web.Application, layout: Layout) -> AsyncIterator[None]:
@@ -121,7 +136,8 @@ async def _cache_lock(app: web.Application, layout: Layout) -> AsyncIterator[Non
 
 async def _http_session(app: web.Application) -> AsyncIterator[None]:
     up = app[config_key].upstream
-    session = open_session(up, app[config_key].registries)  # redirects go only where allowed
+    # Redirects go only where allowed; the pool's size is kept out of clients' descriptors.
+    session = open_session(up, app[config_key].registries, UPSTREAM_CONNECTIONS)
     app[session_key] = session
     try:
         yield

@@ -36,6 +36,8 @@ warm_key = web.AppKey("warm", WarmService)
 # The region's bucket (only when [s3] names one) and what copies blobs into it.
 second_key = web.AppKey("second", SecondLevel)
 uploads_key = web.AppKey("uploads", Uploader)
+# On the admin app: the registry app, whose services (the warm service) it uses.
+services_key = web.AppKey("services", web.Application)
 
 # Per-request notes the handlers leave for the middleware's access line and metrics.
 request_id_key = web.RequestKey("mirror.request_id", str)

@@ -21,6 +21,9 @@ SERVED_SOURCES: tuple[str, ...] = ("disk", "s3", "peer", "origin", "redirect")
 S3_UPLOAD_RESULTS: tuple[str, ...] = ("queued", "done", "failed", "skipped", "dropped")
 # The kinds of request the mirror makes to an origin; a 429 holds one kind, not the registry.
 UPSTREAM_KINDS: tuple[str, ...] = ("manifest", "manifest_head", "blob", "blob_head", "tags")
+# Why the server ended a client connection itself: refused at the cap, or no request head in
+# time (server.max_connections, server.header_timeout).
+DROP_REASONS: tuple[str, ...] = ("limit", "header_timeout")
 
 # One histogram covers a cached tag HEAD (well under a millisecond) and a cold multi-GB blob
 # (minutes), so the buckets are roughly logarithmic from 0.5 ms to 10 min.
@@ -169,6 +172,22 @@ class Metrics:
         self.s3_breaker_open = Gauge(
             "mirror_s3_breaker_open", "1 while the S3 level's circuit breaker is open.", registry=r
         )
+        self.connections_open = Gauge(
+            "mirror_connections_open", "Client connections open now.", registry=r
+        )
+        self.connections_limit = Gauge(
+            "mirror_connections_limit",
+            "Client connections the mirror admits at once (server.max_connections, lowered "
+            "to what the descriptor limit allows).",
+            registry=r,
+        )
+        self.connections_dropped = Counter(
+            "mirror_connections_dropped_total",
+            "Client connections the mirror ended itself: refused at the limit, or closed "
+            "for sending no complete request head in time.",
+            ["reason"],
+            registry=r,
+        )
         self.warm_jobs = Counter(
             "mirror_warm_jobs_total",
             "Warm jobs by the state they reached.",
@@ -184,6 +203,8 @@ class Metrics:
                 self.requests.labels(kind=kind, result=result)
         for source in SERVED_SOURCES:
             self.served_bytes.labels(source=source)
+        for reason in DROP_REASONS:
+            self.connections_dropped.labels(reason=reason)
 
     def track_registries(self, names: Iterable[str]) -> None:
         """Create each configured registry's series at zero (call once, from the app root).
@@ -225,6 +246,11 @@ class Metrics:
                 self.hold.labels(registry=name, kind=kind).set_function(
                     partial(held_for, name, kind)
                 )
+
+    def watch_connections(self, count: Callable[[], int], limit: int) -> None:
+        """The open-connection gauge reads `count` at scrape time (call once, from serve)."""
+        self.connections_open.set_function(lambda: float(count()))
+        self.connections_limit.set(limit)
 
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """The exposition body and its Content-Type; OpenMetrics when `accept` asks for it."""

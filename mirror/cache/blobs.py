@@ -7,6 +7,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+from cachetools import LRUCache
+
 from mirror.cache.body import BlobBody, CachedBody, LiveBody, Redirect
 from mirror.cache.download import BlobDownload
 from mirror.cache.errors import EXPECTED, to_registry_error
@@ -64,6 +66,9 @@ class BlobService:
         # Upstream HEADs, by repository too: one that lacks the blob must not answer for one
         # that has it.
         self._heads: SingleFlight[tuple[str, str, str], int] = SingleFlight("blob head")
+        # What those HEADs said: a digest's size never changes, so a repeated HEAD of a blob
+        # not cached yet costs the origin nothing more (per repository, as above).
+        self._sizes: LRUCache[tuple[str, str, str], int] = LRUCache(10_000)
 
     @property
     def in_flight(self) -> int:
@@ -145,9 +150,12 @@ class BlobService:
                 size = await self._second.has(digest)
                 if size is not None:
                     return size, "hit"
-            size, shared = await self._heads.do(
-                (registry, name, digest.hex), lambda: self._origin.size(registry, name, digest)
-            )
+            key = (registry, name, digest.hex)
+            known = self._sizes.get(key)
+            if known is not None:
+                return known, "coalesced"
+            size, shared = await self._heads.do(key, lambda: self._origin.size(registry, name, digest))
+            self._sizes[key] = size
         except EXPECTED as exc:  # translated for the client; anything else is a bug
             raise to_registry_error(exc, ErrorCode.BLOB_UNKNOWN) from exc
         return size, "coalesced" if shared else "miss"

@@ -16,6 +16,7 @@ import re
 import secrets
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -34,7 +35,7 @@ from mirror.cache.warm_jobs import (
 from mirror.config import WarmConfig
 from mirror.metrics import Metrics
 from mirror.oci.digest import Digest
-from mirror.oci.errors import RegistryError
+from mirror.oci.errors import ErrorCode, RegistryError
 from mirror.oci.manifest import (
     Descriptor,
     InvalidManifest,
@@ -49,6 +50,11 @@ log = structlog.get_logger("mirror.warming")
 MAX_IMAGES = 500
 MAX_PLATFORMS = 16
 KEEP_JOBS = 100  # finished jobs are forgotten oldest first beyond this; running ones never
+MAX_ACTIVE_JOBS = 16  # jobs not finished yet; one more is refused until one finishes
+MAX_QUEUED_IMAGES = 2000  # images of all jobs not finished yet, a new job's included
+# A job whose images fail to resolve this many times in a row stops trying the rest: a list of
+# missing tags must not become as many upstream manifest requests (Docker Hub pulls).
+MAX_FAILED_IN_A_ROW = 20
 BLOBS_PER_IMAGE = 4  # each blob download may itself open several ranged streams
 _PLATFORM = re.compile(r"[a-z0-9][a-z0-9._-]*/[a-z0-9][a-z0-9._-]*(?:/[a-z0-9][a-z0-9._-]*)?")
 # Foreign (Windows base) layers are not served by registries: clients fetch them from their
@@ -72,7 +78,47 @@ class WarmBusy(Exception):
 
 
 class _Failed(Exception):
-    """An image cannot be warmed; the message is its reason."""
+    """An image cannot be warmed; the message is its reason, `cause` the manifest request's
+    answer when resolving it failed."""
+
+    def __init__(self, reason: str, cause: RegistryError | None = None) -> None:
+        super().__init__(reason)
+        self.cause = cause
+
+
+@dataclass
+class _Brake:
+    """What a job stops asking upstream for: the rest of a registry's images once it could not
+    serve one (rate limit, outage, open breaker: the next would fare no better), and all the
+    rest once `limit` images in a row failed to resolve."""
+
+    limit: int
+    in_a_row: int = 0
+    skipped: int = 0  # images failed without a request, for those reasons
+    stopped: dict[str | None, str] = field(default_factory=dict)  # registry (None: all) -> why
+
+    def why_not(self, registry: str) -> str | None:
+        return self.stopped.get(registry) or self.stopped.get(None)
+
+    def resolved(self) -> None:
+        self.in_a_row = 0
+
+    def failed(self, image: ImageStatus, cause: RegistryError) -> None:
+        ref = image.reference
+        if cause.code is ErrorCode.UNAVAILABLE:
+            self.stopped.setdefault(
+                ref.registry,
+                f"not tried: {ref.registry} could not serve {ref.name}:{ref.reference} "
+                f"({cause.message}); submit it again later",
+            )
+            return
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            self.stopped.setdefault(
+                None,
+                f"not tried: {self.limit} images in a row failed to resolve before it; "
+                "check the list and submit again",
+            )
 
 
 class WarmService:
@@ -86,6 +132,10 @@ class WarmService:
         registries: Collection[str],
         clock: Callable[[], float],
         blobs_per_image: int = BLOBS_PER_IMAGE,
+        *,
+        max_active_jobs: int = MAX_ACTIVE_JOBS,
+        max_queued_images: int = MAX_QUEUED_IMAGES,
+        max_failed_in_a_row: int = MAX_FAILED_IN_A_ROW,
     ) -> None:
         self._manifests = manifests
         self._blobs = blobs
@@ -95,6 +145,9 @@ class WarmService:
         self._registries = registries
         self._clock = clock
         self._blobs_per_image = blobs_per_image
+        self._max_active_jobs = max_active_jobs
+        self._max_queued_images = max_queued_images
+        self._max_failed_in_a_row = max_failed_in_a_row
         # Shared by all jobs: two jobs together warm no more images at once than one.
         self._slots = asyncio.Semaphore(config.concurrency)
         self._jobs: OrderedDict[str, Job] = OrderedDict()
@@ -108,6 +161,7 @@ class WarmService:
         """Validate everything first (InvalidWarmRequest lists every problem), then start."""
         references = self._references(images)
         wanted = self._platforms(platforms)
+        self._admit(len(references))
         self._make_room()
         job = Job(
             secrets.token_hex(8),
@@ -193,13 +247,27 @@ class WarmService:
             raise InvalidWarmRequest(problems)
         return tuple(wanted)
 
+    def _admit(self, images: int) -> None:
+        """Bounded work, whoever asks: jobs not finished, and the images they have left."""
+        active = [j for j in self._jobs.values() if j.finished is None]
+        if len(active) >= self._max_active_jobs:
+            raise WarmBusy(
+                f"{len(active)} warm jobs are not finished (at most {self._max_active_jobs}); "
+                "submit when some finish"
+            )
+        left = sum(i.state not in (DONE, FAILED) for j in active for i in j.images)
+        if left + images > self._max_queued_images:
+            raise WarmBusy(
+                f"{left} images of earlier jobs are still to be warmed; with this job's {images} "
+                f"that is over {self._max_queued_images}: submit when some finish"
+            )
+
     def _make_room(self) -> None:
+        """Forget the oldest finished jobs beyond KEEP_JOBS (unfinished ones are fewer)."""
         for job_id in [j.id for j in self._jobs.values() if j.finished is not None]:
             if len(self._jobs) < KEEP_JOBS:
                 break
             del self._jobs[job_id]
-        if len(self._jobs) >= KEEP_JOBS:
-            raise WarmBusy(f"{KEEP_JOBS} warm jobs are still running; submit when some finish")
 
     # -- running a job -----------------------------------------------------------------------
 
@@ -207,8 +275,9 @@ class WarmService:
         structlog.contextvars.bind_contextvars(warm_job=job.id)
         job.state = RUNNING
         job.started = self._clock()
+        brake = _Brake(self._max_failed_in_a_row)
         try:
-            await asyncio.gather(*(self._warm(job, image) for image in job.images))
+            await asyncio.gather(*(self._warm(job, image, brake) for image in job.images))
         finally:
             job.finished = self._clock()
             job.state = FAILED if any(i.state != DONE for i in job.images) else DONE
@@ -216,16 +285,27 @@ class WarmService:
             log.info(
                 "warm_job_finished", job=job.id, state=job.state,
                 images=len(job.images), failed=sum(i.state == FAILED for i in job.images),
-                bytes=job.distinct_blobs()["bytes_done"],
+                not_tried=brake.skipped, bytes=job.distinct_blobs()["bytes_done"],
                 seconds=round(job.finished - job.started, 3),
             )  # fmt: skip
 
-    async def _warm(self, job: Job, image: ImageStatus) -> None:
+    async def _warm(self, job: Job, image: ImageStatus, brake: _Brake) -> None:
         try:
             async with self._slots:
+                why_not = brake.why_not(image.reference.registry)
+                if why_not is not None:
+                    brake.skipped += 1
+                    self._fail(image, why_not, quiet=True)  # counted in the job's last line
+                    return
                 image.state = RESOLVING
                 image.started = self._clock()
-                descriptors = await self._resolve(image, job.platforms)
+                try:
+                    descriptors = await self._resolve(image, job.platforms)
+                except _Failed as exc:
+                    if exc.cause is not None:
+                        brake.failed(image, exc.cause)
+                    raise
+                brake.resolved()
                 image.state = FETCHING
                 await self._fetch_blobs(image, descriptors)
         except asyncio.CancelledError:
@@ -240,14 +320,15 @@ class WarmService:
             image.state = DONE
             image.finished = self._clock()
 
-    def _fail(self, image: ImageStatus, reason: str) -> None:
+    def _fail(self, image: ImageStatus, reason: str, quiet: bool = False) -> None:
         image.state = FAILED
         image.reason = reason
         image.finished = self._clock()
         # What unfinished downloads had written no longer counts: only whole blobs do.
         image.blob_bytes = {b: n for b, n in image.blob_bytes.items() if b in image.blobs_fetched}
         image.in_flight.clear()
-        log.warning("warm_image_failed", image=str(image.reference), reason=reason)
+        if not quiet:
+            log.warning("warm_image_failed", image=str(image.reference), reason=reason)
 
     async def _resolve(
         self, image: ImageStatus, platforms: tuple[str, ...]
@@ -261,7 +342,9 @@ class WarmService:
                 tag = ref.tag or "latest"
                 answer = await self._manifests.by_tag(ref.registry, ref.name, tag, frozenset())
             parsed = parse_manifest(answer.manifest.body, answer.manifest.media_type)
-        except (RegistryError, InvalidManifest) as exc:
+        except RegistryError as exc:
+            raise _Failed(f"manifest {ref.reference}: {exc}", exc) from exc
+        except InvalidManifest as exc:
             raise _Failed(f"manifest {ref.reference}: {exc}") from exc
         image.digest = answer.manifest.digest
         if not parsed.is_index:
@@ -301,7 +384,9 @@ class WarmService:
         try:
             answer = await self._manifests.by_digest(ref.registry, ref.name, digest)
             parsed = parse_manifest(answer.manifest.body, answer.manifest.media_type)
-        except (RegistryError, InvalidManifest) as exc:
+        except RegistryError as exc:
+            raise _Failed(f"manifest {digest}: {exc}", exc) from exc
+        except InvalidManifest as exc:
             raise _Failed(f"manifest {digest}: {exc}") from exc
         if parsed.is_index:
             raise _Failed(f"manifest {digest}: an index inside an index is not supported")

@@ -38,8 +38,9 @@ def _parser() -> argparse.ArgumentParser:
         "--file", type=Path, help="file of image references, one per line (# comments; - is stdin)"
     )
     warm.add_argument(
-        "--url", default="http://127.0.0.1:5000", help="the mirror (default %(default)s)"
-    )
+        "--url", default="http://127.0.0.1:5050",
+        help="the mirror's admin listener, server.admin_listen (default %(default)s)",
+    )  # fmt: skip
     warm.add_argument(
         "--token", help=f"admin token (default: env {ADMIN_TOKEN_ENV}, the server's own setting)"
     )

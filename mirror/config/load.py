@@ -24,24 +24,28 @@ from mirror.config.model import (
 from mirror.config.registries import load_registries
 from mirror.config.values import (
     fraction,
+    is_loopback,
     non_negative_int,
-    optional_str,
     parse_bool,
     parse_duration,
     parse_hosts_or_networks,
     parse_listen,
     parse_platforms,
     parse_size,
+    positive_duration,
     positive_int,
+    secret,
 )
 
 # (section, key in file/env) -> (dataclass field, parser)
 _SCALARS: dict[tuple[str, str], tuple[str, Any]] = {
-    ("server", "admin_token"): ("admin_token", optional_str),
+    ("server", "admin_token"): ("admin_token", secret),
     ("server", "access_log"): ("access_log", parse_bool),
     ("server", "fast_path"): ("fast_path", parse_bool),
     ("server", "sendfile_threads"): ("sendfile_threads", positive_int),
     ("server", "client_idle_timeout"): ("client_idle_timeout", parse_duration),
+    ("server", "header_timeout"): ("header_timeout", positive_duration),
+    ("server", "max_connections"): ("max_connections", positive_int),
     ("cache", "dir"): ("directory", lambda v: Path(str(v))),
     ("cache", "max_size"): ("max_size", parse_size),
     ("cache", "high_watermark"): ("high_watermark", fraction),
@@ -80,12 +84,17 @@ _SCALARS: dict[tuple[str, str], tuple[str, Any]] = {
     ("cluster", "peer_down_for"): ("peer_down_for", cl.positive_duration),
 }
 _SECTIONS = ("server", "cache", "upstream", "warm", "s3", "cluster")
+# "section.key" -> the (host, port) fields of ServerConfig an address sets.
+_ADDRESSES = {
+    "server.listen": ("host", "port"),
+    "server.admin_listen": ("admin_host", "admin_port"),
+}
 
 
 def known_keys() -> frozenset[str]:
     """Every "section.key" (and default_registry) a file, the environment or a flag may set;
     registries are a table of their own (mirror.config.registries)."""
-    return frozenset({"default_registry", "server.listen"} | {f"{s}.{k}" for s, k in _SCALARS})
+    return frozenset({"default_registry", *_ADDRESSES} | {f"{s}.{k}" for s, k in _SCALARS})
 
 
 def load_config(
@@ -148,10 +157,9 @@ def load_config(
             default_registry = str(value)
             continue
         section, _, key = dotted.partition(".")
-        if (section, key) == ("server", "listen"):
+        if dotted in _ADDRESSES:
             try:
-                host, port = parse_listen(value)
-                sections["server"].update(host=host, port=port)
+                sections["server"].update(zip(_ADDRESSES[dotted], parse_listen(value), strict=True))
             except ValueError as exc:
                 problems.append(f"{origin}: {exc}")
             continue
@@ -186,6 +194,7 @@ def load_config(
         problems += s3.s3_problems(s3_level)
     if "cluster" not in refused:
         problems += cl.cluster_problems(cluster)
+    problems += _admin_problems(server)
     if problems:
         raise ConfigError(problems)
     return Config(
@@ -198,6 +207,27 @@ def load_config(
         registries=MappingProxyType(registries),
         default_registry=default_registry,
     )
+
+
+def _admin_problems(server: ServerConfig) -> list[str]:
+    """The admin API starts work and lists jobs: off this machine only behind a token, and
+    never on the port the registry API uses."""
+    problems = []
+    if not is_loopback(server.admin_host) and server.admin_token is None:
+        problems.append(
+            f"server.admin_listen: {server.admin_host}:{server.admin_port} is reachable from "
+            "other machines: set server.admin_token (MIRROR_SERVER_ADMIN_TOKEN) too, or "
+            "listen on 127.0.0.1"
+        )
+    wildcard = ("0.0.0.0", "::")
+    if server.admin_port == server.port != 0 and (
+        server.admin_host == server.host or {server.host, server.admin_host} & set(wildcard)
+    ):
+        problems.append(
+            f"server.admin_listen: port {server.admin_port} is server.listen's port: the admin "
+            "API needs a listener of its own"
+        )
+    return problems
 
 
 def describe(config: Config) -> dict[str, Any]:

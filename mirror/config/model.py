@@ -32,6 +32,15 @@ class ServerConfig:
     sendfile_threads: int = 64
     # A client that takes no byte for this long is dropped, releasing its file and buffers.
     client_idle_timeout: float = 60.0
+    # A client must send a whole request head within this long of its first byte (or of
+    # connecting): a trickle of bytes cannot hold a descriptor for longer.
+    header_timeout: float = 10.0
+    # Open client connections at most; lowered at start to what the descriptor limit allows
+    # with a reserve for serving. Past it, a new connection gets a 503 and is closed.
+    max_connections: int = 10000
+    # The admin API (/admin/...) has a listener of its own; loopback unless a token is set.
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 5050
 
 
 @dataclass(frozen=True)

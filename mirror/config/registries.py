@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -11,7 +10,7 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
-from mirror.config.values import optional_str, parse_bool
+from mirror.config.values import is_loopback, optional_str, parse_bool
 
 DEFAULT_REGISTRIES: Mapping[str, str] = MappingProxyType(
     {
@@ -155,15 +154,6 @@ def aws_endpoint_url(value: Any, why: str = "the reply carries the registry pass
             "http:// only to a loopback host (127.0.0.0/8, ::1, localhost)"
         )
     return url
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a name: it may resolve anywhere
 
 
 def aws_region(value: Any) -> str:

@@ -142,3 +142,28 @@ def parse_hosts_or_networks(
 def optional_str(value: Any) -> str | None:
     text = str(value)
     return text or None
+
+
+def secret(value: Any) -> str:
+    """A token: an empty one would read as "no token" and leave what it guards open."""
+    text = str(value)
+    if not text.strip():
+        raise ValueError("must not be empty (leave it unset for none)")
+    return text
+
+
+def positive_duration(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("must be more than 0")
+    return seconds
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve anywhere

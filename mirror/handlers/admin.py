@@ -1,4 +1,5 @@
-"""The operator API: cache warming jobs, behind the admin bearer token when one is set."""
+"""The operator API: cache warming jobs, on the admin listener only, behind the admin token
+when one is set."""
 
 from __future__ import annotations
 
@@ -12,7 +13,15 @@ import structlog
 from aiohttp import web
 
 from mirror.cache.warming import KEEP_JOBS, InvalidWarmRequest, WarmBusy, WarmService
-from mirror.keys import blobs_key, config_key, kind_key, manifests_key, metrics_key, warm_key
+from mirror.keys import (
+    blobs_key,
+    config_key,
+    kind_key,
+    manifests_key,
+    metrics_key,
+    services_key,
+    warm_key,
+)
 from mirror.oci.errors import ErrorCode, RegistryError
 
 log = structlog.get_logger("mirror.admin")
@@ -22,13 +31,25 @@ MAX_BODY = 1024 * 1024
 _FIELDS = frozenset({"images", "platforms"})
 
 
-def add_admin_routes(app: web.Application) -> None:
-    """Routes plus the WarmService's lifetime; call after create_app's own cleanup_ctx entry
-    is in place, since the warm service is built from the blob and manifest services."""
+def add_warm_service(app: web.Application) -> None:
+    """The WarmService's lifetime, on the registry app: call after create_app's own
+    cleanup_ctx entry is in place, since it is built from the blob and manifest services
+    (and so its jobs are cancelled before those close)."""
     app.cleanup_ctx.append(warm_ctx)
-    app.router.add_post("/admin/warm", submit_warm)
-    app.router.add_get("/admin/warm", list_warm, allow_head=False)
-    app.router.add_get("/admin/warm/{job_id}", get_warm, allow_head=False)
+
+
+def add_admin_routes(admin: web.Application) -> None:
+    """The routes, on the admin app, whose `services_key` names the registry app: started
+    after it, the admin app finds the warm service there."""
+    admin.cleanup_ctx.append(_bind_warm)
+    admin.router.add_post("/admin/warm", submit_warm)
+    admin.router.add_get("/admin/warm", list_warm, allow_head=False)
+    admin.router.add_get("/admin/warm/{job_id}", get_warm, allow_head=False)
+
+
+async def _bind_warm(admin: web.Application) -> AsyncIterator[None]:
+    admin[warm_key] = admin[services_key][warm_key]
+    yield
 
 
 async def warm_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -44,7 +65,11 @@ async def warm_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[warm_key] = warm
     if not config.server.admin_token:
-        log.warning("admin_api_open", hint="set server.admin_token to require a bearer token")
+        log.warning(
+            "admin_api_without_token",
+            listen=f"{config.server.admin_host}:{config.server.admin_port}",
+            hint="anyone on this machine can start warm jobs; set server.admin_token",
+        )
     try:
         yield
     finally:

@@ -6,7 +6,7 @@ import structlog
 from aiohttp import web
 
 from mirror.cache.body import BlobBody, BodyFailed, Redirect
-from mirror.http.sendfile import Sent, drop, reset, write_body
+from mirror.http.sendfile import Sent, drop, write_body
 from mirror.keys import (
     blobs_key,
     config_key,
@@ -173,7 +173,10 @@ async def _send(
         )  # fmt: skip
         request[result_key] = "error"
         if exc.wrong_bytes:
-            reset(request)  # the bytes it has are wrong: a resume would glue them to good ones
+            # A reset, never a FIN: the bytes it has are wrong, and a client that saw a clean
+            # end would resume them with Range (containerd glues the good tail on, then fails
+            # its commit). A reset it treats as fatal, and pulls again from scratch.
+            drop(request)
         else:
             # Good so far, cut short: a body short of Content-Length ended with a FIN, which
             # containerd resumes with Range (a reset would be fatal for it).

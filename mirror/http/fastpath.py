@@ -30,6 +30,7 @@ import httptools
 
 from mirror.cache.manifests import Manifest, ManifestService
 from mirror.config import Config
+from mirror.http.connections import ClientConnections, reset
 from mirror.log import access_line
 from mirror.metrics import Metrics
 from mirror.oci.digest import Digest, InvalidDigest, parse_digest
@@ -38,7 +39,7 @@ from mirror.oci.paths import Kind, parse_v2_path, route
 from mirror.oci.reference import InvalidName, is_tag
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
-KEEPALIVE_TIMEOUT = 75.0  # aiohttp's default for its own connections
+KEEPALIVE_TIMEOUT = 75.0  # idle keep-alive connections close after this (aiohttp's too: serve)
 MAX_ANSWER_BYTES = 1024 * 1024  # answered per read before a pipelining client goes to aiohttp
 MAX_FIELD = 8190  # aiohttp's own limit for a request line or header: beyond it, its 400
 
@@ -215,10 +216,13 @@ class FastProtocol(asyncio.Protocol):
         fast: FastPath,
         fallback: Callable[[], asyncio.Protocol],
         loop: asyncio.AbstractEventLoop,
+        connections: ClientConnections,
     ) -> None:
         self._fast = fast
         self._fallback = fallback
         self._loop = loop
+        self._connections = connections
+        self._waiting_head = True  # for the first request's head, since the connection came
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
         self._complete: list[_Request] = []
@@ -234,13 +238,18 @@ class FastProtocol(asyncio.Protocol):
     # -- asyncio.Protocol --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]  # uvloop's are not subclasses
+        stream: asyncio.Transport = transport  # type: ignore[assignment]  # uvloop's: no subclass
+        if not self._connections.admit(stream):
+            return  # answered 503 and closed: over the connection limit
+        self._transport = stream
         peer = transport.get_extra_info("peername")
         self._peer = peer[0] if isinstance(peer, tuple) else None
         self._fast.connections.add(self)
         self._arm_idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._transport is not None:
+            self._connections.release(self._transport)
         self._fast.connections.discard(self)
         if self._idle is not None:
             self._idle.cancel()
@@ -278,6 +287,9 @@ class FastProtocol(asyncio.Protocol):
             size += len(answer)
             answers.append(answer)
         assert self._transport is not None
+        if self._waiting_head:
+            self._waiting_head = False
+            self._connections.head_done(self._transport)
         self._transport.write(b"".join(answers) if len(answers) > 1 else answers[0])
         if not requests[-1].keep_alive:
             self._transport.close()
@@ -340,6 +352,9 @@ class FastProtocol(asyncio.Protocol):
     def _check_idle(self) -> None:
         left = self._last_active + KEEPALIVE_TIMEOUT - self._loop.time()
         if left <= 0:
-            self.close()
+            if self._transport is not None and self._transport.get_write_buffer_size():
+                reset(self._transport)  # answers it never read: a close would wait for ever
+            else:
+                self.close()
         else:
             self._idle = self._loop.call_later(left, self._check_idle)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from mirror.cache.body import FileSpan, Segment
+from mirror.http.connections import reset
 from mirror.keys import config_key
 
 SLICE = 8 << 20  # bytes one thread call may move before it lets other transfers have a turn
@@ -53,27 +54,9 @@ def idle_timeout(request: web.Request) -> float:
 
 
 def drop(request: web.Request) -> None:
-    """End the connection of a client that hung up or stopped reading. An abort, not a close:
+    """End the connection of a client that hung up or stopped reading. A reset, not a close:
     a close would wait for buffered bytes to drain, which a stuck client never lets happen."""
-    if request.transport is not None:
-        request.transport.abort()
-
-
-def reset(request: web.Request) -> None:
-    """End the connection with a TCP reset, never a FIN: the body sent so far is wrong, and a
-    client seeing a clean end would resume it with Range (containerd does, then fails its
-    commit on the glued bytes). A reset it treats as fatal, and pulls again from scratch."""
-    transport = request.transport
-    if transport is None:
-        return
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        try:
-            # Linger on, for 0 s: close() discards what is queued and sends RST.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass  # already gone
-    transport.abort()
+    reset(request.transport)
 
 
 class StallGuard:
@@ -110,7 +93,7 @@ class StallGuard:
             self._progress_at = now
         elif now - self._progress_at >= self._idle:
             self._timer = None
-            transport.abort()  # the pending write fails with a connection error: a hang-up
+            reset(transport)  # the pending write fails with a connection error: a hang-up
             return
         self._timer = self._loop.call_later(self._idle / 2, self._check)
 

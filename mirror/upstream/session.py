@@ -64,13 +64,13 @@ class _HeadResponse(aiohttp.ClientResponse):
 
 
 def open_session(
-    config: UpstreamConfig, registries: Mapping[str, RegistryConfig]
+    config: UpstreamConfig, registries: Mapping[str, RegistryConfig], limit: int = 512
 ) -> aiohttp.ClientSession:
     """The one session every request to an origin (and to its CDN, its token realm) uses."""
     policy = RedirectPolicy.of((r.url for r in registries.values()), config.redirect_allow)
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(
-            limit=512, limit_per_host=0, ttl_dns_cache=300, resolver=GuardedResolver(policy)
+            limit=limit, limit_per_host=0, ttl_dns_cache=300, resolver=GuardedResolver(policy)
         ),
         auto_decompress=False,  # digests cover the bytes as sent: never decode them
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout),

@@ -47,7 +47,7 @@ def mirror_config(cache_dir: Path, upstream_url: str, **upstream: Any) -> Config
         "docker.io": RegistryConfig("docker.io", upstream_url),
     }
     return Config(
-        server=ServerConfig(host="127.0.0.1", port=0),
+        server=ServerConfig(host="127.0.0.1", port=0, admin_port=0),
         cache=CacheConfig(directory=cache_dir),
         upstream=replace(TEST_UPSTREAM, **upstream),
         registries=MappingProxyType(registries),

@@ -11,14 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from .warm_fakes import WarmRegistry, serve_mirror, serve_registry
+from .warm_fakes import MirrorClients, WarmRegistry, serve_mirror, serve_registry
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-StartMirror = Callable[..., Awaitable[TestClient]]
+StartMirror = Callable[..., Awaitable[MirrorClients]]
 REGISTRY = "fake.test"
 
 
@@ -34,7 +33,7 @@ def start_mirror(aiohttp_client: Any, upstream: WarmRegistry, tmp_path: Path) ->
     return partial(serve_mirror, aiohttp_client, tmp_path / "cache", upstream.url)
 
 
-async def scrape(client: TestClient) -> Samples:
+async def scrape(client: MirrorClients) -> Samples:
     resp = await client.get("/metrics")
     assert resp.status == 200
     return {
@@ -49,7 +48,7 @@ def at(samples: Samples, name: str, **labels: str) -> float:
 
 
 async def until(
-    client: TestClient, check: Callable[[Samples], bool], within: float = 10.0
+    client: MirrorClients, check: Callable[[Samples], bool], within: float = 10.0
 ) -> Samples:
     """Scrape until `check` holds: a bound on waiting, not a timing assertion."""
     deadline = time.monotonic() + within

@@ -1,4 +1,7 @@
-"""The warm API: only requested platforms, the live pull path shared, bad input, the token."""
+"""The warm API: only requested platforms, the live pull path shared, bad input, the token;
+its own loopback listener, and bounded work whoever asks: jobs and the images they have left
+are capped, and a job stops asking the origin once its answers say the rest would fail too (a
+run of missing tags, a rate limit)."""
 
 from __future__ import annotations
 
@@ -6,17 +9,22 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient
 from structlog.testing import capture_logs
 
+from mirror.cache.warming import MAX_ACTIVE_JOBS, MAX_FAILED_IN_A_ROW, MAX_QUEUED_IMAGES
 from mirror.keys import metrics_key
 
-from .warm_fakes import WarmRegistry, serve_mirror, serve_registry
+from .fakeregistry import FakeRegistry
+from .harness import mirror_config
+from .served import served
+from .warm_fakes import MirrorClients, WarmRegistry, serve_mirror, serve_registry
 
 # What containerd sends when it resolves a tag.
 CONTAINERD_ACCEPT = (
@@ -26,7 +34,8 @@ CONTAINERD_ACCEPT = (
 )
 TOKEN = "s3cret-admin-token"
 
-StartMirror = Callable[..., Awaitable[TestClient]]
+StartMirror = Callable[..., Awaitable[MirrorClients]]
+CONCURRENCY = 4  # warm.concurrency's default: images resolved at once
 
 
 @pytest.fixture
@@ -41,7 +50,9 @@ def start_mirror(aiohttp_client: Any, upstream: WarmRegistry, tmp_path: Path) ->
     return partial(serve_mirror, aiohttp_client, tmp_path / "cache", upstream.url)
 
 
-async def submit(client: TestClient, images: list[str], platforms: list[str] | None = None) -> str:
+async def submit(
+    client: MirrorClients, images: list[str], platforms: list[str] | None = None
+) -> str:
     body: dict[str, Any] = {"images": images}
     if platforms is not None:
         body["platforms"] = platforms
@@ -52,7 +63,7 @@ async def submit(client: TestClient, images: list[str], platforms: list[str] | N
     return str(doc["id"])
 
 
-async def job_status(client: TestClient, job_id: str) -> dict[str, Any]:
+async def job_status(client: MirrorClients, job_id: str) -> dict[str, Any]:
     resp = await client.get(f"/admin/warm/{job_id}")
     assert resp.status == 200
     doc: dict[str, Any] = await resp.json()
@@ -60,7 +71,7 @@ async def job_status(client: TestClient, job_id: str) -> dict[str, Any]:
 
 
 async def wait_job(
-    client: TestClient,
+    client: MirrorClients,
     job_id: str,
     until: Callable[[dict[str, Any]], bool] = lambda job: job["state"] in ("done", "failed"),
     within: float = 10.0,
@@ -460,3 +471,139 @@ async def test_the_admin_token_is_required_and_never_logged(
     assert [j["id"] for j in (await listed.json())["jobs"]] == [job_id]
     assert any(entry["event"] == "request" for entry in logs)  # the capture did see the lines
     assert TOKEN not in repr(logs)
+
+
+# ------------------------------------------------------------------ listeners
+
+
+async def test_only_the_admin_listener_serves_the_admin_api(
+    tmp_path: Path, fake: FakeRegistry
+) -> None:
+    config = mirror_config(tmp_path / "cache", fake.url)
+    config = replace(config, server=replace(config.server, access_log=False))
+    body = {"images": ["fake.test/team/app:1.0"]}
+    async with served(config) as mirror, aiohttp.ClientSession() as session:
+        answers = {}
+        for where, base in (("registry", mirror.url), ("admin", mirror.admin_url)):
+            for method, path in (("POST", "/admin/warm"), ("GET", "/admin/warm")):
+                async with session.request(method, base + path, json=body) as resp:
+                    answers[where, method] = (resp.status, await resp.json())
+            async with session.get(base + "/metrics") as resp:
+                answers[where, "metrics"] = (resp.status, None)
+
+    for method in ("POST", "GET"):
+        status, doc = answers["registry", method]
+        assert status == 404
+        assert doc["errors"][0]["code"] == "NOT_FOUND"
+    assert answers["admin", "POST"][0] == 202
+    assert answers["admin", "GET"][0] == 200
+    assert [j["images_total"] for j in answers["admin", "GET"][1]["jobs"]] == [1]
+    # The probes and metrics stay where the kubelet and Prometheus look for them.
+    assert answers["registry", "metrics"][0] == 200
+    assert answers["admin", "metrics"][0] == 404
+
+
+# ------------------------------------------------------------------ bounded work
+
+
+def _held_images(upstream: WarmRegistry, count: int) -> list[str]:
+    """Images whose layer download hangs until the test ends: each keeps a warm slot busy."""
+    images = []
+    for n in range(count):
+        image = upstream.image(f"team/held{n}", "1.0", ["linux/amd64"])
+        upstream.hold(image.platforms["linux/amd64"].blobs[1])
+        images.append(f"team/held{n}:1.0")
+    return images
+
+
+async def _refusal(client: Any, images: list[str]) -> tuple[int, dict[str, Any]]:
+    resp = await client.post("/admin/warm", json={"images": images})
+    return resp.status, await resp.json()
+
+
+async def test_unfinished_jobs_are_capped(
+    upstream: WarmRegistry, start_mirror: StartMirror
+) -> None:
+    client = await start_mirror()
+    held = _held_images(upstream, 1)
+    for _ in range(MAX_ACTIVE_JOBS):
+        await submit(client, held)  # each waits on the same held download
+
+    status, doc = await _refusal(client, held)
+
+    assert status == 503
+    (error,) = doc["errors"]
+    assert error["code"] == "UNAVAILABLE"
+    assert f"{MAX_ACTIVE_JOBS} warm jobs are not finished" in error["message"]
+
+
+async def test_images_left_across_jobs_are_capped(
+    upstream: WarmRegistry, start_mirror: StartMirror
+) -> None:
+    client = await start_mirror()
+    held = _held_images(upstream, CONCURRENCY)  # every slot busy: the rest stay queued
+    per_job = 500
+    jobs = MAX_QUEUED_IMAGES // per_job
+    for j in range(jobs):
+        extra = [f"team/queued{j}-{n}:1.0" for n in range(per_job - (len(held) if j == 0 else 0))]
+        await submit(client, (held if j == 0 else []) + extra)
+
+    status, doc = await _refusal(client, ["team/one-more:1.0"])
+
+    assert status == 503
+    assert f"over {MAX_QUEUED_IMAGES}" in doc["errors"][0]["message"]
+
+
+async def test_a_list_of_missing_tags_stops_after_a_run_of_failures(
+    upstream: WarmRegistry, start_mirror: StartMirror
+) -> None:
+    """500 missing tags used to mean 500 upstream manifest requests (Docker Hub pulls)."""
+    client = await start_mirror()
+    job_id = await submit(client, [f"team/missing:{n}" for n in range(500)])
+
+    job = await wait_job(client, job_id, within=30)
+
+    asked = upstream.count("manifest")
+    reasons = [image["reason"] for image in job["images"]]
+    tried = [r for r in reasons if "MANIFEST_UNKNOWN" in r]
+    skipped = [r for r in reasons if r.startswith("not tried:")]
+    assert job["state"] == "failed" and job["images_failed"] == 500
+    assert MAX_FAILED_IN_A_ROW <= len(tried) < MAX_FAILED_IN_A_ROW + CONCURRENCY
+    assert len(tried) + len(skipped) == 500
+    assert f"{MAX_FAILED_IN_A_ROW} images in a row failed to resolve" in skipped[0]
+    assert asked <= 2 * len(tried)  # a HEAD and a GET at most per tag tried
+
+
+async def test_a_job_stops_asking_a_registry_that_rate_limits_it(
+    upstream: WarmRegistry, start_mirror: StartMirror
+) -> None:
+    for n in range(20):
+        upstream.image("team/app", f"{n}", ["linux/amd64"])
+    upstream.manifest_status = 429  # no Retry-After: the breaker alone would wait for 5
+    client = await start_mirror()
+    job_id = await submit(client, [f"team/app:{n}" for n in range(20)])
+
+    job = await wait_job(client, job_id)
+
+    reasons = [image["reason"] for image in job["images"]]
+    assert job["images_failed"] == 20
+    assert upstream.count("manifest") <= CONCURRENCY  # those already asked when the first failed
+    skipped = [r for r in reasons if r.startswith("not tried: fake.test could not serve")]
+    assert len(skipped) >= 20 - CONCURRENCY
+    assert "submit it again later" in skipped[0]
+
+
+async def test_a_real_image_after_missing_ones_is_still_warmed(
+    upstream: WarmRegistry, start_mirror: StartMirror
+) -> None:
+    """The run of failures that stops a job must be a run: a few typos do not skip the rest."""
+    upstream.image("team/app", "1.0", ["linux/amd64"])
+    client = await start_mirror()
+    images = [f"team/missing:{n}" for n in range(MAX_FAILED_IN_A_ROW // 2)] + ["team/app:1.0"]
+    job_id = await submit(client, images)
+
+    job = await wait_job(client, job_id)
+
+    states = {image["image"]: image["state"] for image in job["images"]}
+    assert states["team/app:1.0"] == "done"
+    assert not any(str(i["reason"]).startswith("not tried") for i in job["images"])

@@ -20,7 +20,7 @@ import pytest
 from mirror.cli.warm import run_warm
 from mirror.config import load_config
 
-from .warm_fakes import WarmRegistry, mirror_app, serve_registry, warm_config
+from .warm_fakes import WarmRegistry, serve_registry, start_mirror_apps, warm_config
 
 TOKEN = "cli-admin-token"
 
@@ -50,8 +50,8 @@ def start_mirror(
 ) -> Callable[..., Awaitable[str]]:
     async def start(admin_token: str | None = None) -> str:
         config = warm_config(tmp_path / "cache", upstream.url, admin_token)
-        server = await aiohttp_server(mirror_app(config))
-        return str(server.make_url("")).rstrip("/")
+        _, admin = await start_mirror_apps(aiohttp_server, config)
+        return str(admin.make_url("")).rstrip("/")  # what --url names: the admin listener
 
     return start
 

@@ -1,5 +1,5 @@
 """A small fake registry for the warm tests (multi-arch images, a request log, held blobs),
-and the mirror app with its admin routes in front of it.
+and the mirror's two apps (registry and admin) in front of it.
 
     GET|HEAD /v2/<name>/manifests/<tag|digest>   tags per repository, content by digest
     GET|HEAD /v2/<name>/blobs/<digest>           Range answered with 206
@@ -24,9 +24,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from mirror.app import create_app
+from mirror.app import create_admin_app, create_app
 from mirror.config import CacheConfig, Config, RegistryConfig, ServerConfig
-from mirror.handlers.admin import add_admin_routes
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -81,6 +80,7 @@ class WarmRegistry:
         self.log: list[Logged] = []
         self.holds: dict[str, Hold] = {}
         self.headers: dict[str, str] = {}  # added to every answer, e.g. ratelimit-remaining
+        self.manifest_status: int | None = None  # e.g. 429: every manifest request is refused
 
     # -- content -----------------------------------------------------------------------------
 
@@ -176,6 +176,8 @@ class WarmRegistry:
         return _error(404, "NOT_FOUND")
 
     def _manifest(self, name: str, ref: str) -> web.Response:
+        if self.manifest_status is not None:
+            return _error(self.manifest_status, "TOOMANYREQUESTS")
         digest = ref if ref.startswith("sha256:") else self.tags.get((name, ref))
         found = self.manifests.get(digest or "")
         if digest is None or found is None:
@@ -220,12 +222,38 @@ def _error(status: int, code: str) -> web.Response:
     return web.json_response({"errors": [{"code": code, "message": code.lower()}]}, status=status)
 
 
-def mirror_app(config: Config) -> web.Application:
+@dataclass
+class MirrorClients:
+    """One mirror as the tests reach it: the registry app and the admin app (each served on a
+    port of its own, as `mirror serve` does), with /admin/... sent to the admin one."""
+
+    registry: TestClient
+    admin: TestClient
+
+    @property
+    def app(self) -> web.Application:
+        return self.registry.app
+
+    def _for(self, path: str) -> TestClient:
+        return self.admin if path.startswith("/admin/") or path == "/admin" else self.registry
+
+    def get(self, path: str, **kwargs: Any) -> Any:
+        return self._for(path).get(path, **kwargs)
+
+    def head(self, path: str, **kwargs: Any) -> Any:
+        return self._for(path).head(path, **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> Any:
+        return self._for(path).post(path, **kwargs)
+
+
+async def start_mirror_apps(serve_app: Any, config: Config) -> tuple[Any, Any]:
+    """Both apps of a mirror on `serve_app` (pytest-aiohttp's aiohttp_client or
+    aiohttp_server), the registry app first: the admin app uses its services."""
     app = create_app(config)
-    # Until create_app registers the admin routes itself; then this does nothing.
-    if not any(r.resource and r.resource.canonical == "/admin/warm" for r in app.router.routes()):
-        add_admin_routes(app)
-    return app
+    registry = await serve_app(app)
+    admin = await serve_app(create_admin_app(app))
+    return registry, admin
 
 
 def warm_config(
@@ -250,9 +278,9 @@ async def serve_registry(aiohttp_server: Any) -> WarmRegistry:
 
 async def serve_mirror(
     aiohttp_client: Any, cache: Path, upstream_url: str, **settings: Any
-) -> TestClient:
-    """The mirror in front of `upstream_url`, as a client of pytest-aiohttp's fixture."""
-    client: TestClient = await aiohttp_client(
-        mirror_app(warm_config(cache, upstream_url, **settings))
+) -> MirrorClients:
+    """The mirror in front of `upstream_url`, as clients of pytest-aiohttp's fixture."""
+    registry, admin = await start_mirror_apps(
+        aiohttp_client, warm_config(cache, upstream_url, **settings)
     )
-    return client
+    return MirrorClients(registry, admin)

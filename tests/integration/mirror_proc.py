@@ -81,9 +81,9 @@ def _toml_value(value: Any) -> str:
     return json.dumps(value)
 
 
-def render_config(settings: MirrorSettings, listen: str, cache_dir: Path) -> str:
+def render_config(settings: MirrorSettings, listen: str, cache_dir: Path, admin_listen: str) -> str:
     sections: dict[str, dict[str, Any]] = {
-        "server": {"listen": listen},
+        "server": {"listen": listen, "admin_listen": admin_listen},
         "cache": {"dir": str(cache_dir), "tag_ttl": settings.tag_ttl},
     }
     for dotted, value in settings.extra.items():
@@ -115,9 +115,12 @@ class Mirror:
         self.workdir = workdir
         self.settings = settings
         self.port = free_port()
+        self.admin_port = free_port()  # mirrors run side by side: not the default 5050
         self.cache_dir = workdir / "cache"
         self.config_path = workdir / "mirror.toml"
-        self.config_path.write_text(render_config(settings, self.host, self.cache_dir))
+        self.config_path.write_text(
+            render_config(settings, self.host, self.cache_dir, f"127.0.0.1:{self.admin_port}")
+        )
         self.process = Process(
             "mirror",
             [*mirror_command(), "--config", str(self.config_path)],
@@ -133,6 +136,11 @@ class Mirror:
     @property
     def url(self) -> str:
         return f"http://{self.host}"
+
+    @property
+    def admin_url(self) -> str:
+        """The admin API's own listener (mirror warm --url)."""
+        return f"http://127.0.0.1:{self.admin_port}"
 
     def start(self, timeout: float = 20.0) -> None:
         self.process.start()

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 
 
 def warm(mirror: Mirror, *args: str) -> tuple[int, str, str]:
-    result = mirror_cli("warm", *args, "--url", mirror.url, timeout=30)
+    result = mirror_cli("warm", *args, "--url", mirror.admin_url, timeout=30)
     return result.returncode, result.stdout, result.stderr
 
 

@@ -253,7 +253,10 @@ concurrency = 2
         ({"MIRROR_SERVER_LISTEN": "127.0.0.1:7000"}, "server", "port", 7000),
         ({"MIRROR_SERVER_LISTEN": "127.0.0.1:7000"}, "server", "host", "127.0.0.1"),
         ({"MIRROR_SERVER_ADMIN_TOKEN": "abc"}, "server", "admin_token", "abc"),
-        ({"MIRROR_SERVER_ADMIN_TOKEN": ""}, "server", "admin_token", None),
+        ({"MIRROR_SERVER_ADMIN_LISTEN": "[::1]:6060"}, "server", "admin_host", "::1"),
+        ({"MIRROR_SERVER_ADMIN_LISTEN": "[::1]:6060"}, "server", "admin_port", 6060),
+        ({"MIRROR_SERVER_HEADER_TIMEOUT": "2.5s"}, "server", "header_timeout", 2.5),
+        ({"MIRROR_SERVER_MAX_CONNECTIONS": "500"}, "server", "max_connections", 500),
         ({"MIRROR_SERVER_ACCESS_LOG": "off"}, "server", "access_log", False),
         ({"MIRROR_SERVER_ACCESS_LOG": "YES"}, "server", "access_log", True),
         ({"MIRROR_SERVER_SENDFILE_THREADS": "8"}, "server", "sendfile_threads", 8),
@@ -402,12 +405,45 @@ def test_passwords_stay_out_of_repr() -> None:
         ({"MIRROR_DEFAULT_REGISTRY": "evil.example.com"}, "default_registry"),
         ({"MIRROR_REGISTRY_NOPE_IO_PASSWORD": "x"}, "$MIRROR_REGISTRY_NOPE_IO_PASSWORD"),
         ({"MIRROR_REGISTRY_DOCKER_IO_TOKEN": "x"}, "$MIRROR_REGISTRY_DOCKER_IO_TOKEN"),
+        ({"MIRROR_SERVER_ADMIN_TOKEN": ""}, "$MIRROR_SERVER_ADMIN_TOKEN"),  # is not "no token"
+        ({"MIRROR_SERVER_ADMIN_TOKEN": "  "}, "$MIRROR_SERVER_ADMIN_TOKEN"),
+        ({"MIRROR_SERVER_ADMIN_LISTEN": "0.0.0.0:5050"}, "server.admin_listen"),  # no token
+        ({"MIRROR_SERVER_ADMIN_LISTEN": "[::]:5050"}, "server.admin_listen"),
+        ({"MIRROR_SERVER_ADMIN_LISTEN": "10.0.0.7:5050"}, "server.admin_listen"),
+        ({"MIRROR_SERVER_ADMIN_LISTEN": "mirror.local:5050"}, "server.admin_listen"),
+        ({"MIRROR_SERVER_ADMIN_LISTEN": "127.0.0.1:5000"}, "server.admin_listen"),  # listen's
+        ({"MIRROR_SERVER_ADMIN_LISTEN": "5050"}, "$MIRROR_SERVER_ADMIN_LISTEN"),
+        ({"MIRROR_SERVER_HEADER_TIMEOUT": "0"}, "$MIRROR_SERVER_HEADER_TIMEOUT"),
+        ({"MIRROR_SERVER_MAX_CONNECTIONS": "0"}, "$MIRROR_SERVER_MAX_CONNECTIONS"),
     ],
 )
 def test_bad_env_value_is_named(environ: dict[str, str], origin: str) -> None:
     problems = _problems(environ)
     assert len(problems) == 1
     assert problems[0].startswith(origin)
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {},  # the default: 127.0.0.1:5050, no token
+        {"MIRROR_SERVER_ADMIN_LISTEN": "[::1]:5050"},
+        {"MIRROR_SERVER_ADMIN_LISTEN": "127.0.0.2:5050"},
+        {"MIRROR_SERVER_ADMIN_LISTEN": "localhost:5050"},
+        {"MIRROR_SERVER_ADMIN_LISTEN": "0.0.0.0:5050", "MIRROR_SERVER_ADMIN_TOKEN": "s3cret"},
+        {"MIRROR_SERVER_LISTEN": "10.0.0.7:5000", "MIRROR_SERVER_ADMIN_LISTEN": "127.0.0.1:5000"},
+    ],
+)
+def test_the_admin_listener_is_loopback_or_behind_a_token(environ: dict[str, str]) -> None:
+    server = load_config(environ).server
+    assert server.admin_token or server.admin_host in ("127.0.0.1", "::1", "127.0.0.2", "localhost")
+
+
+def test_the_admin_listener_defaults_to_loopback_on_its_own_port() -> None:
+    server = load_config({}).server
+    assert (server.admin_host, server.admin_port) == ("127.0.0.1", 5050)
+    assert (server.host, server.port) == ("0.0.0.0", 5000)
+    assert server.admin_token is None
 
 
 def test_every_bad_key_is_reported_together(tmp_path: Path) -> None:

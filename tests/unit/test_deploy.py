@@ -57,6 +57,7 @@ UID = 10001  # the image's user (Dockerfile); the manifests must run as it
 _READERS: dict[str, Callable[[Config], Any]] = {
     "default_registry": lambda c: c.default_registry,
     "server.listen": lambda c: (c.server.host, c.server.port),
+    "server.admin_listen": lambda c: (c.server.admin_host, c.server.admin_port),
     "cache.dir": lambda c: c.cache.directory,
     "cluster.self": lambda c: c.cluster.self_url,
 }

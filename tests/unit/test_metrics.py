@@ -46,6 +46,9 @@ COLLECTORS: list[tuple[str, str, str, dict[str, str]]] = [
     ("s3_requests", "mirror_s3_requests", "counter", {"operation": "get_object", "result": "ok"}),
     ("s3_uploads", "mirror_s3_uploads", "counter", {"result": "done"}),
     ("s3_breaker_open", "mirror_s3_breaker_open", "gauge", {}),
+    ("connections_open", "mirror_connections_open", "gauge", {}),
+    ("connections_limit", "mirror_connections_limit", "gauge", {}),
+    ("connections_dropped", "mirror_connections_dropped", "counter", {"reason": "limit"}),
 ]  # fmt: skip
 
 
