@@ -154,7 +154,9 @@ class BlobService:
             known = self._sizes.get(key)
             if known is not None:
                 return known, "coalesced"
-            size, shared = await self._heads.do(key, lambda: self._origin.size(registry, name, digest))
+            size, shared = await self._heads.do(
+                key, lambda: self._origin.size(registry, name, digest)
+            )
             self._sizes[key] = size
         except EXPECTED as exc:  # translated for the client; anything else is a bug
             raise to_registry_error(exc, ErrorCode.BLOB_UNKNOWN) from exc
