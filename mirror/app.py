@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import TYPE_CHECKING
@@ -18,6 +19,9 @@ from mirror.cache.manifests import ManifestService
 from mirror.config import Config, describe
 from mirror.handlers import ops, registry
 from mirror.handlers.admin import add_admin_routes
+from mirror.http.fastpath import FastPath, FastProtocol, fast_path_key
+from mirror.http.headers import RequestIds
+from mirror.http.server import BadRequests, bad_requests_key, handler_factory
 from mirror.keys import (
     blobs_key,
     config_key,
@@ -25,6 +29,7 @@ from mirror.keys import (
     janitor_key,
     manifests_key,
     metrics_key,
+    request_ids_key,
     sendfile_pool_key,
     store_key,
 )
@@ -57,9 +62,13 @@ def create_app(
         config.cache.max_size, config.cache.high_watermark, config.cache.low_watermark
     )
     app[store_key] = FilesystemStore(config.cache.directory)
+    request_ids: Callable[[str | None], str] = RequestIds()
+    app[request_ids_key] = request_ids
+    app[bad_requests_key] = BadRequests(app[metrics_key].requests, time.monotonic)
     app.cleanup_ctx.append(_cache_lock)  # first in, last out: held while any service runs
     app.cleanup_ctx.append(partial(_credentials, aws_session=aws_session))
     app.cleanup_ctx.append(_services)
+    app.cleanup_ctx.append(_fast_path)
     add_admin_routes(app)  # after _services: the warm service is built from its blobs/manifests
     app.on_response_prepare.append(add_common_headers)
     app.router.add_get("/healthz", ops.healthz, allow_head=True)
@@ -69,6 +78,32 @@ def create_app(
     app.router.add_get("/v2", registry.base, allow_head=True)
     app.router.add_route("*", "/v2/{tail:.*}", registry.dispatch)
     return app
+
+
+def connection_protocol(app: web.Application, server: web.Server) -> Callable[[], asyncio.Protocol]:
+    """What every accepted connection runs, for a started app and aiohttp's `server` (the
+    runner's): the manifest fast path in front when configured, handing over to aiohttp's
+    protocol with the mirror's parser limits. `mirror serve` and the component tests listen
+    with this one factory."""
+    aiohttp_protocol = handler_factory(server, app[bad_requests_key], app[request_ids_key])
+    if not app[config_key].server.fast_path:
+        return aiohttp_protocol
+    fast = app[fast_path_key]
+    loop = asyncio.get_running_loop()
+    return lambda: FastProtocol(fast, aiohttp_protocol, loop)
+
+
+async def _fast_path(app: web.Application) -> AsyncIterator[None]:
+    """The manifest fast path reads the manifest service's memory, so it comes after it. Its
+    metrics are read at scrape time: nothing to flush, no task of its own."""
+    fast = FastPath(
+        app[config_key], app[manifests_key], app[metrics_key].requests, app[request_ids_key]
+    )
+    app[fast_path_key] = fast
+    try:
+        yield
+    finally:
+        fast.close()  # idle keep-alive connections still on it
 
 
 async def _cache_lock(app: web.Application) -> AsyncIterator[None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
@@ -26,6 +27,9 @@ credentials_key = web.AppKey("credentials", CredentialSource)
 # Threads that run sendfile for cached blobs (one per transfer in progress).
 sendfile_pool_key = web.AppKey("sendfile_pool", ThreadPoolExecutor)
 warm_key = web.AppKey("warm", WarmService)
+# The id of a request from the one the client supplied, if any (mirror.http.headers.RequestIds:
+# both request paths draw from the same one).
+request_ids_key = web.AppKey[Callable[[str | None], str]]("request_ids")
 
 # Per-request notes the handlers leave for the middleware's access line and metrics.
 request_id_key = web.RequestKey("mirror.request_id", str)

@@ -9,10 +9,8 @@ from collections.abc import Callable
 import structlog
 from aiohttp import web
 
-from mirror.app import create_app
+from mirror.app import connection_protocol, create_app
 from mirror.config import Config
-from mirror.http.fastpath import FastPath, FastProtocol
-from mirror.keys import manifests_key, metrics_key
 
 log = structlog.get_logger("mirror.cli.serve")
 
@@ -29,15 +27,13 @@ async def serve(
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
     await runner.setup()  # runs the app's cleanup_ctx: every service exists from here on
     loop = asyncio.get_running_loop()
-    aiohttp_protocol = runner.server
-    assert aiohttp_protocol is not None
-    fast = FastPath(config, app[manifests_key], app[metrics_key])
-    if config.server.fast_path:
-        factory = lambda: FastProtocol(fast, aiohttp_protocol, loop)  # noqa: E731
-    else:
-        factory = aiohttp_protocol  # type: ignore[assignment]  # same callable shape
+    assert runner.server is not None
     listener = await loop.create_server(
-        factory, config.server.host, config.server.port, backlog=1024, reuse_address=True
+        connection_protocol(app, runner.server),
+        config.server.host,
+        config.server.port,
+        backlog=1024,
+        reuse_address=True,
     )
     if stop is None:
         stop = asyncio.Event()
@@ -48,24 +44,12 @@ async def serve(
         bound(sockets)
     addresses = [f"{a[0]}:{a[1]}" for a in sockets]
     log.info("listening", addresses=addresses, fast_path=config.server.fast_path)
-    flusher = asyncio.create_task(_flush_every_second(fast), name="fast-path metrics")
     try:
         await stop.wait()
     finally:
         log.info("stopping")
-        flusher.cancel()
-        fast.flush_metrics()
         listener.close()
-        for connection in list(fast.connections):
-            connection.close()
-        await runner.cleanup()
-
-
-async def _flush_every_second(fast: FastPath) -> None:
-    """The fast path counts in plain ints; scrapes flush too, this bounds the lag for others."""
-    while True:
-        await asyncio.sleep(1.0)
-        fast.flush_metrics()
+        await runner.cleanup()  # the app's cleanup closes what is still on the fast path
 
 
 def run_serve(config: Config, log_level: str) -> int:
