@@ -47,7 +47,8 @@ _MEMO_SIZE = 8192
 _ACCEPT_MEMO_SIZE = 256  # clients send a handful of distinct Accept sets
 _HEAD_MEMO_SIZE = 1024  # distinct manifests answered recently
 # aiohttp's limit on one header is MAX_FIELD, but what it counts shifts with the header before
-# (a name's share of the previous one's); past half of it, leave every borderline to aiohttp.
+# (a name's share of the previous one's); a name or value past half of it, and every
+# borderline case is aiohttp's.
 _LONG_HEADER = MAX_FIELD // 2
 
 # aiohttp refuses a request with two of these (llhttp's strict mode alone would not).
@@ -114,6 +115,7 @@ class FastPath:
         self._routes: dict[bytes, _Route | None] = {}
         self._accepts: dict[tuple[bytes, ...], frozenset[str]] = {}
         self._heads: dict[tuple[str, str, int], bytes] = {}
+        self._names: dict[tuple[bytes, ...], tuple[bool, bool]] = {}
         self.connections: set[FastProtocol] = set()
 
     def close(self) -> None:
@@ -133,15 +135,15 @@ class FastPath:
         body_len = len(manifest.body)
         # In the order aiohttp writes them: the handler's headers and Content-Length, Date,
         # Server, Connection when the version does not imply it, then on_response_prepare's.
-        head = (_OK_10 if req.http_10 else _OK_11) + self._head(manifest, body_len)
-        head += b"Date: %s\r\n%s" % (self._date.value(), _SERVER)
-        if not req.keep_alive:
-            if not req.http_10:
-                head += b"Connection: close\r\n"
-        elif req.http_10:
-            head += b"Connection: keep-alive\r\n"
-        head += b"%s%s: %s\r\n" % (_API_VERSION, _RID, rid.encode())
-        out = head + b"\r\n" + (b"" if req.method == b"HEAD" else manifest.body)
+        if req.keep_alive:
+            connection = _KEEP_ALIVE if req.http_10 else b""
+        else:
+            connection = b"" if req.http_10 else _CLOSE
+        out = b"%s%sDate: %s\r\n%s%s%s%s: %s\r\n\r\n%s" % (
+            _OK_10 if req.http_10 else _OK_11, self._head(manifest, body_len),
+            self._date.value(), _SERVER, connection, _API_VERSION, _RID, rid.encode(),
+            b"" if req.method == b"HEAD" else manifest.body,
+        )  # fmt: skip
         seconds = time.perf_counter() - started
         self._hits.value += 1
         self._durations.observe(seconds)
@@ -154,6 +156,17 @@ class FastPath:
                 fast_path=True,
             )  # fmt: skip
         return out
+
+    def header_names(self, names: tuple[bytes, ...]) -> tuple[bool, bool]:
+        """(whether aiohttp would take these header names and answer with just the manifest,
+        whether Host is among them). Memoized: a client sends the same names every time."""
+        found = self._names.get(names)
+        if found is None:
+            found = judge_header_names(names)
+            if len(self._names) >= _ACCEPT_MEMO_SIZE:
+                self._names.clear()
+            self._names[names] = found
+        return found
 
     def _head(self, manifest: Manifest, body_len: int) -> bytes:
         """The manifest's own headers: the same for every answer of it."""
@@ -223,12 +236,31 @@ class FastPath:
 
 
 _OK_10, _OK_11 = b"HTTP/1.0 200 OK\r\n", b"HTTP/1.1 200 OK\r\n"  # aiohttp answers in kind
+# Sent when the version does not imply it: aiohttp's rule.
+_KEEP_ALIVE, _CLOSE = b"Connection: keep-alive\r\n", b"Connection: close\r\n"
 _SERVER = b"%s: %s\r\n" % (SERVER[0].encode(), SERVER[1].encode())
 _API_VERSION = b"%s: %s\r\n" % (API_VERSION[0].encode(), API_VERSION[1].encode())
 _RID = REQUEST_ID.encode()
 
 # Where create_app keeps the FastPath (defined here: mirror.keys sits below mirror.http).
 fast_path_key = web.AppKey("fast_path", FastPath)
+
+
+def judge_header_names(names: tuple[bytes, ...]) -> tuple[bool, bool]:
+    """The checks aiohttp's parser makes on header names beyond llhttp's own (a request it
+    refuses must never get a 200 here), and the headers it answers differently."""
+    if len(names) > MAX_HEADERS:
+        return False, False
+    seen: set[bytes] = set()
+    for name in names:
+        lower = name.lower()
+        if len(name) > _LONG_HEADER or lower in _HANDED_OVER:
+            return False, False
+        if lower in _SINGLETONS:
+            if lower in seen:
+                return False, False
+            seen.add(lower)
+    return True, b"host" in seen
 
 
 def _header(headers: tuple[tuple[bytes, bytes], ...], name: bytes) -> str | None:
@@ -256,7 +288,6 @@ class FastProtocol(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._refused = False  # by aiohttp's parser rules, or not just a manifest to answer
-        self._singletons: set[bytes] = set()
         self._body = False
         self._partial = False
         self._idle: asyncio.TimerHandle | None = None
@@ -329,7 +360,6 @@ class FastProtocol(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._refused = False
-        self._singletons.clear()
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -337,18 +367,9 @@ class FastProtocol(asyncio.Protocol):
             self._refused = True  # aiohttp answers these with its 400
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        """The checks aiohttp's parser makes beyond llhttp's own (a request it refuses must
-        never get a 200 here), and the headers it answers differently."""
+        # llhttp has refused control characters already; names are judged once per request.
         self._headers.append((name, value))
-        if len(name) + len(value) > _LONG_HEADER or len(self._headers) > MAX_HEADERS:
-            self._refused = True
-            return
-        lower = name.lower()
-        if lower in _SINGLETONS:
-            if lower in self._singletons:
-                self._refused = True
-            self._singletons.add(lower)
-        if lower in _HANDED_OVER or b"\0" in value:
+        if len(value) > _LONG_HEADER:
             self._refused = True
 
     def on_body(self, body: bytes) -> None:
@@ -357,10 +378,12 @@ class FastProtocol(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self._partial = False
         version = self._parser.get_http_version()
+        names_allowed, host = self._fast.header_names(tuple([name for name, _ in self._headers]))
         answerable = (
-            not self._refused
+            names_allowed
+            and not self._refused
             and self._url.startswith(b"/")  # origin-form: "*" and absolute URLs are aiohttp's
-            and (version == "1.0" or (version == "1.1" and b"host" in self._singletons))
+            and (version == "1.0" or (version == "1.1" and host))
         )
         self._complete.append(
             _Request(
