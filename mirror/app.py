@@ -29,6 +29,10 @@ from mirror.cache.uploads import Uploader
 from mirror.config import Config, describe
 from mirror.handlers import ops, registry
 from mirror.handlers.admin import add_admin_routes, add_warm_service
+from mirror.http.connections import ClientConnections, HeadWatch
+from mirror.http.fastpath import FastPath, FastProtocol, fast_path_key
+from mirror.http.headers import RequestIds
+from mirror.http.server import BadRequests, bad_requests_key, handler_factory
 from mirror.keys import (
     blobs_key,
     config_key,
@@ -36,6 +40,7 @@ from mirror.keys import (
     janitor_key,
     manifests_key,
     metrics_key,
+    request_ids_key,
     second_key,
     sendfile_pool_key,
     services_key,
@@ -92,6 +97,9 @@ def create_app(config: Config, deps: Deps | None = None) -> web.Application:
     )
     layout = Layout(config.cache.directory)
     app[store_key] = deps.store or FilesystemStore(layout)
+    request_ids: Callable[[str | None], str] = RequestIds()
+    app[request_ids_key] = request_ids
+    app[bad_requests_key] = BadRequests(metrics.requests, deps.clock)
     # First in, last out: each context may use what the ones before it built.
     app.cleanup_ctx.append(lambda app: _cache_lock(app, layout))
     app.cleanup_ctx.append(_http_session)
@@ -103,6 +111,7 @@ def create_app(config: Config, deps: Deps | None = None) -> web.Application:
     app.cleanup_ctx.append(lambda app: _blobs(app, deps))
     app.cleanup_ctx.append(lambda app: _manifests(app, deps))
     app.cleanup_ctx.append(_sendfile_pool)
+    app.cleanup_ctx.append(_fast_path)  # reads the manifest service's memory
     add_warm_service(app)  # after the services: warming is built from them
     app.on_response_prepare.append(add_common_headers)
     app.router.add_get("/healthz", ops.healthz, allow_head=True)
@@ -120,10 +129,44 @@ def create_admin_app(app: web.Application) -> web.Application:
     admin = web.Application(middlewares=[observe], client_max_size=64 * 1024)
     admin[config_key] = app[config_key]
     admin[metrics_key] = app[metrics_key]
+    admin[request_ids_key] = app[request_ids_key]
     admin[services_key] = app
     add_admin_routes(admin)
     admin.on_response_prepare.append(add_common_headers)
     return admin
+
+
+def connection_protocol(
+    app: web.Application, server: web.Server, clients: ClientConnections
+) -> Callable[[], asyncio.Protocol]:
+    """What every accepted connection runs, for a started app and aiohttp's `server` (the
+    runner's): the manifest fast path in front when configured, handing over to aiohttp's
+    protocol with the mirror's parser limits, every connection counted against the cap and
+    held to the request-head deadline (`clients`). `mirror serve` and the component tests
+    listen with this one factory."""
+    aiohttp_protocol = handler_factory(server, app[bad_requests_key], app[request_ids_key])
+    if not app[config_key].server.fast_path:
+        return lambda: HeadWatch(aiohttp_protocol(), clients, admitted=False)
+    fast = app[fast_path_key]
+    loop = asyncio.get_running_loop()
+
+    def handed_over() -> asyncio.Protocol:
+        return HeadWatch(aiohttp_protocol(), clients, admitted=True)
+
+    return lambda: FastProtocol(fast, handed_over, loop, clients)
+
+
+async def _fast_path(app: web.Application) -> AsyncIterator[None]:
+    """The manifest fast path reads the manifest service's memory, so it comes after it. Its
+    metrics are read at scrape time: nothing to flush, no task of its own."""
+    fast = FastPath(
+        app[config_key], app[manifests_key], app[metrics_key].requests, app[request_ids_key]
+    )
+    app[fast_path_key] = fast
+    try:
+        yield
+    finally:
+        fast.close()  # idle keep-alive connections still on it
 
 
 async def _cache_lock(app: web.Application, layout: Layout) -> AsyncIterator[None]:

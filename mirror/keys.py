@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
@@ -38,6 +39,9 @@ second_key = web.AppKey("second", SecondLevel)
 uploads_key = web.AppKey("uploads", Uploader)
 # On the admin app: the registry app, whose services (the warm service) it uses.
 services_key = web.AppKey("services", web.Application)
+# The id of a request from the one the client supplied, if any (mirror.http.headers.RequestIds:
+# both request paths draw from the same one).
+request_ids_key = web.AppKey[Callable[[str | None], str]]("request_ids")
 
 # Per-request notes the handlers leave for the middleware's access line and metrics.
 request_id_key = web.RequestKey("mirror.request_id", str)

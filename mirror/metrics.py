@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterable
+import itertools
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from functools import partial
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 # Label values are closed sets so that every series is known up front and cardinality cannot
 # grow with traffic. Repository, tag and digest never become labels.
@@ -31,6 +37,9 @@ DURATION_BUCKETS: tuple[float, ...] = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 )  # fmt: skip
+_BOUNDS = (*DURATION_BUCKETS, math.inf)
+# Formatted by prometheus-client itself, so the le labels are the ones a Histogram would show.
+_BUCKET_LABELS = tuple(floatToGoString(b) for b in _BOUNDS)  # type: ignore[no-untyped-call]
 
 
 def status_class(status: int | None) -> str:
@@ -51,22 +60,10 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        self._tallies: list[Tally] = []
         r = self.registry
 
-        self.requests = Counter(
-            "mirror_requests_total",
-            "Client requests by kind and how they were answered.",
-            ["kind", "result"],
-            registry=r,
-        )
-        self.request_duration = Histogram(
-            "mirror_request_duration_seconds",
-            "Time to answer a client request, body included.",
-            ["kind"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
+        self.requests = RequestMetrics()
+        r.register(self.requests)
         self.served_bytes = Counter(
             "mirror_served_bytes_total",
             "Body bytes sent to clients, by where they came from.",
@@ -197,10 +194,6 @@ class Metrics:
 
         # Create the closed-set series at zero so rate() and ratios have data from the first
         # scrape instead of appearing only after the first event of each kind.
-        for kind in REQUEST_KINDS:
-            self.request_duration.labels(kind=kind)
-            for result in REQUEST_RESULTS:
-                self.requests.labels(kind=kind, result=result)
         for source in SERVED_SOURCES:
             self.served_bytes.labels(source=source)
         for reason in DROP_REASONS:
@@ -254,52 +247,105 @@ class Metrics:
 
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """The exposition body and its Content-Type; OpenMetrics when `accept` asks for it."""
-        for tally in self._tallies:
-            tally.flush()
         encoder, content_type = choose_encoder(accept)
         return encoder(self.registry), content_type
 
-    def tally(self, kind: str, result: str) -> Tally:
-        """A batching front for one (kind, result): see Tally. Flushed before every render."""
-        tally = Tally(self.requests.labels(kind, result), self.request_duration.labels(kind))
-        self._tallies.append(tally)
-        return tally
 
+class RequestMetrics:
+    """mirror_requests_total and mirror_request_duration_seconds, for both request paths.
 
-class Tally:
-    """Request count and duration kept in plain ints, pushed into the collectors in batches.
-
-    prometheus-client takes a lock per increment and walks the buckets per observation: about
-    a tenth of the fast path's time per request. Scrapes come seconds apart, so the fast path
-    counts here and flushes every second and before each render.
+    Kept in plain numbers and read as they are at scrape time (a custom collector), because
+    prometheus-client's Counter and Histogram take a lock per increment and walk the buckets
+    per observation: about a tenth of the manifest fast path's time per request. Everything
+    runs on the event loop, so plain numbers need no lock. The exposition is the one a Counter
+    and a Histogram with these names and labels would give (tests/unit/test_metrics.py).
     """
 
-    def __init__(self, counter: Counter, histogram: Histogram) -> None:
-        self._counter = counter
-        self._histogram = histogram
-        self._bounds: list[float] = list(histogram._upper_bounds)  # noqa: SLF001 - see flush
-        self._buckets = [0] * len(self._bounds)
-        self._count = 0
-        self._sum = 0.0
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._counts: dict[tuple[str, str], RequestCount] = {}
+        self._durations: dict[str, Durations] = {}
+        # Closed label sets exist at zero from the start, so rate() and ratios have data from
+        # the first scrape instead of appearing only after the first event of each kind.
+        for kind in REQUEST_KINDS:
+            self.durations(kind)
+            for result in REQUEST_RESULTS:
+                self.counter(kind, result)
 
-    def record(self, seconds: float) -> None:
-        self._count += 1
-        self._sum += seconds
-        self._buckets[bisect.bisect_left(self._bounds, seconds)] += 1
+    def counter(self, kind: str, result: str) -> RequestCount:
+        found = self._counts.get((kind, result))
+        if found is None:
+            found = self._counts[kind, result] = RequestCount(self._clock())
+        return found
 
-    def flush(self) -> None:
-        if not self._count:
-            return
-        self._counter.inc(self._count)
-        # No public API observes many samples at once; these are the same MutexValues that
-        # Histogram.observe increments (tests/unit/test_metrics.py pins the exposition).
-        self._histogram._sum.inc(self._sum)  # noqa: SLF001
-        for i, n in enumerate(self._buckets):
-            if n:
-                self._histogram._buckets[i].inc(n)  # noqa: SLF001
-                self._buckets[i] = 0
-        self._count = 0
-        self._sum = 0.0
+    def durations(self, kind: str) -> Durations:
+        found = self._durations.get(kind)
+        if found is None:
+            found = self._durations[kind] = Durations(self._clock())
+        return found
+
+    def count(self, kind: str, result: str) -> None:
+        self.counter(kind, result).value += 1
+
+    def observe(self, kind: str, seconds: float) -> None:
+        self.durations(kind).observe(seconds)
+
+    def describe(self) -> Iterator[Metric]:
+        """The two families without samples: lets the registry refuse a second of either name."""
+        yield self._requests_family()
+        yield self._durations_family()
+
+    def collect(self) -> Iterator[Metric]:
+        requests = self._requests_family()
+        for (kind, result), count in self._counts.items():
+            requests.add_metric((kind, result), count.value, created=count.created)
+        yield requests
+        durations = self._durations_family()
+        for kind, histogram in self._durations.items():
+            cumulative = list(itertools.accumulate(histogram.buckets))
+            durations.add_metric(
+                (kind,), list(zip(_BUCKET_LABELS, cumulative, strict=True)), histogram.sum
+            )
+            durations.add_sample(
+                "mirror_request_duration_seconds_created", {"kind": kind}, histogram.created
+            )
+        yield durations
+
+    @staticmethod
+    def _requests_family() -> CounterMetricFamily:
+        return CounterMetricFamily(
+            "mirror_requests",
+            "Client requests by kind and how they were answered.",
+            labels=("kind", "result"),
+        )
+
+    @staticmethod
+    def _durations_family() -> HistogramMetricFamily:
+        return HistogramMetricFamily(
+            "mirror_request_duration_seconds",
+            "Time to answer a client request, body included.",
+            labels=("kind",),
+        )
+
+
+@dataclass(slots=True)
+class RequestCount:
+    created: float
+    value: int = 0
+
+
+@dataclass(slots=True)
+class Durations:
+    """One histogram's samples: how many fell in each bucket (not cumulative) and their sum."""
+
+    created: float
+    buckets: list[int] = field(default_factory=lambda: [0] * len(_BOUNDS))
+    sum: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        # Prometheus buckets hold values <= their bound: the first bound not below the value.
+        self.buckets[bisect.bisect_left(_BOUNDS, seconds)] += 1
+        self.sum += seconds
 
 
 def _as_float(predicate: Callable[[str], bool], name: str) -> float:

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import re
-import secrets
 import time
 
 import structlog
-from aiohttp import web
+from aiohttp import HttpVersion10, HttpVersion11, web
 from aiohttp.typedefs import Handler
 
+from mirror.http.headers import API_VERSION, REQUEST_ID, SERVER
+from mirror.http.parse import query_ns
 from mirror.keys import (
     config_key,
     kind_key,
     metrics_key,
     registry_key,
     request_id_key,
+    request_ids_key,
     result_key,
     sent_key,
 )
@@ -26,8 +27,8 @@ from mirror.oci.errors import ErrorCode, RegistryError, error_body
 log = structlog.get_logger("mirror.access")
 
 _QUIET = frozenset({"/healthz", "/readyz", "/metrics"})
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _KINDS = frozenset({"manifest", "blob", "tags"})
+_VERSIONS = frozenset({HttpVersion10, HttpVersion11})
 
 
 def render_error(error: RegistryError, method: str) -> web.Response:
@@ -46,24 +47,39 @@ def _from_http(exc: web.HTTPException) -> RegistryError:
     return RegistryError(ErrorCode.UNKNOWN, exc.reason, status=exc.status)
 
 
+def _refusal(request: web.Request) -> RegistryError | None:
+    """What neither request path answers, whichever parser let it through: not a proxy, so no
+    CONNECT tunnel; HTTP/1.0 and 1.1 only (an HTTP/0.9 request line has no headers at all).
+    An Upgrade (h2c, websocket) is not refused: the request is answered as HTTP/1.1."""
+    if request.method == "CONNECT":
+        return RegistryError(ErrorCode.UNSUPPORTED, "the mirror is not a proxy: no CONNECT")
+    if request.version not in _VERSIONS:
+        return RegistryError(ErrorCode.BAD_REQUEST, "HTTP/1.0 or HTTP/1.1 only")
+    return None
+
+
 @web.middleware
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-    supplied = request.headers.get("X-Request-ID", "")
-    rid = supplied if _REQUEST_ID.fullmatch(supplied) else secrets.token_hex(8)
+    rid = request.app[request_ids_key](request.headers.get(REQUEST_ID))
     request[request_id_key] = rid
     started = time.perf_counter()
     status = 500
     response: web.StreamResponse | None = None
     aborted = False
+    refused = _refusal(request)
     with structlog.contextvars.bound_contextvars(request_id=rid):
         try:
             try:
+                if refused is not None:
+                    raise refused
                 response = await handler(request)
             except RegistryError as exc:
                 if _answered(request):
                     request[result_key] = "error"
                     raise
                 response = render_error(exc, request.method)
+                if refused is not None:
+                    response.force_close()  # what follows is a tunnel, or no HTTP/1.x at all
                 request[result_key] = _result_of(exc.status)
             except web.HTTPException as exc:
                 if exc.status < 400:
@@ -133,9 +149,9 @@ def _account(
     result = request.get(result_key, _result_of(status) if status >= 400 else "none")
     metrics = request.app[metrics_key]
     metric_kind = kind if kind in _KINDS else "other"
-    metrics.request_duration.labels(metric_kind).observe(seconds)
+    metrics.requests.observe(metric_kind, seconds)
     if result != "none":
-        metrics.requests.labels(metric_kind, result).inc()
+        metrics.requests.count(metric_kind, result)
     if not request.app[config_key].server.access_log:
         return
     sent = request.get(sent_key, 0)
@@ -147,7 +163,8 @@ def _account(
     # A hang-up is one field of the access line, not an error: nodes do it all the time.
     extra = {"aborted": True} if aborted else {}
     access_line(
-        method=request.method, path=request.path, ns=request.query.get("ns"), route=kind,
+        method=request.method, path=request.path, ns=query_ns(request.rel_url.raw_query_string),
+        route=kind,
         registry=request.get(registry_key), status=status, sent=sent, seconds=seconds,
         cache=result, client=request.remote, user_agent=request.headers.get("User-Agent"),
         **extra,
@@ -156,7 +173,8 @@ def _account(
 
 async def add_common_headers(request: web.Request, response: web.StreamResponse) -> None:
     """on_response_prepare: also reaches streamed responses that middleware cannot touch later."""
-    response.headers["Docker-Distribution-API-Version"] = "registry/2.0"
+    response.headers[SERVER[0]] = SERVER[1]
+    response.headers[API_VERSION[0]] = API_VERSION[1]
     rid = request.get(request_id_key)
     if rid:
-        response.headers["X-Request-ID"] = rid
+        response.headers[REQUEST_ID] = rid

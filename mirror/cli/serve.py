@@ -11,7 +11,7 @@ from contextlib import AsyncExitStack
 import structlog
 from aiohttp import web
 
-from mirror.app import UPSTREAM_CONNECTIONS, create_admin_app, create_app
+from mirror.app import UPSTREAM_CONNECTIONS, connection_protocol, create_admin_app, create_app
 from mirror.config import Config
 from mirror.http.accept import Acceptor, listening_sockets
 from mirror.http.connections import (
@@ -21,8 +21,8 @@ from mirror.http.connections import (
     raise_fd_limit,
     serving_reserve,
 )
-from mirror.http.fastpath import KEEPALIVE_TIMEOUT, FastPath, FastProtocol
-from mirror.keys import manifests_key, metrics_key
+from mirror.http.server import KEEPALIVE_TIMEOUT
+from mirror.keys import metrics_key
 
 log = structlog.get_logger("mirror.cli.serve")
 
@@ -68,20 +68,7 @@ async def serve(
             stack.callback(watched.stop)
         aiohttp_protocol, admin_protocol = runner.server, admin_runner.server
         assert aiohttp_protocol is not None and admin_protocol is not None
-        fast = FastPath(config, app[manifests_key], metrics)
-        if server.fast_path:
-
-            def handed_over() -> asyncio.Protocol:
-                return HeadWatch(aiohttp_protocol(), clients, admitted=True)
-
-            def factory() -> asyncio.Protocol:
-                return FastProtocol(fast, handed_over, loop, clients)
-
-        else:
-
-            def factory() -> asyncio.Protocol:
-                return HeadWatch(aiohttp_protocol(), clients, admitted=False)
-
+        factory = connection_protocol(app, aiohttp_protocol, clients)
         # Not loop.create_server: libuv accepts one connection per loop iteration (Acceptor).
         listener = Acceptor(loop, factory, listening_sockets(server.host, server.port, BACKLOG))
         listener.start()
@@ -106,17 +93,13 @@ async def serve(
             admin=[f"{a[0]}:{a[1]}" for a in admin_sockets], fast_path=server.fast_path,
             max_connections=limit, header_timeout=server.header_timeout,
         )  # fmt: skip
-        flusher = asyncio.create_task(_flush_every_second(fast), name="fast-path metrics")
         try:
             await stop.wait()
         finally:
             log.info("stopping")
-            flusher.cancel()
-            fast.flush_metrics()
             listener.close()
             admin_listener.close()
-            for connection in list(fast.connections):
-                connection.close()
+            # The runners' cleanup (the stack) closes what is still on the fast path.
 
 
 def _connection_limit(config: Config) -> int:
@@ -134,13 +117,6 @@ def _connection_limit(config: Config) -> int:
             hint="the hard RLIMIT_NOFILE is too low for it (ulimit -Hn, or the container's)",
         )  # fmt: skip
     return limit
-
-
-async def _flush_every_second(fast: FastPath) -> None:
-    """The fast path counts in plain ints; scrapes flush too, this bounds the lag for others."""
-    while True:
-        await asyncio.sleep(1.0)
-        fast.flush_metrics()
 
 
 def run_serve(config: Config, log_level: str) -> int:

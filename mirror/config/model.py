@@ -25,7 +25,7 @@ class ServerConfig:
     port: int = 5000
     admin_token: str | None = field(default=None, repr=False)
     access_log: bool = True
-    # Answer cached manifests without aiohttp's per-request machinery (see handlers/fastpath).
+    # Answer cached manifests without aiohttp's per-request machinery (see http/fastpath.py).
     fast_path: bool = True
     # Threads that copy cached blobs to sockets a slice at a time. A client waiting to drain
     # holds none, so this bounds parallel disk reads, not the number of clients served.

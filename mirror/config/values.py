@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+from decimal import Decimal
 from typing import Any
 
 _SIZE_UNITS = {
@@ -29,7 +30,8 @@ def parse_size(value: Any) -> int:
     m = _NUMBER_WITH_UNIT.fullmatch(str(value))
     if not m or m.group(2).lower() not in _SIZE_UNITS:
         raise ValueError(f"expected a size like 512MiB or 100GB, got {value!r}")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    # Decimal, not float: exact for any number of bytes, and no overflow to infinity.
+    return int(Decimal(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
 
 
 def format_size(size: int | float) -> str:
@@ -47,20 +49,25 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration")
     if isinstance(value, int | float):
-        if value < 0 or math.isnan(value):
-            raise ValueError("duration must not be negative")
-        return float(value)
-    m = _NUMBER_WITH_UNIT.fullmatch(str(value))
-    if not m or m.group(2).lower() not in _DURATION_UNITS:
-        raise ValueError(f"expected a duration like 30s, 5m or 7d, got {value!r}")
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()]
+        seconds = float(value)
+    else:
+        m = _NUMBER_WITH_UNIT.fullmatch(str(value))
+        if not m or m.group(2).lower() not in _DURATION_UNITS:
+            raise ValueError(f"expected a duration like 30s, 5m or 7d, got {value!r}")
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()]
+    if math.isnan(seconds) or seconds < 0:
+        raise ValueError("duration must not be negative")
+    if math.isinf(seconds):
+        raise ValueError("duration is too long")  # a timer that never fires, or overflows
+    return seconds
 
 
 def parse_listen(value: Any) -> tuple[str, int]:
     """ "0.0.0.0:5000", "[::1]:5000", ":5000" -> (host, port)."""
     text = str(value)
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+    # ASCII digits only: str.isdigit() also takes "١٢" (Arabic-Indic), which int() reads as 12.
+    if not sep or not (port.isascii() and port.isdigit()) or len(port) > 5 or int(port) > 65535:
         raise ValueError(f"expected host:port, got {text!r}")
     if ":" in host and not (host.startswith("[") and host.endswith("]")):
         raise ValueError(f"an IPv6 address needs brackets: [{host}]:{port}, got {text!r}")

@@ -6,6 +6,8 @@ import structlog
 from aiohttp import web
 
 from mirror.cache.body import BlobBody, BodyFailed, Redirect
+from mirror.http.headers import manifest_headers
+from mirror.http.parse import manifest_reference, query_ns, target_of
 from mirror.http.sendfile import Sent, drop, write_body
 from mirror.keys import (
     blobs_key,
@@ -21,9 +23,8 @@ from mirror.keys import (
 from mirror.oci.digest import InvalidDigest, parse_digest
 from mirror.oci.errors import ErrorCode, RegistryError
 from mirror.oci.mediatypes import accepted_types
-from mirror.oci.paths import Kind, Target, UnknownRegistry, next_page_link, parse_v2_path, route
+from mirror.oci.paths import Kind, Target, next_page_link, parse_v2_path
 from mirror.oci.ranges import UnsatisfiableRange, parse_range
-from mirror.oci.reference import InvalidName, is_tag
 
 log = structlog.get_logger("mirror.handlers")
 
@@ -47,7 +48,8 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         return await base(request)
     if path.kind in (Kind.UNKNOWN, Kind.REFERRERS):
         raise RegistryError(ErrorCode.NOT_FOUND, detail={"path": request.path})
-    target = _target(request, path.name)
+    config = request.app[config_key]
+    target = target_of(path.name, _ns(request), config.registries, config.default_registry)
     request[registry_key] = target.registry
     if path.kind is Kind.MANIFEST:
         return await _manifest(request, target, path.reference)
@@ -56,45 +58,22 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     return await _tags(request, target)
 
 
-def _target(request: web.Request, name: str) -> Target:
-    config = request.app[config_key]
-    try:
-        return route(name, request.query.get("ns"), config.registries, config.default_registry)
-    except UnknownRegistry as exc:
-        raise RegistryError(
-            ErrorCode.DENIED,
-            f"registry {exc.registry!r} is not configured on this mirror",
-            {"registry": exc.registry, "configured": sorted(config.registries)},
-        ) from exc
-    except InvalidName as exc:
-        raise RegistryError(ErrorCode.NAME_INVALID, str(exc), {"name": name}) from exc
+def _ns(request: web.Request) -> str | None:
+    return query_ns(request.rel_url.raw_query_string)
 
 
 async def _manifest(request: web.Request, target: Target, reference: str) -> web.Response:
     manifests = request.app[manifests_key]
     accepted = accepted_types(request.headers.getall("Accept", []))
-    if ":" in reference:
-        try:
-            digest = parse_digest(reference)
-        except InvalidDigest as exc:
-            raise RegistryError(ErrorCode.DIGEST_INVALID, str(exc), {"digest": reference}) from exc
+    digest = manifest_reference(reference)
+    if digest is not None:
         answer = await manifests.by_digest(target.registry, target.name, digest, accepted)
-    elif is_tag(reference):
-        answer = await manifests.by_tag(target.registry, target.name, reference, accepted)
     else:
-        raise RegistryError(ErrorCode.TAG_INVALID, f"invalid tag {reference!r}")
+        answer = await manifests.by_tag(target.registry, target.name, reference, accepted)
     request[result_key] = answer.result
     m = answer.manifest
-    # HEAD gets the same headers, Content-Length included, and aiohttp leaves the body out:
-    # containerd's tag HEAD needs all three of digest, length and type, or it repeats as GET.
-    return web.Response(
-        body=m.body,
-        headers={
-            "Content-Type": m.media_type,
-            "Docker-Content-Digest": m.digest,
-            "ETag": f'"{m.digest}"',
-        },
-    )
+    # HEAD gets the same headers, Content-Length included, and aiohttp leaves the body out.
+    return web.Response(body=m.body, headers=manifest_headers(m.media_type, m.digest))
 
 
 async def _blob(request: web.Request, target: Target, reference: str) -> web.StreamResponse:
@@ -196,7 +175,7 @@ async def _tags(request: web.Request, target: Target) -> web.Response:
     response = web.Response(body=listed.body, content_type="application/json")
     # The registry's next page is named by its own path: the client must come back here,
     # with its registry prefix or ns, or paging (skopeo list-tags) would leave the mirror.
-    link = next_page_link(listed.link, request.rel_url.raw_path, request.query.get("ns"))
+    link = next_page_link(listed.link, request.rel_url.raw_path, _ns(request))
     if link is not None:
         response.headers["Link"] = link
     return response

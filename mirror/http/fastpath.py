@@ -6,46 +6,59 @@ building objects this answer does not need (about 7k requests/s on one core here
 same answer from a bare protocol goes past 80k). So every connection starts on this protocol:
 it parses with httptools (the parser aiohttp's own C speedups wrap) and answers GET and HEAD of
 a manifest it can serve from memory: a digest in the manifest cache, or a tag whose record is
-fresh. The answer comes from the same routing, freshness and Accept rules as the full handler.
+fresh. The answer comes from the same routing and reference rules (mirror.http.parse), the same
+freshness and Accept rules, the same headers (mirror.http.headers) and the same parser limits
+(mirror.http.server) as the full handler's: byte for byte the answer aiohttp would give, apart
+from Date and X-Request-ID.
 
-Anything else, and anything unusual (a body, a partial request, a parse error, a route that
-errs), hands the connection with the unanswered bytes to aiohttp's protocol, for good. The
-handover happens only at a point where every earlier request has been answered completely,
-so aiohttp sees a clean stream.
+Anything else, and anything unusual (a body, a partial request, an upgrade or CONNECT, a parse
+error, a request aiohttp's parser would refuse, a route that errs), hands the connection with
+the unanswered bytes to aiohttp's protocol, for good. The handover happens only at a point
+where every earlier request has been answered completely, so aiohttp sees a clean stream.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
-import re
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import formatdate
-from urllib.parse import parse_qs
 
 import httptools
+from aiohttp import web
+from aiohttp.http_parser import SINGLETON_HEADERS
 
 from mirror.cache.manifests import Manifest, ManifestService
 from mirror.config import Config
 from mirror.http.connections import ClientConnections, reset
+from mirror.http.headers import API_VERSION, REQUEST_ID, SERVER, manifest_headers
+from mirror.http.parse import manifest_reference, query_ns, target_of
+from mirror.http.server import KEEPALIVE_TIMEOUT, MAX_FIELD, MAX_HEADERS, MAX_LINE
 from mirror.log import access_line
-from mirror.metrics import Metrics
-from mirror.oci.digest import Digest, InvalidDigest, parse_digest
+from mirror.metrics import RequestMetrics
+from mirror.oci.digest import Digest
+from mirror.oci.errors import RegistryError
 from mirror.oci.mediatypes import accepted_types
-from mirror.oci.paths import Kind, parse_v2_path, route
-from mirror.oci.reference import InvalidName, is_tag
+from mirror.oci.paths import Kind, parse_v2_path
 
-_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
-KEEPALIVE_TIMEOUT = 75.0  # idle keep-alive connections close after this (aiohttp's too: serve)
 MAX_ANSWER_BYTES = 1024 * 1024  # answered per read before a pipelining client goes to aiohttp
-MAX_FIELD = 8190  # aiohttp's own limit for a request line or header: beyond it, its 400
-
 
 _MEMO_SIZE = 8192
 _ACCEPT_MEMO_SIZE = 256  # clients send a handful of distinct Accept sets
+_HEAD_MEMO_SIZE = 1024  # distinct manifests answered recently
+# aiohttp's limit on one header is MAX_FIELD, but what it counts shifts with the header before
+# (a name's share of the previous one's); a name or value past half of it, and every
+# borderline case is aiohttp's.
+_LONG_HEADER = MAX_FIELD // 2
+
+# aiohttp refuses a request with two of these (llhttp's strict mode alone would not).
+_SINGLETONS = frozenset(name.encode() for name in SINGLETON_HEADERS)
+# Headers after which aiohttp's answer is not just the manifest: a body to read or frame, a
+# 100 Continue first, an old websocket handshake it refuses. aiohttp answers those itself.
+_HANDED_OVER = frozenset(
+    {b"content-length", b"transfer-encoding", b"expect", b"sec-websocket-key1"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +78,7 @@ class _Request:
     headers: tuple[tuple[bytes, bytes], ...]
     keep_alive: bool
     http_10: bool
+    answerable: bool  # nothing in it that aiohttp would answer other than with the manifest
 
 
 class _Date:
@@ -85,57 +99,92 @@ class _Date:
 class FastPath:
     """What the protocol needs from the app: the answer for one parsed request, or None."""
 
-    def __init__(self, config: Config, manifests: ManifestService, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        config: Config,
+        manifests: ManifestService,
+        requests: RequestMetrics,
+        request_ids: Callable[[str | None], str],
+    ) -> None:
         self._config = config
         self._manifests = manifests
-        self._tally = metrics.tally("manifest", "hit")
+        self._hits = requests.counter("manifest", "hit")
+        self._durations = requests.durations("manifest")
+        self._request_ids = request_ids
         self._access_log = config.server.access_log
         self._date = _Date()
         self._routes: dict[bytes, _Route | None] = {}
         self._accepts: dict[tuple[bytes, ...], frozenset[str]] = {}
-        self._rid_prefix = secrets.token_hex(4)
-        self._rid_count = itertools.count(1)
+        self._heads: dict[tuple[str, str, int], bytes] = {}
+        self._names: dict[tuple[bytes, ...], tuple[bool, bool]] = {}
         self.connections: set[FastProtocol] = set()
 
-    def flush_metrics(self) -> None:
-        self._tally.flush()
+    def close(self) -> None:
+        """Close every connection still on this protocol (idle keep-alives, at shutdown)."""
+        for connection in list(self.connections):
+            connection.close()
 
     def answer(self, req: _Request, peer: str | None) -> bytes | None:
         started = time.perf_counter()
-        if req.method not in (b"GET", b"HEAD"):
+        if req.method not in (b"GET", b"HEAD") or not req.answerable:
             return None
         found = self._lookup(req)
         if found is None:
             return None
-        manifest, registry, path, ns = found
-        rid = self._request_id(req.headers)
+        manifest, route_ = found
+        rid = self._request_ids(_header(req.headers, b"x-request-id"))
         body_len = len(manifest.body)
-        head = (
-            b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nDocker-Content-Digest: %s\r\n"
-            b'ETag: "%s"\r\nContent-Length: %d\r\nDate: %s\r\n'
-            b"Docker-Distribution-API-Version: registry/2.0\r\nX-Request-ID: %s\r\n"
-            % (
-                manifest.media_type.encode(), manifest.digest.encode(),
-                manifest.digest.encode(), body_len, self._date.value(), rid.encode(),
-            )
+        # In the order aiohttp writes them: the handler's headers and Content-Length, Date,
+        # Server, Connection when the version does not imply it, then on_response_prepare's.
+        if req.keep_alive:
+            connection = _KEEP_ALIVE if req.http_10 else b""
+        else:
+            connection = b"" if req.http_10 else _CLOSE
+        out = b"%s%sDate: %s\r\n%s%s%s%s: %s\r\n\r\n%s" % (
+            _OK_10 if req.http_10 else _OK_11, self._head(manifest, body_len),
+            self._date.value(), _SERVER, connection, _API_VERSION, _RID, rid.encode(),
+            b"" if req.method == b"HEAD" else manifest.body,
         )  # fmt: skip
-        if not req.keep_alive:
-            head += b"Connection: close\r\n"
-        elif req.http_10:
-            head += b"Connection: keep-alive\r\n"
-        out = head + b"\r\n" + (b"" if req.method == b"HEAD" else manifest.body)
         seconds = time.perf_counter() - started
-        self._tally.record(seconds)
+        self._hits.value += 1
+        self._durations.observe(seconds)
         if self._access_log:
             access_line(
-                method=req.method.decode(), path=path, ns=ns, route="manifest",
-                registry=registry, status=200, sent=0 if req.method == b"HEAD" else body_len,
-                seconds=seconds, cache="hit", client=peer,
-                user_agent=_header(req.headers, b"user-agent"), request_id=rid, fast_path=True,
+                method=req.method.decode(), path=route_.path, ns=route_.ns, route="manifest",
+                registry=route_.registry, status=200,
+                sent=0 if req.method == b"HEAD" else body_len, seconds=seconds, cache="hit",
+                client=peer, user_agent=_header(req.headers, b"user-agent"), request_id=rid,
+                fast_path=True,
             )  # fmt: skip
         return out
 
-    def _lookup(self, req: _Request) -> tuple[Manifest, str, str, str | None] | None:
+    def header_names(self, names: tuple[bytes, ...]) -> tuple[bool, bool]:
+        """(whether aiohttp would take these header names and answer with just the manifest,
+        whether Host is among them). Memoized: a client sends the same names every time."""
+        found = self._names.get(names)
+        if found is None:
+            found = judge_header_names(names)
+            if len(self._names) >= _ACCEPT_MEMO_SIZE:
+                self._names.clear()
+            self._names[names] = found
+        return found
+
+    def _head(self, manifest: Manifest, body_len: int) -> bytes:
+        """The manifest's own headers: the same for every answer of it."""
+        key = (manifest.digest, manifest.media_type, body_len)
+        head = self._heads.get(key)
+        if head is None:
+            fields = {**manifest_headers(manifest.media_type, manifest.digest)}
+            fields["Content-Length"] = str(body_len)
+            head = b"".join(
+                b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in fields.items()
+            )
+            if len(self._heads) >= _HEAD_MEMO_SIZE:
+                self._heads.clear()
+            self._heads[key] = head
+        return head
+
+    def _lookup(self, req: _Request) -> tuple[Manifest, _Route] | None:
         if req.url in self._routes:
             route_ = self._routes[req.url]
         else:
@@ -160,45 +209,59 @@ class FastPath:
             )
         if manifest is None:
             return None
-        return manifest, route_.registry, route_.path, route_.ns
+        return manifest, route_
 
     def _route(self, url: bytes) -> _Route | None:
         """Pure in the URL and the config, hence memoized: parse, route and validate once."""
+        if b"#" in url:
+            return None  # a fragment: aiohttp's to drop
         raw_path, _, raw_query = url.partition(b"?")
         try:
             path = raw_path.decode("ascii")
-            query = parse_qs(raw_query.decode("ascii")) if raw_query else {}
+            query = raw_query.decode("ascii")
         except UnicodeDecodeError:
             return None
         if not path.startswith("/v2/") or "%" in path:
-            return None
+            return None  # percent-escapes in a path are aiohttp's to decode
         parsed = parse_v2_path(path[4:])
         if parsed.kind is not Kind.MANIFEST:
             return None
-        ns_values = query.get("ns")
-        ns = ns_values[0] if ns_values else None  # decoded once, like aiohttp's query
+        ns = query_ns(query)
         config = self._config
         try:
-            target = route(parsed.name, ns, config.registries, config.default_registry)
-        except (LookupError, InvalidName):
-            return None
-        reference = parsed.reference
-        digest = None
-        if ":" in reference:
-            try:
-                digest = parse_digest(reference)
-            except InvalidDigest:
-                return None
-        elif not is_tag(reference):
-            return None
-        return _Route(target.registry, target.name, reference, digest, path, ns)
+            target = target_of(parsed.name, ns, config.registries, config.default_registry)
+            digest = manifest_reference(parsed.reference)
+        except RegistryError:
+            return None  # the handler answers with the error
+        return _Route(target.registry, target.name, parsed.reference, digest, path, ns)
 
-    def _request_id(self, headers: tuple[tuple[bytes, bytes], ...]) -> str:
-        supplied = _header(headers, b"x-request-id")
-        if supplied and _REQUEST_ID.fullmatch(supplied.encode()):
-            return supplied
-        # unique per process start and request, without a system call per request
-        return f"{self._rid_prefix}{next(self._rid_count):08x}"
+
+_OK_10, _OK_11 = b"HTTP/1.0 200 OK\r\n", b"HTTP/1.1 200 OK\r\n"  # aiohttp answers in kind
+# Sent when the version does not imply it: aiohttp's rule.
+_KEEP_ALIVE, _CLOSE = b"Connection: keep-alive\r\n", b"Connection: close\r\n"
+_SERVER = b"%s: %s\r\n" % (SERVER[0].encode(), SERVER[1].encode())
+_API_VERSION = b"%s: %s\r\n" % (API_VERSION[0].encode(), API_VERSION[1].encode())
+_RID = REQUEST_ID.encode()
+
+# Where create_app keeps the FastPath (defined here: mirror.keys sits below mirror.http).
+fast_path_key = web.AppKey("fast_path", FastPath)
+
+
+def judge_header_names(names: tuple[bytes, ...]) -> tuple[bool, bool]:
+    """The checks aiohttp's parser makes on header names beyond llhttp's own (a request it
+    refuses must never get a 200 here), and the headers it answers differently."""
+    if len(names) > MAX_HEADERS:
+        return False, False
+    seen: set[bytes] = set()
+    for name in names:
+        lower = name.lower()
+        if len(name) > _LONG_HEADER or lower in _HANDED_OVER:
+            return False, False
+        if lower in _SINGLETONS:
+            if lower in seen:
+                return False, False
+            seen.add(lower)
+    return True, b"host" in seen
 
 
 def _header(headers: tuple[tuple[bytes, bytes], ...], name: bytes) -> str | None:
@@ -228,8 +291,8 @@ class FastProtocol(asyncio.Protocol):
         self._complete: list[_Request] = []
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
+        self._refused = False  # by aiohttp's parser rules, or not just a manifest to answer
         self._body = False
-        self._oversize = False  # a line past aiohttp's limit: never answered, never memoized
         self._partial = False
         self._idle: asyncio.TimerHandle | None = None
         self._last_active = 0.0
@@ -265,11 +328,13 @@ class FastProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            # An upgrade (h2c, websocket) or CONNECT stops this parser where the request ends:
+            # aiohttp answers it as HTTP/1.1, or refuses it, and reads on.
             self._hand_over(data)
             return
         requests, self._complete = self._complete, []
-        if self._partial or self._body or self._oversize or not requests:
+        if self._partial or self._body or not requests:
             self._hand_over(data)  # not a chunk of whole, bodiless requests: aiohttp's job
             return
         if any(not r.keep_alive for r in requests[:-1]):
@@ -306,26 +371,36 @@ class FastProtocol(asyncio.Protocol):
         self._partial = True
         self._url = b""
         self._headers = []
+        self._refused = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        if len(self._url) > MAX_FIELD:
-            self._oversize = True  # aiohttp answers these with its own 400
+        if len(self._url) > MAX_LINE:
+            self._refused = True  # aiohttp answers these with its 400
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # llhttp has refused control characters already; names are judged once per request.
         self._headers.append((name, value))
-        if len(value) > MAX_FIELD:
-            self._oversize = True
+        if len(value) > _LONG_HEADER:
+            self._refused = True
 
     def on_body(self, body: bytes) -> None:
         self._body = True
 
     def on_message_complete(self) -> None:
         self._partial = False
+        version = self._parser.get_http_version()
+        names_allowed, host = self._fast.header_names(tuple([name for name, _ in self._headers]))
+        answerable = (
+            names_allowed
+            and not self._refused
+            and self._url.startswith(b"/")  # origin-form: "*" and absolute URLs are aiohttp's
+            and (version == "1.0" or (version == "1.1" and host))
+        )
         self._complete.append(
             _Request(
                 self._parser.get_method(), self._url, tuple(self._headers),
-                self._parser.should_keep_alive(), self._parser.get_http_version() == "1.0",
+                self._parser.should_keep_alive(), version == "1.0", answerable,
             )
         )  # fmt: skip
 

@@ -6,7 +6,7 @@ import re
 from collections.abc import Container
 from dataclasses import dataclass
 from enum import Enum
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 from mirror.oci.reference import (
     canonical_registry,
@@ -76,7 +76,8 @@ def route(name: str, ns: str | None, registries: Container[str], default_registr
 
     1. a configured registry as the first name component (`/v2/ghcr.io/org/app/...`): how
        skopeo/podman/CRI-O mirrors and containerd's override_path name the registry;
-    2. containerd's `?ns=<registry>` (percent-encoded: `127.0.0.1%3A5000`), with the whole
+    2. containerd's `?ns=<registry>` (sent percent-encoded, `127.0.0.1%3A5000`; `ns` is the
+       value as the query parser decoded it, once: never decoded again here), with the whole
        name as the repository: `my.group/project` is a repository there, not a registry;
     3. a first component that looks like a registry host but is not configured: refused, so
        the mirror is no open proxy;
@@ -89,7 +90,7 @@ def route(name: str, ns: str | None, registries: Container[str], default_registr
     if prefix is not None and prefix in registries:
         registry, name = prefix, rest
     elif ns:
-        registry = _host(unquote(ns).strip())
+        registry = _host(ns.strip())
     elif prefix is not None:
         raise UnknownRegistry(prefix)
     else:

@@ -7,6 +7,10 @@ import re
 # ASCII only: str.isdigit() and int() also take "١" (Arabic-Indic one) or "²", which no
 # client means; such a header is garbage, ignored like any other.
 _NUMBER = re.compile(r"[0-9]*", re.ASCII)
+# No blob is 10**19 bytes (sizes fit in 63 bits); a longer number only says "past any end".
+# Cut here rather than handed to int(), which refuses strings past 4,300 digits.
+_MAX_DIGITS = 19
+_PAST_ANY_END = 10**_MAX_DIGITS
 
 
 class UnsatisfiableRange(ValueError):
@@ -32,9 +36,9 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         return None  # signs, spaces inside numbers, garbage: not a range we answer
     if first == "" and last == "":
         return None
-    suffix = int(last) if first == "" else None
-    start = int(first) if first else 0
-    end = int(last) if last and first else size - 1
+    suffix = _number(last) if first == "" else None
+    start = _number(first) if first else 0
+    end = _number(last) if last and first else size - 1
     if suffix is not None:
         if suffix <= 0:
             raise UnsatisfiableRange(header)
@@ -46,3 +50,8 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if start < 0 or end < start:
         return None
     return start, min(end, size - 1)
+
+
+def _number(digits: str) -> int:
+    significant = digits.lstrip("0")
+    return int(significant or "0") if len(significant) <= _MAX_DIGITS else _PAST_ANY_END

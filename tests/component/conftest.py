@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +13,25 @@ from mirror.app import create_app
 from mirror.config import Config
 
 from .fakeregistry import FakeRegistry
-from .harness import Mirror, mirror_config
+from .harness import Mirror, Served, ServedClient, mirror_config
 from .moto import MotoServer
 
 MakeMirror = Callable[..., Awaitable[Mirror]]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """@pytest.mark.both_paths: the test runs twice, against the production server with the
+    manifest fast path on and with it off. Their answers must be the same."""
+    if "fast_path" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
+        "both_paths"
+    ):
+        metafunc.parametrize("fast_path", [True, False], ids=["fast_path", "aiohttp"])
+
+
+@pytest.fixture
+def fast_path() -> bool | None:
+    """None unless @both_paths: the mirror is then served by aiohttp's TestServer."""
+    return None
 
 
 @pytest.fixture
@@ -29,20 +45,30 @@ async def fake() -> AsyncIterator[FakeRegistry]:
 
 
 @pytest.fixture
-async def make_mirror(aiohttp_client: Any, fake: FakeRegistry, tmp_path: Path) -> MakeMirror:
+async def make_mirror(
+    aiohttp_client: Any, fake: FakeRegistry, tmp_path: Path, fast_path: bool | None
+) -> AsyncIterator[MakeMirror]:
     """make_mirror(**upstream_overrides) or make_mirror(config=...): a started mirror."""
     count = 0
+    served: list[ServedClient] = []
 
     async def make(config: Config | None = None, **upstream: Any) -> Mirror:
         nonlocal count
         count += 1
         if config is None:
             config = mirror_config(tmp_path / f"cache{count}", fake.url, **upstream)
+        if fast_path is not None:
+            config = replace(config, server=replace(config.server, fast_path=fast_path))
+            server = await Served.start(config)
+            served.append(ServedClient(server))
+            return Mirror(served[-1], server.app, config)
         app = create_app(config)
         client = await aiohttp_client(app)
         return Mirror(client, app, config)
 
-    return make
+    yield make
+    for client in served:
+        await client.close()
 
 
 @pytest.fixture

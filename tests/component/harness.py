@@ -12,12 +12,15 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from mirror.app import connection_protocol, create_app
 from mirror.cache.blobs import BlobService
 from mirror.config import CacheConfig, Config, RegistryConfig, ServerConfig, UpstreamConfig
 from mirror.config.values import parse_hosts_or_networks
+from mirror.http.connections import ClientConnections
 from mirror.keys import blobs_key, metrics_key
 from mirror.oci.digest import parse_digest
 from mirror.storage.layout import Layout
@@ -56,8 +59,77 @@ def mirror_config(cache_dir: Path, upstream_url: str, **upstream: Any) -> Config
 
 
 @dataclass
+class Served:
+    """The app as `mirror serve` runs it: aiohttp's runner, and the production protocol factory
+    (the manifest fast path in front when config.server.fast_path) on a free loopback port."""
+
+    app: web.Application
+    runner: web.AppRunner
+    listener: asyncio.Server
+    url: str
+    clients: ClientConnections
+
+    @classmethod
+    async def start(cls, config: Config) -> Served:
+        app = create_app(config)
+        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
+        await runner.setup()
+        assert runner.server is not None
+        loop = asyncio.get_running_loop()
+        server = config.server
+        clients = ClientConnections(
+            server.max_connections, server.header_timeout, loop, app[metrics_key]
+        )
+        clients.start()
+        listener = await loop.create_server(
+            connection_protocol(app, runner.server, clients), "127.0.0.1", 0
+        )
+        port = listener.sockets[0].getsockname()[1]
+        return cls(app, runner, listener, f"http://127.0.0.1:{port}", clients)
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    async def stop(self) -> None:
+        self.listener.close()
+        self.clients.stop()
+        await self.runner.cleanup()
+
+
+class ServedClient:
+    """TestClient's request API against a Served mirror, on a new connection each request: a
+    connection the fast path handed to aiohttp stays there, so reuse would hide the fast path.
+    Closing it stops the mirror too, as closing a TestClient does."""
+
+    def __init__(self, server: Served) -> None:
+        self.server = server
+        self._session = aiohttp.ClientSession(
+            base_url=server.url, connector=aiohttp.TCPConnector(force_close=True)
+        )
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self._session.request(method, path, **kwargs)
+
+    def get(self, path: str, **kwargs: Any) -> Any:
+        return self.request("GET", path, **kwargs)
+
+    def head(self, path: str, **kwargs: Any) -> Any:
+        return self.request("HEAD", path, **kwargs)
+
+    @property
+    def closed(self) -> bool:
+        return self._session.closed
+
+    async def close(self) -> None:
+        if not self._session.closed:
+            await self._session.close()
+            await self.server.stop()
+
+
+@dataclass
 class Mirror:
-    client: TestClient
+    client: TestClient | ServedClient
     app: web.Application
     config: Config
 

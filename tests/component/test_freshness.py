@@ -2,30 +2,31 @@
 for a digest the cache lacks, and one revalidation however many clients ask at once.
 
 create_app wires ManifestService to time.time, so the TTLs here are real and short (a few
-tenths of a second) rather than driven by an injected clock.
+tenths of a second) rather than driven by an injected clock. Each test runs against the served
+mirror with the manifest fast path on and off (both_paths).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
-from mirror.cli.serve import serve
 from mirror.config import Config
 
 from .conftest import MakeMirror
 from .fakeregistry import OCI_INDEX, OCI_MANIFEST, FakeRegistry, Image
 from .harness import KiB, Mirror, mirror_config, poll, random_bytes
+
+# Every case runs against the production server twice, manifest fast path on and off: a tag
+# answered before aiohttp must keep the same TTL, revalidation and Accept rules.
+pytestmark = pytest.mark.both_paths
 
 FAKE = {"ns": "fake.test"}
 TAG_URL = "/v2/team/app/manifests/v1"
@@ -175,49 +176,6 @@ async def test_tag_record_outlives_a_restart(
     await asyncio.sleep(max(0.0, fetched + 1.05 - time.monotonic()))
     assert await ask(second, "HEAD") == (image.digest, b"")
     assert upstream_counts(fake) == Counter({("HEAD", "manifest-tag"): 1})
-
-
-@contextlib.asynccontextmanager
-async def served(cfg: Config) -> AsyncIterator[str]:
-    """The production server (mirror.cli.serve.serve, manifest fast path on) on a free port."""
-    stop = asyncio.Event()
-    port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(serve(cfg, stop, lambda socks: port.set_result(socks[0][1])))
-    try:
-        yield f"http://127.0.0.1:{await asyncio.wait_for(port, 10)}"
-    finally:
-        stop.set()
-        await task
-
-
-async def test_fast_path_keeps_the_ttl_and_revalidates_with_one_head(
-    fake: FakeRegistry, tmp_path: Path
-) -> None:
-    """In production a cached tag is answered before aiohttp; the TTL must hold there too."""
-    cfg = config(tmp_path, fake, tag_ttl=TTL)
-    cfg = replace(cfg, server=replace(cfg.server, fast_path=True, access_log=False))
-    image = seed(fake)
-    async with (
-        served(cfg) as url,
-        aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(force_close=True)  # every request meets the fast path
-        ) as session,
-    ):
-
-        async def head() -> str:
-            async with session.head(f"{url}{TAG_URL}", params=FAKE) as resp:
-                assert resp.status == 200
-                return resp.headers["Docker-Content-Digest"]
-
-        assert await head() == image.digest
-        fake.reset_log()
-        assert [await head() for _ in range(5)] == [image.digest] * 5
-        assert fake.log == []
-        await expire()
-        assert await head() == image.digest
-        assert upstream_counts(fake) == Counter({("HEAD", "manifest-tag"): 1})
-        assert await head() == image.digest  # fresh again
-        assert len(fake.log) == 1
 
 
 DOCKER_V2 = "application/vnd.docker.distribution.manifest.v2+json"

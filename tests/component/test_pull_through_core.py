@@ -50,6 +50,7 @@ async def error_code(resp: Any) -> str:
 # -- routing -------------------------------------------------------------------------------------
 
 
+@pytest.mark.both_paths
 @pytest.mark.parametrize(
     ("path", "query", "upstream_name"),
     [
@@ -72,6 +73,7 @@ async def test_requests_reach_the_registry_they_name(
     assert [r.name for r in fake.requests(kind="manifest-tag")] == [upstream_name]
 
 
+@pytest.mark.both_paths
 async def test_registry_named_by_host_and_port(
     fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Any
 ) -> None:
@@ -89,6 +91,7 @@ async def test_registry_named_by_host_and_port(
     assert [r.name for r in fake.requests(kind="manifest-tag")] == ["team/app"]  # then cached
 
 
+@pytest.mark.both_paths
 @pytest.mark.parametrize(
     ("path", "query"),
     [
@@ -108,6 +111,7 @@ async def test_unconfigured_registry_is_denied(
     assert fake.log == []  # not an open proxy: nothing went anywhere
 
 
+@pytest.mark.both_paths
 @pytest.mark.parametrize(
     "path",
     [
@@ -124,6 +128,7 @@ async def test_invalid_name_is_rejected(fake: FakeRegistry, mirror: Mirror, path
     assert fake.log == []
 
 
+@pytest.mark.both_paths
 @pytest.mark.parametrize(
     "path",
     [
@@ -145,6 +150,7 @@ async def test_invalid_digest_is_rejected(fake: FakeRegistry, mirror: Mirror, pa
 # -- manifests -----------------------------------------------------------------------------------
 
 
+@pytest.mark.both_paths
 async def test_manifest_by_tag_and_digest_is_the_exact_upstream_manifest(
     fake: FakeRegistry, mirror: Mirror
 ) -> None:
@@ -163,6 +169,7 @@ async def test_manifest_by_tag_and_digest_is_the_exact_upstream_manifest(
     assert fake.count(kind="manifest-digest") == 0  # the tag fetch already stored it
 
 
+@pytest.mark.both_paths
 @pytest.mark.parametrize("ref", ["tag", "digest"])
 async def test_manifest_head_has_the_get_headers_and_no_body(
     fake: FakeRegistry, mirror: Mirror, ref: str
@@ -180,6 +187,7 @@ async def test_manifest_head_has_the_get_headers_and_no_body(
     assert await get.read() == image.manifest
 
 
+@pytest.mark.both_paths
 async def test_manifest_accepted_from_separate_accept_lines(
     fake: FakeRegistry, mirror: Mirror
 ) -> None:
@@ -378,6 +386,7 @@ async def test_blob_redirect_is_followed_without_authorization(
 # -- upstream failures ---------------------------------------------------------------------------
 
 
+@pytest.mark.both_paths
 async def test_upstream_404_is_blob_or_manifest_unknown(fake: FakeRegistry, mirror: Mirror) -> None:
     seed(fake)
     missing = "sha256:" + "0" * 64
@@ -471,6 +480,7 @@ async def test_silent_upstream_is_a_503_within_the_header_timeout(
 # -- the cache -----------------------------------------------------------------------------------
 
 
+@pytest.mark.both_paths
 async def test_second_pull_asks_the_upstream_nothing(
     fake: FakeRegistry, mirror: Mirror, make_mirror: MakeMirror
 ) -> None:

@@ -32,20 +32,27 @@ def exported_series() -> dict[str, tuple[str, set[str]]]:
     metrics = Metrics()
     series: dict[str, tuple[str, set[str]]] = {}
     for collector in vars(metrics).values():
-        if not isinstance(collector, MetricWrapperBase):
-            continue
-        (family,) = collector.describe()
-        # prometheus_client has no public accessor for a parent's label names.
-        labels = set(collector._labelnames)
-        if family.type == "counter":
-            series[family.name + "_total"] = ("counter", labels)
-        elif family.type == "histogram":
-            series[family.name + "_bucket"] = ("histogram", labels | {"le"})
-            series[family.name + "_sum"] = ("counter", labels)
-            series[family.name + "_count"] = ("counter", labels)
-        else:
-            series[family.name] = (family.type, labels)
+        if isinstance(collector, MetricWrapperBase):
+            (family,) = collector.describe()
+            # prometheus_client has no public accessor for a parent's label names.
+            _add(series, family.type, family.name, set(collector._labelnames))
+    # The request families come from a collector of the mirror's own, whose closed label sets
+    # all exist from the start: its samples show every label.
+    for family in metrics.requests.collect():
+        labels = {name for sample in family.samples for name in sample.labels} - {"le"}
+        _add(series, family.type, family.name, labels)
     return series
+
+
+def _add(series: dict[str, tuple[str, set[str]]], kind: str, name: str, labels: set[str]) -> None:
+    if kind == "counter":
+        series[name + "_total"] = ("counter", labels)
+    elif kind == "histogram":
+        series[name + "_bucket"] = ("histogram", labels | {"le"})
+        series[name + "_sum"] = ("counter", labels)
+        series[name + "_count"] = ("counter", labels)
+    else:
+        series[name] = (kind, labels)
 
 
 def all_panels(panels: list[dict[str, Any]]) -> list[dict[str, Any]]:

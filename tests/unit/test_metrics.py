@@ -6,22 +6,26 @@ from typing import Any
 
 import prometheus_client
 import pytest
+from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
 from mirror.metrics import (
+    DURATION_BUCKETS,
     REQUEST_KINDS,
     REQUEST_RESULTS,
     SERVED_SOURCES,
     UPSTREAM_KINDS,
     Metrics,
+    RequestMetrics,
     status_class,
 )
 
 # attribute, family name in the exposition, type, labels used to touch it
 COLLECTORS: list[tuple[str, str, str, dict[str, str]]] = [
     ("requests", "mirror_requests", "counter", {"kind": "manifest", "result": "hit"}),
-    ("request_duration", "mirror_request_duration_seconds", "histogram", {"kind": "blob"}),
+    ("requests", "mirror_request_duration_seconds", "histogram", {"kind": "blob"}),
     ("served_bytes", "mirror_served_bytes", "counter", {"source": "disk"}),
     ("upstream_requests", "mirror_upstream_requests", "counter",
      {"registry": "docker.io", "kind": "blob", "status": "2xx"}),
@@ -66,6 +70,10 @@ def value(metrics: Metrics, sample: str, **labels: str) -> float | None:
 
 
 def touch(metric: Any, labels: dict[str, str], amount: float) -> None:
+    if isinstance(metric, RequestMetrics):  # both request families share one collector
+        metric.count(labels["kind"], labels.get("result", "hit"))
+        metric.observe(labels["kind"], amount)
+        return
     child = metric.labels(**labels) if labels else metric
     if hasattr(child, "observe"):
         child.observe(amount)
@@ -115,8 +123,8 @@ def test_cache_limits_are_exported_in_bytes(
 
 def test_histogram_buckets_span_fast_hits_and_long_blobs() -> None:
     m = Metrics()
-    m.request_duration.labels(kind="manifest").observe(0.0004)
-    m.request_duration.labels(kind="blob").observe(450.0)
+    m.requests.observe("manifest", 0.0004)
+    m.requests.observe("blob", 450.0)
 
     assert value(m, "mirror_request_duration_seconds_bucket", kind="manifest", le="0.0005") == 1
     assert value(m, "mirror_request_duration_seconds_bucket", kind="blob", le="300.0") == 0
@@ -154,34 +162,6 @@ def test_breaker_gauge_reads_the_breaker_at_scrape_time() -> None:
     assert value(m, "mirror_upstream_breaker_open", registry="ghcr.io") == 0
     open_now.clear()  # a cooldown ran out: no event, and the next scrape says closed
     assert value(m, "mirror_upstream_breaker_open", registry="docker.io") == 0
-
-
-def test_hold_gauge_reads_each_kind_at_scrape_time() -> None:
-    m = Metrics()
-    left = {("docker.io", "manifest"): 42.0}
-    m.watch_holds(["docker.io"], lambda name, kind: left.get((name, kind), 0.0))
-    assert value(m, "mirror_upstream_hold_seconds", registry="docker.io", kind="manifest") == 42
-    for kind in UPSTREAM_KINDS[1:]:  # one series per kind, each its own
-        assert value(m, "mirror_upstream_hold_seconds", registry="docker.io", kind=kind) == 0
-    left.clear()
-    assert value(m, "mirror_upstream_hold_seconds", registry="docker.io", kind="manifest") == 0
-
-
-def test_tallies_are_batched_until_a_render_flushes_them_all() -> None:
-    m = Metrics()
-    hits, misses = m.tally("manifest", "hit"), m.tally("blob", "miss")
-    for _ in range(3):
-        hits.record(0.0002)
-    misses.record(2.0)
-    sample = "mirror_requests_total"
-    # Nothing reaches the collectors per request: the fast path only bumps plain ints...
-    assert m.registry.get_sample_value(sample, {"kind": "manifest", "result": "hit"}) == 0
-    # ...and every tally is pushed before a scrape is answered.
-    assert value(m, sample, kind="manifest", result="hit") == 3
-    assert value(m, sample, kind="blob", result="miss") == 1
-    assert value(m, "mirror_request_duration_seconds_count", kind="blob") == 1
-    assert value(m, "mirror_request_duration_seconds_bucket", kind="blob", le="2.5") == 1
-    assert value(m, "mirror_request_duration_seconds_bucket", kind="blob", le="1.0") == 0
 
 
 def test_the_global_default_registry_is_never_used() -> None:
@@ -224,24 +204,67 @@ def test_status_class(status: int | None, expected: str) -> None:
     assert status_class(status) == expected
 
 
-@pytest.mark.parametrize("samples", [[0.0001], [0.0005, 0.0006, 0.7, 700.0], [0.001] * 5 + [601.0]])
-def test_tally_flush_equals_observing_each_sample(samples: list[float]) -> None:
-    batched, direct = Metrics(), Metrics()
-    tally = batched.tally("manifest", "hit")
-    for seconds in samples:
-        tally.record(seconds)
-        direct.requests.labels("manifest", "hit").inc()
-        direct.request_duration.labels("manifest").observe(seconds)
-    assert _samples(batched) == _samples(direct)  # render() flushes first
-    tally.flush()  # nothing left: a second flush adds nothing
-    assert _samples(batched) == _samples(direct)
+EVENTS = [
+    [],
+    [("manifest", "hit", 0.0001)],
+    [("manifest", "hit", 0.0005), ("manifest", "hit", 0.0006), ("blob", "miss", 0.7)],
+    [("blob", "coalesced", 700.0), ("tags", "miss", 0.001), ("other", "teapot", 601.0)],
+    [("manifest", "hit", 600.0), ("manifest", None, 0.0025), ("blob", "hit", 0.0)],
+]
 
 
-def _samples(metrics: Metrics) -> list[tuple[str, dict[str, str], float]]:
-    body, _ = metrics.render()
+@pytest.mark.parametrize("events", EVENTS)
+def test_request_metrics_expose_what_a_counter_and_histogram_would(
+    events: list[tuple[str, str | None, float]],
+) -> None:
+    """The reference: prometheus-client's own Counter and Histogram, fed the same events and
+    created in the same order (closed sets first), on a registry of their own."""
+    ours = RequestMetrics()
+    registry = prometheus_client.CollectorRegistry()
+    counter = prometheus_client.Counter(
+        "mirror_requests", "Client requests by kind and how they were answered.",
+        ["kind", "result"], registry=registry,
+    )  # fmt: skip
+    histogram = prometheus_client.Histogram(
+        "mirror_request_duration_seconds", "Time to answer a client request, body included.",
+        ["kind"], buckets=DURATION_BUCKETS, registry=registry,
+    )  # fmt: skip
+    for kind in REQUEST_KINDS:
+        histogram.labels(kind)
+        for result in REQUEST_RESULTS:
+            counter.labels(kind, result)
+    for kind, result, seconds in events:
+        ours.observe(kind, seconds)
+        histogram.labels(kind).observe(seconds)
+        if result is not None:  # the middleware counts answered requests only
+            ours.count(kind, result)
+            counter.labels(kind, result).inc()
+    mine = prometheus_client.CollectorRegistry()
+    mine.register(ours)
+    for encoder in (generate_latest, generate_openmetrics):
+        assert _exposed(encoder(mine)) == _exposed(encoder(registry))
+
+
+def _exposed(body: bytes) -> list[str]:
+    """Every line, with the value of each _created sample (a timestamp) blanked."""
     return [
-        (s.name, s.labels, s.value)
-        for family in text_string_to_metric_families(body.decode())
-        for s in family.samples
-        if not s.name.endswith("_created")
+        line.rsplit(" ", 1)[0] if "_created{" in line else line
+        for line in body.decode().splitlines()
     ]
+
+
+def test_a_second_collector_of_the_same_name_is_refused() -> None:
+    m = Metrics()
+    with pytest.raises(ValueError, match="Duplicated"):
+        prometheus_client.Counter("mirror_requests", "again", registry=m.registry)
+
+
+def test_hold_gauge_reads_each_kind_at_scrape_time() -> None:
+    m = Metrics()
+    left = {("docker.io", "manifest"): 42.0}
+    m.watch_holds(["docker.io"], lambda name, kind: left.get((name, kind), 0.0))
+    assert value(m, "mirror_upstream_hold_seconds", registry="docker.io", kind="manifest") == 42
+    for kind in UPSTREAM_KINDS[1:]:  # one series per kind, each its own
+        assert value(m, "mirror_upstream_hold_seconds", registry="docker.io", kind=kind) == 0
+    left.clear()
+    assert value(m, "mirror_upstream_hold_seconds", registry="docker.io", kind="manifest") == 0

@@ -29,6 +29,10 @@ from mirror.oci.ranges import UnsatisfiableRange, parse_range
         ("BYTES=0-9", 100, (0, 9)),
         (" bytes = 10-19 ", 100, (10, 19)),
         ("bytes= 1 - 2", 100, (1, 2)),
+        # numbers past int()'s 4,300-digit limit mean past the end, like any too-big number
+        pytest.param("bytes=0-" + "9" * 5000, 100, (0, 99), id="0-<5000 digits>"),
+        pytest.param("bytes=-" + "9" * 5000, 100, (0, 99), id="-<5000 digits>"),
+        pytest.param("bytes=" + "0" * 5000 + "7-" + "0" * 5000 + "9", 100, (7, 9), id="zeros"),
     ],
 )
 def test_parse_range(header: str, size: int, expected: tuple[int, int]) -> None:
@@ -46,6 +50,9 @@ def test_parse_range(header: str, size: int, expected: tuple[int, int]) -> None:
         ("bytes=100-", 100),
         ("bytes=1000-", 100),
         ("bytes=0-", 0),
+        pytest.param("bytes=" + "9" * 5000 + "-", 100, id="<5000 digits>-"),
+        pytest.param("bytes=" + "9" * 5000 + "-" + "9" * 5000, 2**63 - 1, id="both 5000 digits"),
+        ("bytes=9223372036854775808-", 2**63 - 1),
     ],
 )
 def test_parse_range_unsatisfiable(header: str, size: int) -> None:
