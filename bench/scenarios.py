@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from .cold import cold_fanout, cold_single
 from .manifests import manifests
 from .report import ScenarioResult
+from .scaleout import scaleout
 from .warm import warm_serving
 from .world import World
 
@@ -15,5 +16,8 @@ SCENARIOS: dict[str, Callable[[World], Awaitable[ScenarioResult]]] = {
     "single": cold_single,
     "warm": warm_serving,
     "manifests": manifests,
+    "scaleout": scaleout,
 }
 ALIASES = {"a": "fanout", "b": "single", "c": "warm", "d": "manifests"}
+# Run only when named: a scale-out at the default sizes takes the better part of an hour.
+EXPLICIT = {"scaleout"}
