@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the workdir (logs) afterwards")
     g = p.add_argument_group("scaleout")
     g.add_argument("--nodes", help="burst sizes N, comma-separated (default 10,50,100; quick 5,20)")
-    g.add_argument("--image-mib", type=int, help="image size (default 256, quick 48; GiBs work)")
+    g.add_argument("--image-mib", type=int, help="image size (default 192, quick 48; GiBs work)")
     g.add_argument("--layers", type=int, help="layers in the image (default 4, quick 3)")
     g.add_argument("--node-mbps", type=float, default=100.0, help="each node's NIC, MB/s")
     g.add_argument("--window", type=float, help="nodes arrive over this many s (5, quick 2)")
@@ -89,7 +89,7 @@ def scale_settings(args: argparse.Namespace) -> ScaleSettings:
     nodes = args.nodes or ("5,20" if quick else "10,50,100")
     return ScaleSettings(
         nodes=tuple(int(x) for x in nodes.split(",") if x.strip()),
-        image_bytes=(args.image_mib or (48 if quick else 256)) << 20,
+        image_bytes=(args.image_mib or (48 if quick else 192)) << 20,
         layers=args.layers or (3 if quick else 4),
         nic_mbps=args.node_mbps,
         window_s=args.window if args.window is not None else (2.0 if quick else 5.0),

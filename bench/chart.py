@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-CHART = RESULTS_DIR / "scaleout-p95.png"
+CHART = RESULTS_DIR / "scaleout-p95.png"  # committed, embedded in bench/README.md
+QUICK_CHART = Path(__file__).resolve().parent / "out" / "scaleout-p95-quick.png"  # gitignored
 
 
 def series(rows: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:

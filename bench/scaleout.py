@@ -16,7 +16,7 @@ from contextlib import ExitStack
 from typing import Any
 
 from .burst import pick, run_burst
-from .chart import draw
+from .chart import CHART, QUICK_CHART, draw
 from .ctrnode import CtrNodes
 from .node import NodePlan, pull
 from .procs import NoiseMeter, cpu_seconds, harness_cpu
@@ -24,6 +24,7 @@ from .report import Column, ScenarioResult, Table, mib
 from .scale_model import Measured, model_lines
 from .scale_setup import (
     DISTRIBUTION,
+    LIMITED,
     MIRROR1,
     NGINX_CACHE,
     NO_CACHE,
@@ -53,7 +54,9 @@ def plan_rounds(setup: Setup, phases: tuple[str, ...], rep: int) -> list[tuple[s
         if phase not in phases:
             continue
         for t in setup.targets:
-            if phase == "warm" and t.name not in WARMABLE:
+            if (phase == "warm" and t.name not in WARMABLE) or (
+                phase == "limited" and t.name not in LIMITED
+            ):
                 continue
             rounds.append((phase, t))
     k = rep % len(rounds)
@@ -119,6 +122,8 @@ async def _round(
         await asyncio.to_thread(target.stop)
     sims = [r for r in burst.nodes if r.kind == "sim"]
     reals = [r for r in burst.nodes if r.kind == "ctr"]
+    for r in reals:  # ctr does not say how much it read: a whole image when it succeeded
+        r.bytes = image.total_bytes if r.ok else 0
     served = sum(r.bytes for r in burst.nodes)
     figures = node_figures(sims)
     return {
@@ -261,7 +266,10 @@ async def scaleout(world: World) -> ScenarioResult:
         world.targets.extend(checks)
         lines = _model(rows)
         table.notes.extend(f"model: {line}" for line in lines)
-        path = draw(rows, _chart_title(world, setup))
+        # Only a full run replaces the committed chart; --quick draws beside the JSON.
+        path = draw(
+            rows, _chart_title(world, setup), QUICK_CHART if world.settings.quick else CHART
+        )
         table.notes.append(f"chart: {path}" if path else "chart: matplotlib not installed")
         result.tables.append(table)
         result.reps.append({"model": lines, "targets": checks, "rows": rows})
