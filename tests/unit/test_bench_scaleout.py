@@ -129,8 +129,8 @@ def test_verdicts_compare_time_added_above_the_floor_not_plain_ratios() -> None:
         v["target"]: (v["measured"], v["verdict"])
         for v in verdicts(rows, "mirror", ("nginx", "dist"), (50,))
     }
-    assert got["N=50 cold: time added above floor vs nginx"] == ("0.40x", "PASS")
-    assert got["N=50 cold: time added above floor vs dist"] == ("0.67x", "FAIL")
+    assert got["N=50 cold: time added above floor vs nginx"] == ("0.40x (+2.0 s vs +5.0 s)", "PASS")
+    assert got["N=50 cold: time added above floor vs dist"] == ("0.67x (+2.0 s vs +3.0 s)", "FAIL")
     assert got["N=50 cold: p95 vs floor p95"] == ("1.20x", "PASS")
     assert got["N=50 warm: p95 vs floor p95"] == ("1.25x", "FAIL")
     assert got["N=50 limited: failed straight-to-origin nodes"] == ("30", "PASS")
