@@ -1,6 +1,7 @@
 """Entry point: `python -m bench [scenario ...] [--quick]` starts everything, runs, reports, stops.
 
-Scenarios: fanout (a), single (b), warm (c), manifests (d), load (e); none named means all.
+Scenarios: fanout (a), single (b), warm (c), manifests (d), load (e); none named means
+all of those. `scaleout` (N fresh nodes pull one multi-layer image) runs only when named.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from .floor import Floor
 from .link import LinkControl
 from .procs import BenchError, Process, free_port, http_status, tool_version
 from .report import ScenarioResult, write_json
-from .scenarios import ALIASES, SCENARIOS
+from .scenarios import ALIASES, EXPLICIT, SCENARIOS
 from .target import REPO_ROOT, Mirror, mirror_available, snapshot_source
 from .upstream import Registry, push_image
-from .world import Settings, World, targets_table
+from .world import ScaleSettings, Settings, World, targets_table
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "scenarios",
         nargs="*",
         metavar="scenario",
-        help=f"any of {', '.join(SCENARIOS)} (or {' '.join(ALIASES)}); default: all",
+        help=f"any of {', '.join(SCENARIOS)} (or {' '.join(ALIASES)}); default: all but scaleout",
     )
     p.add_argument("--quick", action="store_true", help="32 MiB blob, 1 s load runs (~2 min)")
     p.add_argument("--reps", type=int, help="repetitions per measurement (default 3)")
@@ -54,6 +55,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peers-only", action="store_true", help="do not start the mirror")
     p.add_argument("--workdir", type=Path, help="where registry, caches and logs live (tmp)")
     p.add_argument("--keep", action="store_true", help="keep the workdir (logs) afterwards")
+    g = p.add_argument_group("scaleout")
+    g.add_argument("--nodes", help="burst sizes N, comma-separated (default 10,50,100; quick 5,20)")
+    g.add_argument("--image-mib", type=int, help="image size (default 192, quick 48; GiBs work)")
+    g.add_argument("--layers", type=int, help="layers in the image (default 4, quick 3)")
+    g.add_argument("--node-mbps", type=float, default=100.0, help="each node's NIC, MB/s")
+    g.add_argument("--window", type=float, help="nodes arrive over this many s (5, quick 2)")
+    g.add_argument(
+        "--verify-fraction", type=float, default=0.1, help="share of nodes hashing every byte"
+    )
+    g.add_argument("--ctr-nodes", type=int, help="real containerd nodes per burst (3, quick 1)")
+    g.add_argument(
+        "--limit-per-node",
+        type=float,
+        default=0.5,
+        help="limited phase: manifest GETs the origin allows per node of the burst",
+    )
+    g.add_argument("--phases", default="cold,warm,limited", help="scaleout phases to run")
+    g.add_argument("--targets", default="", help="scaleout targets by name, comma-separated")
     args = p.parse_args(argv)
     names = []
     for name in args.scenarios:
@@ -61,8 +80,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if name not in SCENARIOS:
             p.error(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)}")
         names.append(name)
-    args.scenarios = names or list(SCENARIOS)
+    args.scenarios = names or [n for n in SCENARIOS if n not in EXPLICIT]
     return args
+
+
+def scale_settings(args: argparse.Namespace) -> ScaleSettings:
+    quick = args.quick
+    nodes = args.nodes or ("5,20" if quick else "10,50,100")
+    return ScaleSettings(
+        nodes=tuple(int(x) for x in nodes.split(",") if x.strip()),
+        image_bytes=(args.image_mib or (48 if quick else 192)) << 20,
+        layers=args.layers or (3 if quick else 4),
+        nic_mbps=args.node_mbps,
+        window_s=args.window if args.window is not None else (2.0 if quick else 5.0),
+        verify_fraction=max(0.0, min(1.0, args.verify_fraction)),
+        ctr_nodes=args.ctr_nodes if args.ctr_nodes is not None else (1 if quick else 3),
+        limit_per_node=args.limit_per_node,
+        phases=tuple(x.strip() for x in args.phases.split(",") if x.strip()),
+        targets=tuple(x.strip() for x in args.targets.split(",") if x.strip()),
+        node_timeout=900.0,
+    )
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -82,8 +119,16 @@ def settings_from(args: argparse.Namespace) -> Settings:
         nginx_workers=args.nginx_workers,
         wrk_threads=args.wrk_threads,
         client_timeout=300.0,
-        # A hard stop well past the expected 2 / 10 minutes: later rounds are skipped, noted.
-        budget_seconds=(240.0 if quick else 1200.0) * max(1.0, reps / 3),
+        # A hard stop well past the expected 2 / 10 minutes: later rounds are skipped, noted;
+        # a scale-out adds its own share, growing with the image.
+        budget_seconds=(240.0 if quick else 1200.0) * max(1.0, reps / 3)
+        + (
+            (900.0 if quick else 5400.0)
+            * max(1.0, reps / 3)
+            * max(1.0, (args.image_mib or 0) / 256)
+            if "scaleout" in args.scenarios
+            else 0.0
+        ),
     )
 
 
@@ -199,6 +244,9 @@ async def run(args: argparse.Namespace) -> int:
             floor,
             mirror,
             registry_pid=registry.process.pid,
+            registry_url=registry.url,
+            link_addr=f"127.0.0.1:{link_port}",
+            scale=scale_settings(args),
         )
         for name in args.scenarios:
             print(f"== {name}", file=sys.stderr, flush=True)

@@ -82,6 +82,7 @@ _STATIC = """\
         listen 127.0.0.1:{port} backlog=1024;
         root {root};
         location = /_bench_ready {{ return 200 "ok\\n"; }}
+{exact}
         location ~ ^/v2/.+/manifests/ {{
             types {{ }}
             default_type {manifest_type};
@@ -164,5 +165,30 @@ def static(prefix: Path, port: int, root: Path, images: list[Image], workers: in
     types = {img.media_type for img in images}
     if len(types) != 1:
         raise ValueError("static peer serves one manifest media type")
-    body = _STATIC.format(port=port, root=root, tags=tags, manifest_type=types.pop())
+    body = _STATIC.format(port=port, root=root, tags=tags, manifest_type=types.pop(), exact="")
     return Nginx("nginx-static", prefix, body, port, workers)
+
+
+def static_manifests(
+    prefix: Path, port: int, root: Path, manifests: list[tuple[str, str, str, str]], workers: int
+) -> Nginx:
+    """nginx static for manifests of several media types (an index and its manifest).
+
+    `manifests`: (name, ref, digest, media type); each gets an exact location with its own
+    Content-Type, since default_type takes no variables.
+    """
+    tags = "\n".join(
+        f'        "/v2/{name}/manifests/{ref}" "{digest}";'
+        for name, ref, digest, _ in manifests
+        if ref != digest
+    )
+    exact = "\n".join(
+        f"        location = /v2/{name}/manifests/{ref} {{\n"
+        f"            types {{ }}\n            default_type {media_type};\n"
+        f"            add_header Docker-Content-Digest $bench_digest;\n        }}"
+        for name, ref, _, media_type in manifests
+    )
+    body = _STATIC.format(
+        port=port, root=root, tags=tags, manifest_type="application/octet-stream", exact=exact
+    )
+    return Nginx("nginx-floor", prefix, body, port, workers)

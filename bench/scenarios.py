@@ -8,6 +8,7 @@ from .cold import cold_fanout, cold_single
 from .load import load
 from .manifests import manifests
 from .report import ScenarioResult
+from .scaleout import scaleout
 from .warm import warm_serving
 from .world import World
 
@@ -17,5 +18,8 @@ SCENARIOS: dict[str, Callable[[World], Awaitable[ScenarioResult]]] = {
     "warm": warm_serving,
     "manifests": manifests,
     "load": load,
+    "scaleout": scaleout,
 }
 ALIASES = {"a": "fanout", "b": "single", "c": "warm", "d": "manifests", "e": "load"}
+# Run only when named: a scale-out at the default sizes takes the better part of an hour.
+EXPLICIT = {"scaleout"}

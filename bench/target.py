@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 from .procs import Process, free_port, http_status, peak_rss_bytes, rss_bytes
@@ -13,20 +15,19 @@ from .procs import Process, free_port, http_status, peak_rss_bytes, rss_bytes
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 CONFIG = """\
-default_registry = "bench"
+default_registry = "{registry}"
 [server]
 listen = "127.0.0.1:{port}"
-admin_listen = "127.0.0.1:{admin_port}"
-access_log = false
-[cache]
+{admin}access_log = false
+{server_extra}[cache]
 dir = "{cache}"
 [upstream]
 ranged_streams = {ranged_streams}
 chunk_size = "{chunk_size}"
 ranged_threshold = "{ranged_threshold}"
-[registries.bench]
+[registries."{registry}"]
 url = "http://{link}"
-"""
+{extra}"""
 
 
 def snapshot_source(dest: Path) -> str:
@@ -47,20 +48,34 @@ def snapshot_source(dest: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def mirror_available(source: Path) -> tuple[bool, str]:
-    """Whether `python -m mirror serve --help` works (the mirror is written in parallel)."""
+def config_accepted(source: Path, toml_text: str, scratch: Path) -> tuple[bool, str]:
+    """Whether the snapshot's config loader takes `toml_text` (a feature such as [cluster]
+    exists there), and its last line of complaint when it does not."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    path = scratch / f"probe-{hashlib.sha256(toml_text.encode()).hexdigest()[:12]}.toml"
+    path.write_text(toml_text)
+    code = (
+        "import sys; from pathlib import Path; from mirror.config.load import load_config; "
+        "load_config({}, Path(sys.argv[1]))"
+    )
+    return _run_in_snapshot(["-c", code, str(path)], source)
+
+
+def _run_in_snapshot(args: list[str], source: Path) -> tuple[bool, str]:
+    """Run `python <args>` with the snapshot first on sys.path: ok, and its last line."""
     try:
         out = subprocess.run(
-            [sys.executable, "-m", "mirror", "serve", "--help"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            cwd=source,
+            [sys.executable, *args], capture_output=True, text=True, timeout=30, cwd=source
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return False, str(exc)
     text = (out.stdout + out.stderr).strip()
     return out.returncode == 0, text.splitlines()[-1] if text else ""
+
+
+def mirror_available(source: Path) -> tuple[bool, str]:
+    """Whether `python -m mirror serve --help` works (the mirror is written in parallel)."""
+    return _run_in_snapshot(["-m", "mirror", "serve", "--help"], source)
 
 
 class Mirror:
@@ -76,6 +91,10 @@ class Mirror:
         ranged_streams: int = 8,
         chunk_size: str = "16MiB",
         ranged_threshold: str = "32MiB",
+        registry: str = "bench",
+        server_extra: str = "",
+        extra: str = "",
+        env: dict[str, str] | None = None,
     ) -> None:
         self.workdir = workdir
         self.source = source  # directory holding the `mirror` package snapshot
@@ -85,13 +104,20 @@ class Mirror:
         self.config_path = workdir / "mirror.toml"
         self.config_text = CONFIG.format(
             port=port,
-            admin_port=free_port(),  # not the default 5050: a mirror on this box may have it
+            # Not the default 5050 (a mirror on this box may have it), unless the caller names one.
+            admin=""
+            if "admin_listen" in server_extra
+            else f'admin_listen = "127.0.0.1:{free_port()}"\n',
             cache=self.cache,
             link=link,
             ranged_streams=ranged_streams,
             chunk_size=chunk_size,
             ranged_threshold=ranged_threshold,
+            registry=registry,
+            server_extra=server_extra,  # more [server] keys, e.g. admin_listen
+            extra=extra,  # more sections, e.g. [cluster] or [s3]
         )
+        self.env = env  # extra environment (e.g. the S3 level's credentials)
         self.process: Process | None = None
         self.startup_seconds = 0.0
 
@@ -100,7 +126,10 @@ class Mirror:
         self.config_path.write_text(self.config_text)
         argv = [sys.executable, "-m", "mirror", "serve", "--config", str(self.config_path)]
         # cwd first on sys.path: `-m mirror` imports the snapshot, not the live tree.
-        self.process = Process("mirror", argv, self.workdir / "mirror.log", cwd=self.source)
+        env = {**os.environ, **self.env} if self.env else None
+        self.process = Process(
+            "mirror", argv, self.workdir / "mirror.log", cwd=self.source, env=env
+        )
         self.process.start()
         self.startup_seconds = self.process.wait_ready(
             lambda: http_status(self.url + "/v2/") == 200, timeout=30
@@ -115,6 +144,13 @@ class Mirror:
     def pid(self) -> int:
         assert self.process is not None
         return self.process.pid
+
+    @property
+    def admin_url(self) -> str:
+        """Where the admin API (warm jobs) answers: `server.admin_listen` when the config
+        sets one (the admin API's own listener), else the main listener."""
+        admin = tomllib.loads(self.config_text).get("server", {}).get("admin_listen")
+        return f"http://{admin}" if admin else self.url
 
     def peak_rss(self) -> int:
         return peak_rss_bytes(self.pid)

@@ -12,6 +12,8 @@ import asyncio
 import hashlib
 import json
 import os
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin
@@ -49,9 +51,12 @@ class Image:
 
 
 class Registry:
-    """A docker-registry process storing on the filesystem under `root`, plain HTTP, no auth."""
+    """A docker-registry process storing on the filesystem under `root`, plain HTTP, no auth.
 
-    def __init__(self, root: Path, port: int, log: Path) -> None:
+    With `proxy` (a registry URL) it is Distribution's pull-through cache of that registry.
+    """
+
+    def __init__(self, root: Path, port: int, log: Path, proxy: str | None = None) -> None:
         self.root = root
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
@@ -64,6 +69,7 @@ class Registry:
             "  maintenance:\n    uploadpurging:\n      enabled: false\n"
             # A fixed secret only silences the "generated a random secret" warning.
             f"http:\n  addr: 127.0.0.1:{port}\n  secret: bench-not-a-secret\n"
+            + (f"proxy:\n  remoteurl: {proxy}\n" if proxy else "")
         )
         binary = require_binary("docker-registry", "docker-registry")
         self.process = Process("docker-registry", [binary, "serve", str(config)], log)
@@ -74,6 +80,16 @@ class Registry:
 
     def stop(self) -> None:
         self.process.stop()
+
+    def fresh(self) -> None:
+        """Restart on empty storage: a cold cache, as a fresh mirror cache dir is."""
+        self.stop()
+        shutil.rmtree(self.root / "data", ignore_errors=True)
+        self.start()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
 
 def write_random_file(path: Path, size: int) -> str:
@@ -137,33 +153,36 @@ async def push_blob(session: aiohttp.ClientSession, base: str, name: str, blob: 
             raise RuntimeError(f"blob PUT {blob.digest}: {resp.status} {await resp.text()}")
 
 
-async def push_image(
-    base: str, name: str, tag: str, layer_sizes: list[int], work: Path, static_root: Path
-) -> Image:
-    """Generate and push one single-platform OCI image; keep its bytes for nginx static.
-
-    `static_root` receives /v2/<name>/blobs/<digest> and /v2/<name>/manifests/<ref> files,
-    laid out so nginx can serve the same URLs as a registry straight from disk.
-    """
-    blobs_dir = static_root / "v2" / name / "blobs"
+async def make_layers(
+    name: str, sizes: list[int], work: Path, blobs_dir: Path, write: Callable[[Path, int], str]
+) -> list[Blob]:
+    """Write one layer per size with `write(path, size) -> digest`, each moved to
+    `blobs_dir`/<digest> once complete."""
     layers = []
-    for i, size in enumerate(layer_sizes):
+    for i, size in enumerate(sizes):
         tmp = work / f"{name.replace('/', '_')}-layer{i}.tmp"
-        digest = await asyncio.to_thread(write_random_file, tmp, size)
+        digest = await asyncio.to_thread(write, tmp, size)
         final = blobs_dir / digest
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, final)
-        layers.append(Blob(digest, size, final))
-    config_doc = {
+        layers.append(Blob(digest, final.stat().st_size, final))
+    return layers
+
+
+def config_blob(layers: list[Blob], blobs_dir: Path) -> Blob:
+    """The image config for `layers` (their digests as diff_ids: the layers are uncompressed)."""
+    doc = {
         "architecture": "amd64",
         "os": "linux",
         "rootfs": {"type": "layers", "diff_ids": [b.digest for b in layers]},
         "config": {},
     }
-    config_bytes = json.dumps(config_doc, sort_keys=True).encode()
-    digest = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
-    config = blob_from_bytes(blobs_dir / digest, config_bytes)
-    manifest = json.dumps(
+    data = json.dumps(doc, sort_keys=True).encode()
+    return blob_from_bytes(blobs_dir / ("sha256:" + hashlib.sha256(data).hexdigest()), data)
+
+
+def manifest_bytes(config: Blob, layers: list[Blob]) -> bytes:
+    return json.dumps(
         {
             "schemaVersion": 2,
             "mediaType": OCI_MANIFEST,
@@ -174,22 +193,47 @@ async def push_image(
         },
         indent=3,  # registries serve whatever bytes were pushed; indent like real tools do
     ).encode()
-    manifest_digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+
+
+async def push_manifest(
+    session: aiohttp.ClientSession, base: str, name: str, ref: str, body: bytes, media_type: str
+) -> str:
+    """PUT one manifest (by tag or digest); returns its digest, checked against the registry's."""
+    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+    async with session.put(
+        f"{base}/v2/{name}/manifests/{ref}", data=body, headers={"Content-Type": media_type}
+    ) as resp:
+        if resp.status != 201:
+            raise RuntimeError(f"manifest PUT {name}:{ref}: {resp.status} {await resp.text()}")
+        if resp.headers.get("Docker-Content-Digest") != digest:
+            raise RuntimeError("registry computed a different manifest digest")
+    return digest
+
+
+def write_static_manifest(static_root: Path, name: str, refs: list[str], body: bytes) -> None:
+    """Lay a manifest out as /v2/<name>/manifests/<ref> files for nginx static."""
+    manifests_dir = static_root / "v2" / name / "manifests"
+    manifests_dir.mkdir(parents=True, exist_ok=True)
+    for ref in refs:
+        (manifests_dir / ref).write_bytes(body)
+
+
+async def push_image(
+    base: str, name: str, tag: str, layer_sizes: list[int], work: Path, static_root: Path
+) -> Image:
+    """Generate and push one single-platform OCI image; keep its bytes for nginx static.
+
+    `static_root` receives /v2/<name>/blobs/<digest> and /v2/<name>/manifests/<ref> files,
+    laid out so nginx can serve the same URLs as a registry straight from disk.
+    """
+    blobs_dir = static_root / "v2" / name / "blobs"
+    layers = await make_layers(name, layer_sizes, work, blobs_dir, write_random_file)
+    config = config_blob(layers, blobs_dir)
+    manifest = manifest_bytes(config, layers)
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         for blob in (*layers, config):
             await push_blob(session, base, name, blob)
-        async with session.put(
-            f"{base}/v2/{name}/manifests/{tag}",
-            data=manifest,
-            headers={"Content-Type": OCI_MANIFEST},
-        ) as resp:
-            if resp.status != 201:
-                raise RuntimeError(f"manifest PUT {name}:{tag}: {resp.status} {await resp.text()}")
-            if resp.headers.get("Docker-Content-Digest") != manifest_digest:
-                raise RuntimeError("registry computed a different manifest digest")
-    manifests_dir = static_root / "v2" / name / "manifests"
-    manifests_dir.mkdir(parents=True, exist_ok=True)
-    for ref in (tag, manifest_digest):
-        (manifests_dir / ref).write_bytes(manifest)
+        manifest_digest = await push_manifest(session, base, name, tag, manifest, OCI_MANIFEST)
+    write_static_manifest(static_root, name, [tag, manifest_digest], manifest)
     return Image(name, tag, manifest, manifest_digest, OCI_MANIFEST, config, tuple(layers))

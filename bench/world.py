@@ -47,6 +47,23 @@ class Settings:
     budget_seconds: float
 
 
+@dataclass(frozen=True)
+class ScaleSettings:
+    """The scale-out scenario's knobs (python -m bench scaleout --help)."""
+
+    nodes: tuple[int, ...]  # burst sizes N
+    image_bytes: int
+    layers: int
+    nic_mbps: float  # each node's NIC, MB/s (1e6 bytes), all its connections together
+    window_s: float  # nodes arrive evenly over this many seconds
+    verify_fraction: float  # share of simulated nodes that hash every byte
+    ctr_nodes: int  # real containerd nodes in each cold and warm burst
+    limit_per_node: float  # manifest GETs the limited origin allows per node in the burst
+    phases: tuple[str, ...]
+    targets: tuple[str, ...]  # names to run; empty: all
+    node_timeout: float
+
+
 @dataclass
 class World:
     """Everything the scenarios share, started once by __main__."""
@@ -64,6 +81,9 @@ class World:
     targets: list[dict[str, Any]] = field(default_factory=list)
     cold_records: list[dict[str, Any]] = field(default_factory=list)  # shared by a. and b.
     registry_pid: int = 0
+    registry_url: str = ""  # the origin itself (for pushing images), not across the link
+    link_addr: str = ""  # host:port of the link emulator: the origin as caches see it
+    scale: ScaleSettings | None = None
 
     def pids(self) -> list[int]:
         """Every long-lived process of the benchmark, for telling its CPU from foreign load."""
