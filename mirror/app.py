@@ -40,6 +40,7 @@ from mirror.keys import (
     janitor_key,
     manifests_key,
     metrics_key,
+    peers_key,
     request_ids_key,
     second_key,
     sendfile_pool_key,
@@ -60,7 +61,9 @@ from mirror.upstream.breaker import CircuitBreaker
 from mirror.upstream.client import RegistryClient
 from mirror.upstream.issuers import open_credentials
 from mirror.upstream.origin import OriginBlobs
+from mirror.upstream.peer import Peers
 from mirror.upstream.retry import RetryPolicy
+from mirror.upstream.ring import Ring, own_url
 from mirror.upstream.session import open_session
 from mirror.upstream.tokens import TokenCache
 
@@ -69,6 +72,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("mirror.app")
 
+PEER_CONNECTIONS = 128  # to the other replicas: in-region, one stream per fill
 UPSTREAM_CONNECTIONS = 512  # the upstream session's pool: descriptors kept out of clients' reach
 
 
@@ -108,6 +112,8 @@ def create_app(config: Config, deps: Deps | None = None) -> web.Application:
     app.cleanup_ctx.append(lambda app: _janitor(app, layout, deps))
     if config.s3.enabled:
         app.cleanup_ctx.append(lambda app: _s3(app, deps))
+    if config.cluster.enabled:
+        app.cleanup_ctx.append(lambda app: _cluster(app, deps))
     app.cleanup_ctx.append(lambda app: _blobs(app, deps))
     app.cleanup_ctx.append(lambda app: _manifests(app, deps))
     app.cleanup_ctx.append(_sendfile_pool)
@@ -277,6 +283,34 @@ async def _s3(app: web.Application, deps: Deps) -> AsyncIterator[None]:
         await client.close()
 
 
+async def _cluster(app: web.Application, deps: Deps) -> AsyncIterator[None]:
+    """The other replicas: the ring (re-resolved from the headless Service when configured)
+    and a session of their own (peers are in-region and private: not the origin's rules)."""
+    config, metrics = app[config_key], app[metrics_key]
+    cluster = config.cluster
+    self_url = None
+    if cluster.member:
+        self_url = cluster.self_url or own_url(config.server.host, config.server.port)
+    ring = Ring(cluster, self_url, deps.clock)
+    await ring.refresh()
+    metrics.watch_peers(lambda: len(ring.peers), ring.down_count)
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=PEER_CONNECTIONS, limit_per_host=0),
+        auto_decompress=False,  # digests cover the bytes as sent
+    )
+    app[peers_key] = Peers(ring, session, cluster, config.upstream, metrics)
+    log.info("cluster_joined", self_url=self_url, peers=list(ring.peers), dns=cluster.peers_dns)
+    # Real time, not deps.sleep: a test's instant sleep would make this loop spin.
+    follow = asyncio.create_task(ring.follow(), name="peers dns") if cluster.peers_dns else None
+    try:
+        yield
+    finally:
+        if follow is not None:
+            follow.cancel()
+            await asyncio.gather(follow, return_exceptions=True)
+        await session.close()
+
+
 async def _blobs(app: web.Application, deps: Deps) -> AsyncIterator[None]:
     up = app[config_key].upstream
     blobs = BlobService(
@@ -292,6 +326,7 @@ async def _blobs(app: web.Application, deps: Deps) -> AsyncIterator[None]:
         deps.sleep,
         app.get(second_key),
         app.get(uploads_key),
+        app.get(peers_key),
     )
     app[blobs_key] = blobs
     try:
@@ -309,6 +344,7 @@ async def _manifests(app: web.Application, deps: Deps) -> AsyncIterator[None]:
         app[janitor_key],
         deps.wall_clock,
         app.get(second_key),
+        app.get(peers_key),
     )
     app[manifests_key] = manifests
     try:

@@ -19,6 +19,7 @@ from mirror.metrics import Metrics
 from mirror.storage.local import CacheStore
 from mirror.upstream.client import RegistryClient
 from mirror.upstream.credentials import CredentialSource
+from mirror.upstream.peer import Peers
 
 config_key = web.AppKey("config", Config)
 metrics_key = web.AppKey("metrics", Metrics)
@@ -37,6 +38,8 @@ warm_key = web.AppKey("warm", WarmService)
 # The region's bucket (only when [s3] names one) and what copies blobs into it.
 second_key = web.AppKey("second", SecondLevel)
 uploads_key = web.AppKey("uploads", Uploader)
+# The other replicas of the regional tier (only with [cluster]).
+peers_key = web.AppKey("peers", Peers)
 # On the admin app: the registry app, whose services (the warm service) it uses.
 services_key = web.AppKey("services", web.Application)
 # The id of a request from the one the client supplied, if any (mirror.http.headers.RequestIds:

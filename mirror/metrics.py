@@ -166,6 +166,16 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.peer_requests = Counter(
+            "mirror_peer_requests_total",
+            "Requests between replicas: sent to a digest's owner, or served for a peer.",
+            ["direction", "result"],
+            registry=r,
+        )
+        self.peers = Gauge(
+            "mirror_peers", "Replicas in the ring, by whether this one sees them up.",
+            ["state"], registry=r,
+        )  # fmt: skip
         self.s3_breaker_open = Gauge(
             "mirror_s3_breaker_open", "1 while the S3 level's circuit breaker is open.", registry=r
         )
@@ -225,6 +235,13 @@ class Metrics:
         alone (its cooldown runs out), with no event that could update a stored value."""
         for name in names:
             self.breaker_open.labels(registry=name).set_function(partial(_as_float, is_open, name))
+
+    def watch_peers(self, count: Callable[[], int], down: Callable[[], int]) -> None:
+        """The ring's membership, read at scrape time (peers come back by the clock alone)."""
+        self.peers.labels("up").set_function(lambda: float(count() - down()))
+        self.peers.labels("down").set_function(lambda: float(down()))
+        for direction, result in (("sent", "ok"), ("sent", "error"), ("served", "ok")):
+            self.peer_requests.labels(direction, result)
 
     def watch_s3(self, is_open: Callable[[], bool]) -> None:
         """The S3 level's breaker, read at scrape time (it closes by the clock alone)."""

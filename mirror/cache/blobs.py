@@ -24,8 +24,13 @@ from mirror.oci.digest import Digest
 from mirror.oci.errors import ErrorCode, RegistryError
 from mirror.storage.blobstore import LocalStore
 from mirror.upstream.errors import UpstreamError
+from mirror.upstream.peer import NAME as PEER
+from mirror.upstream.peer import Peers
 from mirror.upstream.retry import RetryPolicy
 from mirror.upstream.source import RangeSource
+
+# One stream for the whole blob (a peer's fill: in-region, and only its last byte held back).
+WHOLE = FetchPlan(1 << 62, 1 << 62, 1, first_request=1 << 62)
 
 
 class BlobOrigin(Protocol):
@@ -49,10 +54,13 @@ class BlobService:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         second: SecondLevel | None = None,
         uploads: Uploader | None = None,
+        peers: Peers | None = None,
     ) -> None:
         """`second`: the region's bucket, asked before the origin; `uploads`: what copies
-        blobs fetched from elsewhere into it."""
+        blobs fetched from elsewhere into it; `peers`: the other replicas, a digest's owner
+        asked first."""
         self._store = store
+        self._peers = peers
         self._second = second
         self._uploads = uploads
         self._origin = origin
@@ -91,7 +99,12 @@ class BlobService:
         return CachedBody(blob, self._janitor.pinned(digest))
 
     async def open(
-        self, registry: str, name: str, digest: Digest, rejoin: bool = True
+        self,
+        registry: str,
+        name: str,
+        digest: Digest,
+        rejoin: bool = True,
+        for_peer: bool = False,
     ) -> BlobBody | Redirect:
         """The body of a blob: from disk, or following its fill (started if need be); or,
         with redirects on, a presigned URL of the bucket's copy when it is known to be there.
@@ -99,8 +112,12 @@ class BlobService:
         Fills are shared by digest across repositories (a base layer is one download for
         every image built on it). One started for a repository that lacks the blob, or that
         the mirror may not read, fails for that reason only: a caller that joined it from
-        another repository then tries once with its own."""
-        if self._second is not None and self._second.redirects:
+        another repository then tries once with its own.
+
+        `for_peer`: asked by another replica, which never gets a redirect, and is never
+        served from a fill that itself reads from a peer (two replicas that each think the
+        other owns a digest would wait for each other): it gets a quick 503 and moves on."""
+        if self._second is not None and self._second.redirects and not for_peer:
             found = await self._second.redirect(digest)
             if found is not None:
                 self._janitor.accessed(digest)
@@ -110,7 +127,7 @@ class BlobService:
                 hit = await self._cached(digest)
                 if hit is not None:
                     return hit
-                download, result = self._download(registry, name, digest)
+                download, result = self._download(registry, name, digest, for_peer)
                 follower = await download.follow()
             except DownloadFailed as exc:
                 raise to_registry_error(exc, ErrorCode.BLOB_UNKNOWN) from exc
@@ -125,7 +142,7 @@ class BlobService:
             except DownloadFailed as exc:
                 follower.close()
                 if rejoin and _theirs_alone(download, registry, name, exc):
-                    return await self.open(registry, name, digest, rejoin=False)
+                    return await self.open(registry, name, digest, False, for_peer)
                 raise to_registry_error(exc, ErrorCode.BLOB_UNKNOWN) from exc
             except BaseException:
                 follower.close()
@@ -184,22 +201,35 @@ class BlobService:
         download = self._downloads.get(digest.hex)
         return (download.fill.contiguous, download.fill.size) if download else None
 
-    def _download(self, registry: str, name: str, digest: Digest) -> tuple[BlobDownload, str]:
+    def _download(
+        self, registry: str, name: str, digest: Digest, for_peer: bool = False
+    ) -> tuple[BlobDownload, str]:
         download = self._downloads.get(digest.hex)
         if download is not None:  # a finished one is gone already: _finished runs synchronously
+            if for_peer and download.source.name == PEER:
+                raise RegistryError(
+                    ErrorCode.UNAVAILABLE, "this replica is fetching it from a peer itself"
+                )
             return download, "coalesced"
+        sources = self._sources(registry, name, digest, for_peer)
+        # From a peer, one open-ended stream: the owner sends what has landed as it lands.
+        plan = WHOLE if sources.name == PEER else self._plan
         download = BlobDownload(
-            digest, registry, name, self._sources(registry, name, digest), self._store,
-            self._plan, self._retry, self._finished, self._janitor.make_room, self._clock,
-            self._sleep,
+            digest, registry, name, sources, self._store, plan, self._retry, self._finished,
+            self._janitor.make_room, self._clock, self._sleep,
         )  # fmt: skip
         self._downloads.start(digest.hex, download, download.run())
         self._metrics.downloads_in_flight.inc()
         return download, "miss"
 
-    def _sources(self, registry: str, name: str, digest: Digest) -> SourceChain:
-        """Region first: the bucket's copy when there may be one, then the origin."""
+    def _sources(
+        self, registry: str, name: str, digest: Digest, for_peer: bool = False
+    ) -> SourceChain:
+        """Region first: the digest's owner (unless this replica is it, or a peer asks), the
+        bucket's copy when there may be one, then the origin."""
         sources: list[RangeSource] = []
+        if self._peers is not None and not for_peer:
+            sources.extend(self._peers.sources(registry, name, digest))
         if self._second is not None:
             bucket = self._second.source(digest)
             if bucket is not None:
@@ -215,10 +245,12 @@ class BlobService:
         if fill.state is State.COMMITTED and fill.size is not None:
             self._janitor.stored(digest, fill.size)
             if self._second is not None:
-                if from_bucket and download.source.used == {NAME}:
+                used = download.source.used
+                if from_bucket and used == {NAME}:
                     self._second.seen(digest, fill.size)
-                elif self._uploads is not None:
-                    self._uploads.enqueue(digest, fill.size)  # the region's copy, for later
+                elif used != {PEER} and self._uploads is not None:
+                    # The region's copy, for later (a fill from the owner: the owner's job).
+                    self._uploads.enqueue(digest, fill.size)
         if download.passed_through and fill.state is State.RUNNING:
             self._metrics.cache_write_failures.labels("enospc").inc()
         if isinstance(fill.error, DigestMismatch):

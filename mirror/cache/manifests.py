@@ -23,6 +23,7 @@ from mirror.oci.mediatypes import INDEX_TYPES, MANIFEST_TYPES, SINGLE_IMAGE_TYPE
 from mirror.storage.metastore import ManifestStore, TagRecord, TagStore
 from mirror.upstream.client import FetchedManifest, RegistryClient, TagList
 from mirror.upstream.errors import UpstreamError, UpstreamUnavailable
+from mirror.upstream.peer import Peers
 
 log = structlog.get_logger("mirror.manifests")
 
@@ -72,9 +73,12 @@ class ManifestService:
         janitor: CacheJanitor,
         clock: Callable[[], float],
         second: SecondLevel | None = None,
+        peers: Peers | None = None,
     ) -> None:
-        """`second`: the region's bucket, where manifests by digest are shared too."""
+        """`second`: the region's bucket, where manifests by digest are shared too; `peers`:
+        the other replicas, whose owner of a digest is asked before either."""
         self._second = second
+        self._peers = peers
         self._janitor = janitor
         self._store = store
         self._client = client
@@ -85,7 +89,7 @@ class ManifestService:
             _MEMORY_BYTES, getsizeof=lambda m: len(m.body) + 256
         )
         self._tags: LRUCache[_TagKey, TagRecord] = LRUCache(_MEMORY_TAGS)
-        self._by_digest: SingleFlight[str, Manifest] = SingleFlight("manifest")
+        self._by_digest: SingleFlight[tuple[str, bool], Manifest] = SingleFlight("manifest")
         self._by_tag: SingleFlight[_TagKey, ManifestAnswer] = SingleFlight("tag")
         # What the origin answers a client that rejects the tag's index (a registry rewrites it
         # to one platform's manifest): remembered for the tag TTL, each a pull on Docker Hub.
@@ -112,14 +116,21 @@ class ManifestService:
         self._memory.pop(digest.hex, None)
 
     async def by_digest(
-        self, registry: str, name: str, digest: Digest, accepted: frozenset[str] = frozenset()
+        self,
+        registry: str,
+        name: str,
+        digest: Digest,
+        accepted: frozenset[str] = frozenset(),
+        for_peer: bool = False,
     ) -> ManifestAnswer:
+        """`for_peer`: asked by another replica. Served from this one's own levels, and never
+        by joining a fetch of its own, which may itself be asking that peer."""
         found = await self.local(digest)
         if found is not None:
             answer = ManifestAnswer(found, "hit")
         else:
             try:
-                manifest, shared = await self._fetch_shared(registry, name, digest)
+                manifest, shared = await self._fetch_shared(registry, name, digest, for_peer)
             except EXPECTED as exc:  # translated for the client; anything else is a bug
                 raise to_registry_error(exc, ErrorCode.MANIFEST_UNKNOWN) from exc
             answer = ManifestAnswer(manifest, "coalesced" if shared else "miss")
@@ -128,12 +139,20 @@ class ManifestService:
         return answer
 
     def _fetch_shared(
-        self, registry: str, name: str, digest: Digest
+        self, registry: str, name: str, digest: Digest, for_peer: bool = False
     ) -> Awaitable[tuple[Manifest, bool]]:
         """One upstream GET per digest however many ask at once (by digest or revalidating)."""
-        return self._by_digest.do(digest.hex, lambda: self._fetch_by_digest(registry, name, digest))
+        return self._by_digest.do(
+            (digest.hex, for_peer), lambda: self._fetch_by_digest(registry, name, digest, for_peer)
+        )
 
-    async def _fetch_by_digest(self, registry: str, name: str, digest: Digest) -> Manifest:
+    async def _fetch_by_digest(
+        self, registry: str, name: str, digest: Digest, for_peer: bool = False
+    ) -> Manifest:
+        if self._peers is not None and not for_peer:
+            owned = await self._peers.manifest(registry, name, digest)
+            if owned is not None and digest_of(owned[0]) == digest:
+                return await self._keep(digest, owned[0], owned[1], share=False)
         if self._second is not None:
             shared = await self._second.read_manifest(digest)
             if shared is not None and digest_of(shared[0]) == digest:
@@ -266,8 +285,10 @@ class ManifestService:
     async def _resolve(self, key: _TagKey, record: TagRecord | None) -> ManifestAnswer:
         registry, name, tag = key
         try:
-            if record is None:
+            if record is None and self._peers is None and self._second is None:
                 return ManifestAnswer(await self._get_tag(key), "miss")
+            if record is None:
+                return await self._first_in_region(key)
             return await self._revalidate(key, record)
         except RegistryError:
             raise
@@ -275,6 +296,22 @@ class ManifestService:
             if _unavailable(exc):
                 return await self._stale_or_raise(key, record, exc)
             raise to_registry_error(exc, ErrorCode.MANIFEST_UNKNOWN) from exc
+
+    async def _first_in_region(self, key: _TagKey) -> ManifestAnswer:
+        """A tag this replica has never seen, where the region may hold its manifest: the
+        digest from a HEAD (free), the manifest by digest from the owner or the bucket, and
+        the origin asked for it only if neither has it."""
+        registry, name, tag = key
+        head = await self._client.head_manifest(registry, name, tag)
+        try:
+            digest = parse_digest(head.digest or "")
+        except InvalidDigest:
+            return ManifestAnswer(await self._get_tag(key), "miss")
+        found = await self.local(digest)
+        if found is None:
+            found, _ = await self._fetch_shared(registry, name, digest)
+        await self._save_tag(key, found)
+        return ManifestAnswer(found, "miss")
 
     async def _revalidate(self, key: _TagKey, record: TagRecord) -> ManifestAnswer:
         """HEAD is free on Docker Hub; a GET counts as a pull, so GET only unknown digests."""

@@ -24,6 +24,7 @@ from mirror.oci.digest import InvalidDigest, parse_digest
 from mirror.oci.errors import ErrorCode, RegistryError
 from mirror.oci.mediatypes import accepted_types
 from mirror.oci.paths import Kind, Target, next_page_link, parse_v2_path
+from mirror.oci.peering import from_peer
 from mirror.oci.ranges import UnsatisfiableRange, parse_range
 
 log = structlog.get_logger("mirror.handlers")
@@ -51,6 +52,8 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     config = request.app[config_key]
     target = target_of(path.name, _ns(request), config.registries, config.default_registry)
     request[registry_key] = target.registry
+    if from_peer(request.headers):
+        request.app[metrics_key].peer_requests.labels("served", "ok").inc()
     if path.kind is Kind.MANIFEST:
         return await _manifest(request, target, path.reference)
     if path.kind is Kind.BLOB:
@@ -67,7 +70,9 @@ async def _manifest(request: web.Request, target: Target, reference: str) -> web
     accepted = accepted_types(request.headers.getall("Accept", []))
     digest = manifest_reference(reference)
     if digest is not None:
-        answer = await manifests.by_digest(target.registry, target.name, digest, accepted)
+        answer = await manifests.by_digest(
+            target.registry, target.name, digest, accepted, for_peer=from_peer(request.headers)
+        )
     else:
         answer = await manifests.by_tag(target.registry, target.name, reference, accepted)
     request[result_key] = answer.result
@@ -92,7 +97,9 @@ async def _blob(request: web.Request, target: Target, reference: str) -> web.Str
         size, result = await blobs.size(target.registry, target.name, digest)
         request[result_key] = result
         return web.Response(headers={**headers, "Content-Length": str(size)})
-    body = await blobs.open(target.registry, target.name, digest)
+    body = await blobs.open(
+        target.registry, target.name, digest, for_peer=from_peer(request.headers)
+    )
     request[result_key] = body.result
     if isinstance(body, Redirect):
         return _redirect(request, body, headers)

@@ -70,7 +70,8 @@ class Served:
     clients: ClientConnections
 
     @classmethod
-    async def start(cls, config: Config) -> Served:
+    async def start(cls, config: Config, port: int = 0) -> Served:
+        """On `port` (0: a free one); a replica of a fleet listens where its peers know it."""
         app = create_app(config)
         runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
@@ -82,7 +83,7 @@ class Served:
         )
         clients.start()
         listener = await loop.create_server(
-            connection_protocol(app, runner.server, clients), "127.0.0.1", 0
+            connection_protocol(app, runner.server, clients), "127.0.0.1", port
         )
         port = listener.sockets[0].getsockname()[1]
         return cls(app, runner, listener, f"http://127.0.0.1:{port}", clients)

@@ -156,14 +156,15 @@ class Proxy:
             "range": request.headers.get("Range"),
             "status": None,
             "time": time.time(),
+            "sent": 0,  # body bytes written so far: what crossed "the region boundary"
         }
         self.log.append(entry)
-        response = await self.dispatch(request, kind, repository)
+        response = await self.dispatch(request, kind, repository, entry)
         entry["status"] = response.status
         return response
 
     async def dispatch(
-        self, request: web.Request, kind: str, repository: str | None
+        self, request: web.Request, kind: str, repository: str | None, entry: dict[str, Any]
     ) -> web.StreamResponse:
         if kind == "token":
             return self.issue_token(request)
@@ -191,7 +192,7 @@ class Proxy:
                 await asyncio.sleep(fault.seconds)
             elif fault.action == "hang":
                 await asyncio.sleep(3600)
-        return await self.forward(request, fault)
+        return await self.forward(request, fault, entry)
 
     def issue_token(self, request: web.Request) -> web.Response:
         repositories: set[str] = set()
@@ -227,7 +228,9 @@ class Proxy:
             return None  # skopeo sends `Basic Og==` when it has nothing
         return user if self.users.get(user) == password else ""
 
-    async def forward(self, request: web.Request, fault: Fault | None) -> web.StreamResponse:
+    async def forward(
+        self, request: web.Request, fault: Fault | None, entry: dict[str, Any]
+    ) -> web.StreamResponse:
         assert self.session is not None
         # A list keeps repeated headers (skopeo sends six Accept lines).
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
@@ -266,6 +269,7 @@ class Proxy:
                     await asyncio.sleep(len(chunk) / fault.rate)  # before: the last one too
                 await response.write(chunk)
                 sent += len(chunk)
+                entry["sent"] = sent
             await response.write_eof()
             return response
 

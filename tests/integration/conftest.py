@@ -156,6 +156,7 @@ def mirror_factory(
         default_registry: str | None = None,
         tag_ttl: str = "5m",
         env: dict[str, str] | None = None,
+        port: int | None = None,
         **extra: Any,
     ) -> Mirror:
         if registries is None:
@@ -170,7 +171,7 @@ def mirror_factory(
             extra={k.replace("__", "."): v for k, v in extra.items()},
             env=env or {},
         )
-        mirror = Mirror(tmp_path_factory.mktemp("mirror"), settings)
+        mirror = Mirror(tmp_path_factory.mktemp("mirror"), settings, port)
         name = "mirror" if not started else f"mirror #{len(started) + 1}"
         logbook.add(name, mirror.process.log_path, from_start=True)
         started.append((name, mirror))

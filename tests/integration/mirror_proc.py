@@ -111,10 +111,11 @@ def render_config(settings: MirrorSettings, listen: str, cache_dir: Path, admin_
 class Mirror:
     """One mirror process with its own port, cache dir, config file and log."""
 
-    def __init__(self, workdir: Path, settings: MirrorSettings) -> None:
+    def __init__(self, workdir: Path, settings: MirrorSettings, port: int | None = None) -> None:
+        """`port`: where to listen (a replica of a fleet, whose peers must know it first)."""
         self.workdir = workdir
         self.settings = settings
-        self.port = free_port()
+        self.port = port or free_port()
         self.admin_port = free_port()  # mirrors run side by side: not the default 5050
         self.cache_dir = workdir / "cache"
         self.config_path = workdir / "mirror.toml"

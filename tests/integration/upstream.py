@@ -44,6 +44,7 @@ class RequestRecord:
     query: str
     range: str | None
     status: int | None
+    sent: int = 0  # body bytes the proxy wrote for it
 
     def __str__(self) -> str:
         query = f"?{self.query}" if self.query else ""
@@ -144,6 +145,7 @@ class Upstream:
                 r["query"],
                 r["range"],
                 r["status"],
+                r.get("sent", 0),
             )
             for r in self._control("GET", "/requests")
         ]
@@ -156,6 +158,10 @@ class Upstream:
         how much they download.
         """
         return Counter((r.method, r.kind) for r in self.requests() if challenges or r.status != 401)
+
+    def blob_bytes(self) -> int:
+        """Blob body bytes sent since the last reset: what crossed from the origin."""
+        return sum(r.sent for r in self.requests() if r.kind == "blob" and r.method == "GET")
 
     def reset(self) -> None:
         self._control("POST", "/reset")

@@ -50,6 +50,8 @@ COLLECTORS: list[tuple[str, str, str, dict[str, str]]] = [
     ("s3_requests", "mirror_s3_requests", "counter", {"operation": "get_object", "result": "ok"}),
     ("s3_uploads", "mirror_s3_uploads", "counter", {"result": "done"}),
     ("s3_breaker_open", "mirror_s3_breaker_open", "gauge", {}),
+    ("peer_requests", "mirror_peer_requests", "counter", {"direction": "sent", "result": "ok"}),
+    ("peers", "mirror_peers", "gauge", {"state": "up"}),
     ("connections_open", "mirror_connections_open", "gauge", {}),
     ("connections_limit", "mirror_connections_limit", "gauge", {}),
     ("connections_dropped", "mirror_connections_dropped", "counter", {"reason": "limit"}),
