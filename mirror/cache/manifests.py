@@ -301,17 +301,8 @@ class ManifestService:
         """A tag this replica has never seen, where the region may hold its manifest: the
         digest from a HEAD (free), the manifest by digest from the owner or the bucket, and
         the origin asked for it only if neither has it."""
-        registry, name, tag = key
-        head = await self._client.head_manifest(registry, name, tag)
-        try:
-            digest = parse_digest(head.digest or "")
-        except InvalidDigest:
-            return ManifestAnswer(await self._get_tag(key), "miss")
-        found = await self.local(digest)
-        if found is None:
-            found, _ = await self._fetch_shared(registry, name, digest)
-        await self._save_tag(key, found)
-        return ManifestAnswer(found, "miss")
+        head = await self._client.head_manifest(*key)
+        return ManifestAnswer(await self._named_by(key, head.digest), "miss")
 
     async def _revalidate(self, key: _TagKey, record: TagRecord) -> ManifestAnswer:
         """HEAD is free on Docker Hub; a GET counts as a pull, so GET only unknown digests."""
@@ -319,15 +310,21 @@ class ManifestService:
         head = await self._client.head_manifest(
             registry, name, tag, retry=False, attempt_timeout=self._config.revalidate_timeout
         )
+        found = await self._named_by(key, head.digest)
+        return ManifestAnswer(found, "revalidated" if head.digest == record.digest else "miss")
+
+    async def _named_by(self, key: _TagKey, named: str | None) -> Manifest:
+        """The manifest a tag HEAD named, by digest (from here, the region, or the origin),
+        recorded as the tag's; fetched by tag when the HEAD named no usable digest."""
         try:
-            digest = parse_digest(head.digest or "")
+            digest = parse_digest(named or "")
         except InvalidDigest:
-            return ManifestAnswer(await self._get_tag(key), "miss")
+            return await self._get_tag(key)
         found = await self.local(digest)
         if found is None:
-            found, _ = await self._fetch_shared(registry, name, digest)
+            found, _ = await self._fetch_shared(key[0], key[1], digest)
         await self._save_tag(key, found)
-        return ManifestAnswer(found, "revalidated" if head.digest == record.digest else "miss")
+        return found
 
     async def _get_tag(self, key: _TagKey) -> Manifest:
         registry, name, tag = key
