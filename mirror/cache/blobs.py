@@ -171,13 +171,17 @@ class BlobService:
             known = self._sizes.get(key)
             if known is not None:
                 return known, "coalesced"
-            size, shared = await self._heads.do(
-                key, lambda: self._origin.size(registry, name, digest)
-            )
-            self._sizes[key] = size
+            size, shared = await self._heads.do(key, lambda: self._head(key, digest))
         except EXPECTED as exc:  # translated for the client; anything else is a bug
             raise to_registry_error(exc, ErrorCode.BLOB_UNKNOWN) from exc
         return size, "coalesced" if shared else "miss"
+
+    async def _head(self, key: tuple[str, str, str], digest: Digest) -> int:
+        """The origin's HEAD, remembered before the flight ends: a HEAD arriving as it ends
+        finds the size, not an empty flight."""
+        size = await self._origin.size(key[0], key[1], digest)
+        self._sizes[key] = size
+        return size
 
     async def fetch(self, registry: str, name: str, digest: Digest) -> str:
         """Make sure a blob is cached (for warming); returns hit, miss or coalesced."""

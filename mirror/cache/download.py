@@ -24,7 +24,7 @@ from mirror.cache.ranged import FetchPlan, RangedFetch
 from mirror.cache.sources import SourceChain
 from mirror.cache.transfer import DigestMismatch, DownloadFailed, State
 from mirror.oci.digest import Digest
-from mirror.storage.blobstore import LocalStore, LocalWriter, NoSpace, PrefixView
+from mirror.storage.blobstore import LocalStore, LocalWriter, NoSpace, PrefixView, StoreError
 from mirror.upstream.retry import RetryPolicy
 
 log = structlog.get_logger("mirror.download")
@@ -94,6 +94,8 @@ class BlobDownload:
         self.fill.grew(prefix)
         if self._hasher is not None:
             self._hasher.advance(prefix)
+        if self._writer is not None:
+            self._writer.note_prefix(prefix)  # what a fill after a restart may go on from
 
     # -- the download ------------------------------------------------------------------------
 
@@ -101,9 +103,9 @@ class BlobDownload:
         started = self._clock()
         try:
             try:
-                await self._open()
+                resumed = await self._open()
                 try:
-                    await self._fetch.run()
+                    await self._fetch.run(resumed)
                 except NoSpace as exc:
                     await self._pass_through(exc)
                     return
@@ -114,9 +116,12 @@ class BlobDownload:
                     retries=self._fetch.retries, seconds=round(self._clock() - started, 3),
                 )  # fmt: skip
             except asyncio.CancelledError:
+                self._keep_partial()  # a shutdown, a rolling update: the next fill goes on
                 self._finish(State.FAILED, DownloadFailed(RuntimeError("download cancelled")))
                 raise
             except EXPECTED as exc:
+                if not isinstance(exc, DigestMismatch | StoreError):
+                    self._keep_partial()  # an outage: good bytes, for the next fill
                 log.warning(
                     "blob_download_failed", digest=str(self.digest), registry=self.registry,
                     source=self.source.name, error=str(exc), error_type=type(exc).__name__,
@@ -132,15 +137,27 @@ class BlobDownload:
             if not self._started.done():
                 self._started.set_result(None)
 
-    async def _open(self) -> None:
+    async def _open(self) -> int:
+        """The file, its view and hasher; returns where the fill starts (an interrupted fill
+        of this digest left that many bytes, to be hashed and checked with the rest)."""
         try:
-            self._writer = await self._store.create()
+            self._writer = await self._store.create(digest=self.digest)
             self._view = self._writer.view()
             self._hasher = PrefixHasher(self._view.copy())
         finally:
             if not self._started.done():
                 self._started.set_result(None)
         self._hasher.start()
+        resumed = self._writer.resumed_at
+        if resumed:
+            log.info("fill_resumed", digest=str(self.digest), at=resumed)
+            self.fill.grew(resumed)  # followers may take them: the last byte waits as always
+            self._hasher.advance(resumed)
+        return resumed
+
+    def _keep_partial(self) -> None:
+        if self._writer is not None and not self.passed_through and self.fill.contiguous:
+            self._writer.keep(self.fill.contiguous)
 
     async def _commit(self) -> None:
         fill, hasher, writer = self.fill, self._hasher, self._writer

@@ -107,30 +107,37 @@ class RangedFetch:
         self.streams = 0
         self.retries = 0
 
-    async def run(self) -> None:
+    async def run(self, start: int = 0) -> None:
+        """Fill [start, size): bytes before `start` are there already (an interrupted fill
+        of the same blob, which this one goes on from)."""
         plan = self._plan
         first_len = min(plan.chunk_size, plan.first_request)
         try:
-            first = await self._attempts(lambda: self._source.open(0, first_len - 1))
+            first = await self._attempts(lambda: self._source.open(start, start + first_len - 1))
         except UpstreamError as exc:
             if exc.status != 416:
                 raise
+            if start:
+                # Past the end: what was left is not this blob's start. From byte 0 instead;
+                # the digest decides, as always, whether the bytes are right.
+                log.info("resume_refused", source=self._source.name, resume_at=start)
+                return await self.run(0)
             # An empty blob has no byte 0, so registries answer 416 to the first Range (Go's
             # ServeContent does, S3 too): ask for the whole blob instead.
             first = await self._attempts(lambda: self._source.open())
         self.streams = 1
         if not first.ranged:  # the source ignores Range: one stream
             end = first.total if first.total is not None else UNKNOWN_END
-            await self.sequential(0, end, first)
+            await self.sequential(start, end, first)
             if self.size is None:
                 self._set_size(self._pieces.prefix())
             return
-        if first.offset != 0 or first.total is None:
+        if first.offset != start or first.total is None:
             first.close()
             raise UpstreamBodyError("the source answered a Range request with an unusable 206")
         total = first.total
         self._set_size(total)
-        head = Piece(0, min(first_len, total), 0)
+        head = Piece(start, min(start + first_len, total), start)
         rest = plan_pieces(
             total, head.end, plan.chunk_size, plan.ranged_threshold, plan.ranged_streams
         )

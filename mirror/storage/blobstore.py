@@ -106,6 +106,21 @@ class LocalWriter(BlobWriter, Protocol):
         """Renamed into place, even if what came after the rename (a sync) failed."""
         ...
 
+    @property
+    def resumed_at(self) -> int:
+        """Leading bytes an earlier, interrupted fill of the same digest left: not verified,
+        so the caller hashes them and checks them with the rest."""
+        ...
+
+    def note_prefix(self, prefix: int) -> None:
+        """Bytes [0, prefix) are written (what a later fill may go on from)."""
+        ...
+
+    def keep(self, prefix: int) -> None:
+        """Interrupted with [0, prefix) written: leave them for a later fill (where the store
+        can; elsewhere this is a discard)."""
+        ...
+
     def view(self) -> PrefixView: ...
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import shutil
+import time
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from mirror.storage.metastore import TagRecord
 from mirror.storage.threads import settled
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
+NOTE_EVERY = 4 * 1024 * 1024  # how much of a fill a restart may have to fetch again
+PARTIAL_MAX_AGE = 86400.0  # an interrupted fill nobody asked for again within this is swept
 
 
 class FileBlob:
@@ -71,19 +74,40 @@ class FileView:
 
 
 class FileWriter:
-    """A file in tmp/ filled at arbitrary offsets; a blob only once committed."""
+    """A fill at arbitrary offsets; a blob only once committed. With its digest known it is
+    written under partial/, where an interruption leaves it for the next fill to go on from:
+    how far it is contiguous from byte 0 is noted beside it as it grows (after the bytes: a
+    kill -9 leaves the page cache, so the note never claims more than is there)."""
 
-    def __init__(self, layout: Layout, path: Path, fd: int, fsync: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        layout: Layout,
+        path: Path,
+        fd: int,
+        fsync: Callable[[int], None],
+        note: Path | None = None,
+        resumed_at: int = 0,
+    ) -> None:
         self._layout = layout
         self._fsync = fsync
         self._path = path
         self._fd = fd
+        self._note = note  # partial/<hex>.prefix, for a fill that can be resumed
+        self._noted = resumed_at
+        self._resumed_at = resumed_at
         self._committed = False  # renamed into place: the path no longer names it
+        self._kept = False
         self._closed = False
 
     @property
     def committed(self) -> bool:
         return self._committed
+
+    @property
+    def resumed_at(self) -> int:
+        """Bytes [0, resumed_at) were written by an earlier fill, interrupted: not verified
+        (the digest covers the whole blob), so they are hashed, and checked with the rest."""
+        return self._resumed_at
 
     async def write(self, offset: int, data: bytes) -> None:
         # Settled: a cancelled download closes the descriptor next, and a write still running
@@ -102,6 +126,19 @@ class FileWriter:
                 raise NoSpace("the cache disk is full") from exc
             raise StoreError(f"cannot write the cache file: {exc.strerror}") from exc
 
+    def note_prefix(self, prefix: int, now: bool = False) -> None:
+        """Bytes [0, prefix) are written: noted every NOTE_EVERY bytes (or `now`), so that a
+        restart loses at most that much of the fill. A few bytes into the page cache."""
+        if self._note is None or (prefix < self._noted + NOTE_EVERY and not now):
+            return
+        self._noted = prefix
+        try:
+            tmp = self._note.with_suffix(".prefix-new")
+            tmp.write_text(str(prefix))
+            os.replace(tmp, self._note)
+        except OSError:
+            pass  # a note not written costs a resume from an earlier byte, nothing else
+
     def view(self) -> FileView:
         return FileView(os.dup(self._fd))
 
@@ -115,6 +152,7 @@ class FileWriter:
             raise StoreError(f"cannot commit the cache file: {exc.strerror}") from exc
         finally:
             self._close()
+        self._drop_note()
 
     def _commit_sync(self, final: Path) -> None:
         self._fsync(self._fd)
@@ -123,18 +161,34 @@ class FileWriter:
         self._committed = True
         _fsync_dir(final.parent)
 
+    def keep(self, prefix: int) -> None:
+        """Interrupted (a shutdown, an outage) with [0, prefix) written: leave them for a
+        later fill of the same digest to go on from."""
+        if self._note is not None and not self._committed and prefix > 0:
+            self._kept = True
+            self.note_prefix(prefix, now=True)
+        self._close()
+
     async def discard(self) -> None:
         self.discard_now()
 
     def discard_now(self) -> None:
         """Synchronously: what a cancelled download can still do on its way out."""
         self._close()
-        if self._committed:
-            return  # the path is the blob's now
+        if self._committed or self._kept:
+            return  # the path is the blob's now, or a later fill's to go on from
         try:
             os.unlink(self._path)
         except FileNotFoundError:
             pass
+        self._drop_note()
+
+    def _drop_note(self) -> None:
+        if self._note is not None:
+            try:
+                os.unlink(self._note)
+            except FileNotFoundError:
+                pass
 
     def _close(self) -> None:
         if not self._closed:
@@ -153,15 +207,25 @@ class FilesystemStore:
     def prepare(self) -> int:
         """Create the tree and sweep tmp/: leftovers of a crash are never served. Blocking
         (start-up). Returns the number of files swept."""
-        for path in (self.layout.blobs, self.layout.tmp, self.layout.root / "tags"):
+        layout = self.layout
+        for path in (layout.blobs, layout.tmp, layout.partial, layout.root / "tags"):
             path.mkdir(parents=True, exist_ok=True)
         swept = 0
-        for entry in os.scandir(self.layout.tmp):
+        for entry in os.scandir(layout.tmp):
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path, ignore_errors=True)
             else:
                 os.unlink(entry.path)
             swept += 1
+        # Interrupted fills stay for the next one, unless nobody has wanted them for a day.
+        too_old = time.time() - PARTIAL_MAX_AGE
+        for entry in os.scandir(layout.partial):
+            try:
+                if entry.stat(follow_symlinks=False).st_mtime < too_old:
+                    os.unlink(entry.path)
+                    swept += 1
+            except FileNotFoundError:
+                pass
         return swept
 
     async def writable(self) -> bool:
@@ -202,15 +266,35 @@ class FilesystemStore:
             raise
 
     async def create(self, *, size: int | None = None, digest: Digest | None = None) -> FileWriter:
-        return await asyncio.to_thread(self._create)
+        """With `digest`: the interrupted fill of it, if one was left, to go on from."""
+        return await asyncio.to_thread(self._create, digest)
 
-    def _create(self) -> FileWriter:
-        path = self.layout.tmp / f"{secrets.token_hex(12)}.part"
+    def _create(self, digest: Digest | None) -> FileWriter:
+        if digest is None:
+            path = self.layout.tmp / f"{secrets.token_hex(12)}.part"
+            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+            return FileWriter(self.layout, path, self._open_new(path, flags), self._fsync)
+        path, note = self.layout.partial_blob(digest), self.layout.partial_prefix(digest)
+        resumed = self._resumable(path, note)
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (0 if resumed else os.O_TRUNC)
+        fd = self._open_new(path, flags)
+        return FileWriter(self.layout, path, fd, self._fsync, note, resumed)
+
+    @staticmethod
+    def _open_new(path: Path, flags: int) -> int:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            return os.open(path, flags, 0o644)
         except OSError as exc:  # EMFILE, EROFS, ENOSPC: no fill can start
             raise StoreError(f"cannot create a cache file: {exc.strerror}") from exc
-        return FileWriter(self.layout, path, fd, self._fsync)
+
+    @staticmethod
+    def _resumable(path: Path, note: Path) -> int:
+        """How many leading bytes an interrupted fill left (0: none, or no trustworthy note)."""
+        try:
+            noted = int(note.read_text())
+            return max(0, min(noted, os.stat(path).st_size))
+        except (OSError, ValueError):
+            return 0
 
     async def remove(self, digest: Digest) -> int | None:
         return await asyncio.to_thread(self._remove, digest)

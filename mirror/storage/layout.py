@@ -5,6 +5,9 @@
       manifests/sha256/<2 hex>/<64 hex>     media type of a manifest stored under blobs/
       tags/<registry>/<name...>/_tags/<tag> {"digest", "media_type", "size", "fetched_at"}
       tmp/                                  writes in progress; swept at start, never served
+      partial/<64 hex>[.prefix]             a fill that was interrupted (a restart, an outage):
+                                            its bytes, and how far from 0 they are contiguous;
+                                            a later fill of that digest goes on from there
       index.sqlite                          last access per blob (rebuilt from the tree if lost)
       mirror.lock                           flock held by the one server using this directory
 
@@ -32,6 +35,16 @@ class Layout:
     @property
     def tmp(self) -> Path:
         return self.root / "tmp"
+
+    @property
+    def partial(self) -> Path:
+        return self.root / "partial"
+
+    def partial_blob(self, digest: Digest) -> Path:
+        return self.root / "partial" / digest.hex
+
+    def partial_prefix(self, digest: Digest) -> Path:
+        return self.root / "partial" / f"{digest.hex}.prefix"
 
     @property
     def lock(self) -> Path:

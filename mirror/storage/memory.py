@@ -60,6 +60,16 @@ class MemoryWriter:
         return self._committed
 
     @property
+    def resumed_at(self) -> int:
+        return 0  # memory does not outlive the process: nothing to go on from
+
+    def note_prefix(self, prefix: int) -> None:
+        pass
+
+    def keep(self, prefix: int) -> None:
+        self.discard_now()
+
+    @property
     def held(self) -> int:
         return 0 if self._committed or self._discarded else len(self._data)
 

@@ -38,7 +38,7 @@ def blob_url(digest: str) -> str:
 def files_under(root: Path) -> list[str]:
     return sorted(
         str(Path(d, f).relative_to(root))
-        for sub in ("tmp", "blobs")
+        for sub in ("tmp", "partial", "blobs")
         for d, _, files in os.walk(root / sub)
         for f in files
     )
@@ -60,8 +60,8 @@ class FailingCommits:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    async def create(self) -> LocalWriter:
-        writer = await self._inner.create()
+    async def create(self, **hints: Any) -> LocalWriter:
+        writer = await self._inner.create(**hints)
 
         async def commit(digest: Digest) -> None:
             raise StoreError("injected: the cache disk failed")
@@ -315,10 +315,13 @@ async def test_shutdown_during_the_commit_waits_for_its_thread(
     assert Layout(config.cache.directory).blob(parse_digest(digest)).read_bytes() == data
 
 
-async def test_shutdown_mid_download_leaves_no_file(
+async def test_a_shutdown_mid_download_keeps_the_prefix_for_the_next_fill(
     fake: FakeRegistry, make_mirror: MakeMirror
 ) -> None:
+    """A rolling update must not cost the bytes already fetched: what is contiguous from byte
+    0 stays under partial/ (never visible as a blob), and the next fill goes on from there."""
     mirror = await make_mirror()
+    cache = mirror.config.cache.directory
     data = random_bytes(2 * MiB, 68)
     digest = fake.add_blob(NAME, data)
     stall = fake.fault("stall", kind="blob", range_start=8 * CHUNK, after=8 * KiB)
@@ -326,9 +329,21 @@ async def test_shutdown_mid_download_leaves_no_file(
     resp = await mirror.client.get(blob_url(digest), params=FAKE)
     got = await resp.content.readexactly(100 * KiB)
     await stall.reached.wait()
-    assert len(files_under(mirror.config.cache.directory)) == 1  # the temp file
     await mirror.client.close()
     with pytest.raises(aiohttp.ClientError):
         got += await resp.read()
     assert got == data[: len(got)]
-    assert files_under(mirror.config.cache.directory) == []
+    hexd = digest.removeprefix("sha256:")
+    assert files_under(cache) == [f"partial/{hexd}", f"partial/{hexd}.prefix"]
+    kept = int((cache / "partial" / f"{hexd}.prefix").read_text())
+    assert kept >= 8 * CHUNK  # every piece before the stalled one
+
+    fake.faults.remove(stall)
+    fake.reset_log()
+    again = await make_mirror(config=mirror.config)
+    resp = await again.client.get(blob_url(digest), params=FAKE)
+    assert await resp.read() == data  # checked whole: the kept bytes were hashed too
+    starts = [r.range_start for r in fake.requests(kind="blob")]
+    assert starts and min(s for s in starts if s is not None) >= kept, starts
+    await wait_cached(again, digest)
+    assert files_under(cache) == [f"blobs/sha256/{hexd[:2]}/{hexd}"]

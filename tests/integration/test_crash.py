@@ -59,20 +59,6 @@ def tmp_entries(cache_dir: Path) -> list[str]:
     return sorted(os.listdir(tmp)) if tmp.is_dir() else []
 
 
-def written_bytes(cache_dir: Path) -> int:
-    """Bytes really on disk under tmp/ and blobs/: allocated blocks, since Range pieces land at
-    their offsets and a file's apparent size jumps ahead of what has been written. Both trees
-    count, so that a mirror writing in place is caught by the assertions, not by a timeout."""
-    total = 0
-    for tree in ("tmp", "blobs"):
-        for path in (cache_dir / tree).rglob("*"):
-            try:
-                total += path.lstat().st_blocks * 512 if path.is_file() else 0
-            except FileNotFoundError:
-                pass
-    return total
-
-
 def cache_status(cache_dir: Path) -> tuple[int, int]:
     """(entries, bytes) as `mirror cache status` reports them."""
     result = mirror_cli("cache", "status", "--cache-dir", str(cache_dir))
@@ -112,13 +98,14 @@ def last_start(mirror: Mirror) -> dict[str, object]:
 # ----- tests -----------------------------------------------------------------------------
 
 
-def test_kill_9_mid_download_leaves_nothing_partial(
+def test_kill_9_mid_download_shows_nothing_partial_and_the_restart_goes_on_from_the_prefix(
     mirror_factory: MirrorFactory, large_image: Image, skopeo: Skopeo, upstream: Upstream
 ) -> None:
     mirror = mirror_factory()
     cache = mirror.cache_dir
     layer = large_image.platform("linux/amd64").layers[0]
     layer_hex = layer.removeprefix("sha256:")
+    note = cache / "partial" / f"{layer_hex}.prefix"
     # About 2 MiB/s per Range stream: the first MiB lands within a second, the whole layer
     # would take ~8 s, so the kill certainly falls in the middle.
     upstream.set_faults(
@@ -127,30 +114,26 @@ def test_kill_9_mid_download_leaves_nothing_partial(
     conf = skopeo.registries_conf("docker.io", mirror=f"{mirror.host}/docker.io")
     with ThreadPoolExecutor(1) as pool:
         copy = pool.submit(skopeo.copy, conf, f"docker.io/{LARGE}:1.0", transport="dir")
-        wait_until(
-            lambda: written_bytes(cache) >= MiB or copy.done(),
-            timeout=10,
-            what="a partial layer file in the mirror's cache",
-        )
+        # The fill has noted a contiguous prefix (every 4 MiB): what a restart goes on from.
+        wait_until(lambda: note.exists() or copy.done(), timeout=20, what="a noted prefix")
         assert not copy.done(), "the copy finished before the kill: the throttle did not hold"
-        partial = written_bytes(cache)
         mirror.kill()
         with pytest.raises(CommandFailed):
             copy.result(timeout=30)
 
-    # Nothing of the layer anywhere under blobs/; the crash left its temp file behind.
+    # Nothing of the layer anywhere under blobs/; the crash left its partial fill.
     assert layer_hex not in blob_files(cache), "a partial layer is visible under blobs/"
     assert not (cache / "blobs" / "sha256" / layer_hex[:2] / layer_hex).exists()
-    assert tmp_entries(cache), "no temp file after the kill: the download was not in progress"
-    assert 0 < partial < layer_size(large_image)
+    kept = int(note.read_text())
+    assert 0 < kept < layer_size(large_image)
     # Every file that is there is whole (it hashes to its name), and even before a restart the
-    # CLI counts only those, not the temp file.
+    # CLI counts only those, not the partial fill.
     assert_status_matches_tree(cache)
 
     upstream.clear_faults()
     mirror.start()  # same port, same cache directory
     assert tmp_entries(cache) == [], "tmp/ was not swept at start"
-    assert int(str(last_start(mirror)["swept_temp_files"])) >= 1
+    assert (cache / "partial" / layer_hex).exists(), "the restart threw the partial fill away"
     # The server reconciled its index with the tree at start (the CLI would rescan it anyway,
     # so look at the server's own rows first).
     assert index_rows(cache) == tree_truth(cache)
@@ -163,10 +146,14 @@ def test_kill_9_mid_download_leaves_nothing_partial(
     assert layout.blobs[large_image.digest] == large_image.raw
     assert set(large_image.platform("linux/amd64").blobs) <= set(layout.blobs)  # hashes checked
     fetched = [r for r in upstream.requests() if r.kind == "blob" and r.path.endswith(layer)]
-    assert fetched, "the layer was not fetched again after the crash"
+    assert fetched, "the rest of the layer was not fetched after the crash"
+    # Only what was not kept crossed again (the kept prefix was hashed and checked with it).
+    assert sum(r.sent for r in fetched) <= layer_size(large_image) - kept
+    assert any(line.get("event") == "fill_resumed" for line in mirror.log_lines())
 
-    # Committed whole, temp files gone, the index agrees with the tree.
-    wait_until(lambda: tmp_entries(cache) == [], timeout=2, what="tmp/ to be empty")
+    # Committed whole, partial and temp files gone, the index agrees with the tree.
+    wait_until(lambda: not note.exists(), timeout=5, what="the partial fill to be committed")
+    assert tmp_entries(cache) == []
     truth = assert_status_matches_tree(cache)
     assert truth[layer_hex] == layer_size(large_image)
 
