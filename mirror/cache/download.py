@@ -53,7 +53,7 @@ class BlobDownload:
         self._on_finish = on_finish
         self._make_room = make_room
         self._clock = clock
-        self.fill = FillState(clock)
+        self.fill = FillState()  # waking followers is pacing, not policy: real time
         self._fetch = RangedFetch(source, plan, retry, self, self.fill.sized, sleep)
         self._followers: set[Follower] = set()
         self._writer: LocalWriter | None = None

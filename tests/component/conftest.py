@@ -13,7 +13,7 @@ from mirror.app import create_app
 from mirror.config import Config
 
 from .fakeregistry import FakeRegistry
-from .harness import Mirror, Served, ServedClient, mirror_config
+from .harness import FakeClock, Mirror, Served, ServedClient, mirror_config
 from .moto import MotoServer
 
 MakeMirror = Callable[..., Awaitable[Mirror]]
@@ -52,23 +52,32 @@ async def make_mirror(
     count = 0
     served: list[ServedClient] = []
 
-    async def make(config: Config | None = None, **upstream: Any) -> Mirror:
+    async def make(
+        config: Config | None = None, clock: FakeClock | None = None, **upstream: Any
+    ) -> Mirror:
+        """`clock`: the mirror's time is the test's to move (see FakeClock)."""
         nonlocal count
         count += 1
         if config is None:
             config = mirror_config(tmp_path / f"cache{count}", fake.url, **upstream)
+        deps = clock.deps() if clock is not None else None
         if fast_path is not None:
             config = replace(config, server=replace(config.server, fast_path=fast_path))
-            server = await Served.start(config)
+            server = await Served.start(config, deps=deps)
             served.append(ServedClient(server))
             return Mirror(served[-1], server.app, config)
-        app = create_app(config)
+        app = create_app(config, deps)
         client = await aiohttp_client(app)
         return Mirror(client, app, config)
 
     yield make
     for client in served:
         await client.close()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from mirror.app import connection_protocol, create_app
+from mirror.app import Deps, connection_protocol, create_app
 from mirror.cache.blobs import BlobService
 from mirror.config import CacheConfig, Config, RegistryConfig, ServerConfig, UpstreamConfig
 from mirror.config.values import parse_hosts_or_networks
@@ -58,6 +58,31 @@ def mirror_config(cache_dir: Path, upstream_url: str, **upstream: Any) -> Config
     )
 
 
+class FakeClock:
+    """The mirror's time, moved by the test: TTLs, max_stale, breaker cooldowns and
+    Retry-After holds pass in an instant, and backoff sleeps move it instead of waiting.
+    What the loop itself times (socket deadlines, asyncio.timeout) stays real."""
+
+    def __init__(self) -> None:
+        self.now = 10_000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def wall(self) -> float:
+        return 1_800_000_000.0 + self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += max(0.0, seconds)
+        await asyncio.sleep(0)  # still a turn of the loop: others run, as after a real sleep
+
+    def deps(self) -> Deps:
+        return Deps(clock=self.monotonic, wall_clock=self.wall, sleep=self.sleep)
+
+
 @dataclass
 class Served:
     """The app as `mirror serve` runs it: aiohttp's runner, and the production protocol factory
@@ -70,9 +95,9 @@ class Served:
     clients: ClientConnections
 
     @classmethod
-    async def start(cls, config: Config, port: int = 0) -> Served:
+    async def start(cls, config: Config, port: int = 0, deps: Deps | None = None) -> Served:
         """On `port` (0: a free one); a replica of a fleet listens where its peers know it."""
-        app = create_app(config)
+        app = create_app(config, deps)
         runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
         assert runner.server is not None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +21,7 @@ from mirror.config import Config
 
 from .conftest import MakeMirror
 from .fakeregistry import OCI_INDEX, OCI_MANIFEST, FakeRegistry, Image
-from .harness import KiB, Mirror, mirror_config, poll, random_bytes
+from .harness import FakeClock, KiB, Mirror, mirror_config, poll, random_bytes
 
 # Every case runs against the production server twice, manifest fast path on and off: a tag
 # answered before aiohttp must keep the same TTL, revalidation and Accept rules.
@@ -30,7 +29,7 @@ pytestmark = pytest.mark.both_paths
 
 FAKE = {"ns": "fake.test"}
 TAG_URL = "/v2/team/app/manifests/v1"
-TTL = 0.3  # short enough to wait out, long enough that back-to-back requests stay fresh
+TTL = 300.0  # the default: the mirror's clock is the test's to move (FakeClock)
 
 
 def config(tmp_path: Path, fake: FakeRegistry, **cache: Any) -> Config:
@@ -50,8 +49,8 @@ async def ask(mirror: Mirror, method: str = "GET", url: str = TAG_URL) -> tuple[
     return resp.headers["Docker-Content-Digest"], body
 
 
-async def expire() -> None:
-    await asyncio.sleep(TTL + 0.05)
+def expire(clock: FakeClock) -> None:
+    clock.advance(TTL + 1)
 
 
 def upstream_counts(fake: FakeRegistry) -> Counter[tuple[str, str]]:
@@ -76,13 +75,13 @@ async def test_fresh_tag_asks_the_upstream_nothing(
 
 @pytest.mark.parametrize("method", ["GET", "HEAD"])
 async def test_expired_tag_is_revalidated_with_one_head(
-    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path, method: str
+    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path, method: str, clock: FakeClock
 ) -> None:
     """Docker Hub counts a manifest GET as a pull and a HEAD as free."""
-    mirror = await make_mirror(config=config(tmp_path, fake, tag_ttl=TTL))
+    mirror = await make_mirror(config=config(tmp_path, fake, tag_ttl=TTL), clock=clock)
     image = seed(fake)
     await ask(mirror)
-    await expire()
+    expire(clock)
     fake.reset_log()
     digest, _ = await ask(mirror, method)
     assert digest == image.digest
@@ -94,14 +93,14 @@ async def test_expired_tag_is_revalidated_with_one_head(
 
 
 async def test_moved_tag_gets_only_the_manifest_it_lacks(
-    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path
+    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path, clock: FakeClock
 ) -> None:
-    mirror = await make_mirror(config=config(tmp_path, fake, tag_ttl=TTL))
+    mirror = await make_mirror(config=config(tmp_path, fake, tag_ttl=TTL), clock=clock)
     old = seed(fake, 1)
     assert await ask(mirror) == (old.digest, old.manifest)
 
     new = seed(fake, 2)  # v1 now names another manifest
-    await expire()
+    expire(clock)
     fake.reset_log()
     assert await ask(mirror) == (new.digest, new.manifest)
     assert upstream_counts(fake) == Counter(
@@ -111,7 +110,7 @@ async def test_moved_tag_gets_only_the_manifest_it_lacks(
 
     # Back to a manifest the cache holds: the HEAD is all it takes.
     fake.repos["team/app"].tags["v1"] = old.digest
-    await expire()
+    expire(clock)
     fake.reset_log()
     assert await ask(mirror) == (old.digest, old.manifest)
     assert upstream_counts(fake) == Counter({("HEAD", "manifest-tag"): 1})
@@ -123,12 +122,12 @@ async def test_moved_tag_gets_only_the_manifest_it_lacks(
 
 
 async def test_concurrent_revalidations_of_a_tag_coalesce(
-    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path
+    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path, clock: FakeClock
 ) -> None:
-    mirror = await make_mirror(config=config(tmp_path, fake, tag_ttl=TTL))
+    mirror = await make_mirror(config=config(tmp_path, fake, tag_ttl=TTL), clock=clock)
     image = seed(fake)
     await ask(mirror)
-    await expire()
+    expire(clock)
     fake.reset_log()
     gate = fake.fault("hold", kind="manifest-tag", method="HEAD")
     started = mirror.server_requests()
@@ -160,20 +159,20 @@ async def test_concurrent_first_requests_for_a_tag_coalesce(
 
 
 async def test_tag_record_outlives_a_restart(
-    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path
+    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path, clock: FakeClock
 ) -> None:
     """fetched_at is wall-clock and on disk: a restarted mirror keeps the TTL it had."""
-    cfg = config(tmp_path, fake, tag_ttl=1.0)
-    first = await make_mirror(config=cfg)
+    cfg = config(tmp_path, fake, tag_ttl=TTL)
+    first = await make_mirror(config=cfg, clock=clock)
     image = seed(fake)
     await ask(first)
-    fetched = time.monotonic()
     await first.client.close()
     fake.reset_log()
-    second = await make_mirror(config=cfg)
+    clock.advance(TTL / 2)  # the restart takes a while: the record is still fresh after it
+    second = await make_mirror(config=cfg, clock=clock)
     assert await ask(second, "HEAD") == (image.digest, b"")
     assert fake.log == []
-    await asyncio.sleep(max(0.0, fetched + 1.05 - time.monotonic()))
+    clock.advance(TTL / 2 + 1)
     assert await ask(second, "HEAD") == (image.digest, b"")
     assert upstream_counts(fake) == Counter({("HEAD", "manifest-tag"): 1})
 
@@ -312,15 +311,15 @@ async def test_an_origin_that_ignores_accept_is_asked_once_a_ttl(
 
 
 async def test_a_narrow_answer_outlives_an_outage_and_its_absence_is_a_503(
-    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path
+    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path, clock: FakeClock
 ) -> None:
-    mirror = await make_mirror(config=config(tmp_path, fake, tag_ttl=TTL))
+    mirror = await make_mirror(config=config(tmp_path, fake, tag_ttl=TTL), clock=clock)
     image = seed(fake)
     seed_index(fake, image)
     await ask(mirror)
     assert (await narrow(mirror)).headers["Docker-Content-Digest"] == image.digest
 
-    await expire()
+    expire(clock)
     fake.fault("status", status=500)
     resp = await narrow(mirror)  # the tag is stale, the narrowed answer too: both served
     assert resp.status == 200

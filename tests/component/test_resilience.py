@@ -21,7 +21,7 @@ from mirror.config import Config
 
 from .conftest import MakeMirror
 from .fakeregistry import FakeRegistry, Image
-from .harness import KiB, Mirror, closed_port, mirror_config, poll, random_bytes
+from .harness import FakeClock, KiB, Mirror, closed_port, mirror_config, poll, random_bytes
 
 FAKE = {"ns": "fake.test"}
 TAG_URL = "/v2/team/app/manifests/v1"
@@ -93,13 +93,13 @@ def upstream_total(fake: FakeRegistry) -> int:
 
 @pytest.mark.parametrize("how", OUTAGES)
 async def test_expired_tag_is_served_stale_while_the_upstream_fails(
-    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path, how: str
+    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path, how: str, clock: FakeClock
 ) -> None:
-    mirror = await make_mirror(config=config(tmp_path, fake, {"tag_ttl": 0.2}))
+    mirror = await make_mirror(config=config(tmp_path, fake, {"tag_ttl": 0.2}), clock=clock)
     image = seed(fake)
     await pull(mirror, image)
     await committed(mirror, image.config, *image.layers)
-    await asyncio.sleep(0.25)
+    clock.advance(0.25)  # past the TTL
     await break_upstream(fake, how)
     stale_before = await scrape(mirror, "mirror_stale_served_total", registry="fake.test")
 
@@ -123,15 +123,15 @@ async def test_expired_tag_is_served_stale_while_the_upstream_fails(
 
 
 async def test_revalidation_waits_at_most_revalidate_timeout(
-    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path
+    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path, clock: FakeClock
 ) -> None:
     """An upstream that never answers costs a cached tag revalidate_timeout, not the (longer)
     header deadline of the upstream client."""
     cfg = config(tmp_path, fake, {"tag_ttl": 0.1, "revalidate_timeout": 0.3}, header_timeout=5.0)
-    mirror = await make_mirror(config=cfg)
+    mirror = await make_mirror(config=cfg, clock=clock)
     image = seed(fake)
     await pull(mirror, image)
-    await asyncio.sleep(0.15)
+    clock.advance(0.15)  # past the TTL
     fake.fault("silent", kind="manifest-tag")
     started = time.monotonic()
     resp = await mirror.client.head(TAG_URL, params=FAKE)
@@ -144,24 +144,23 @@ async def test_revalidation_waits_at_most_revalidate_timeout(
 
 @pytest.mark.parametrize("how", ["429", "refused"])  # an upstream answer, and none at all
 async def test_tag_older_than_max_stale_is_not_served(
-    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path, how: str
+    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path, how: str, clock: FakeClock
 ) -> None:
     # max_stale is judged when the revalidation gives up (after the retries of a refused
-    # connection), so the stale answer below is asked for well within it.
-    cfg = config(tmp_path, fake, {"tag_ttl": 0.1, "max_stale": 0.8})
-    mirror = await make_mirror(config=cfg)
+    # connection, whose backoff moves the clock too), so both sides are well clear of it.
+    cfg = config(tmp_path, fake, {"tag_ttl": 10.0, "max_stale": 100.0})
+    mirror = await make_mirror(config=cfg, clock=clock)
     image = seed(fake)
     resp = await mirror.client.get(TAG_URL, params=FAKE)
     assert resp.status == 200
-    fetched = time.monotonic()
     await break_upstream(fake, how)
 
-    await asyncio.sleep(0.15)  # past the TTL, within max_stale: stale
+    clock.advance(15)  # past the TTL, within max_stale: stale
     resp = await mirror.client.get(TAG_URL, params=FAKE)
     assert resp.status == 200
     assert await resp.read() == image.manifest
 
-    await asyncio.sleep(max(0.0, fetched + 0.85 - time.monotonic()))  # past max_stale
+    clock.advance(90)  # past max_stale
     started = time.monotonic()
     resp = await mirror.client.get(TAG_URL, params=FAKE)
     elapsed = time.monotonic() - started
@@ -173,14 +172,16 @@ async def test_tag_older_than_max_stale_is_not_served(
 
 
 async def test_revalidation_timeout_past_max_stale_is_a_503(
-    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path
+    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path, clock: FakeClock
 ) -> None:
     cache = {"tag_ttl": 0.1, "max_stale": 0.2, "revalidate_timeout": 0.2}
-    mirror = await make_mirror(config=config(tmp_path, fake, cache, header_timeout=5.0))
+    mirror = await make_mirror(
+        config=config(tmp_path, fake, cache, header_timeout=5.0), clock=clock
+    )
     seed(fake)
     resp = await mirror.client.get(TAG_URL, params=FAKE)
     assert resp.status == 200
-    await asyncio.sleep(0.3)
+    clock.advance(0.3)  # past max_stale
     fake.fault("silent", kind="manifest-tag")
     resp = await mirror.client.get(TAG_URL, params=FAKE)
     assert (resp.status, (await resp.json())["errors"][0]["code"]) == (503, "UNAVAILABLE")
@@ -222,15 +223,14 @@ async def held(mirror: Mirror, kind: str) -> float:
 
 
 async def test_429_retry_after_holds_the_origin_off_and_stale_answers_meanwhile(
-    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path
+    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path, clock: FakeClock
 ) -> None:
-    mirror = await make_mirror(config=config(tmp_path, fake, {"tag_ttl": 0.1}))
+    mirror = await make_mirror(config=config(tmp_path, fake, {"tag_ttl": 0.1}), clock=clock)
     image = seed(fake)
     await pull(mirror, image)
-    await asyncio.sleep(0.15)
+    clock.advance(0.15)  # past the TTL
     fake.reset_log()
     fake.fault("status", status=429, retry_after="1", times=1)
-    held_from = time.monotonic()
     for _ in range(3):
         resp = await mirror.client.head(TAG_URL, params=FAKE)
         assert resp.status == 200
@@ -243,7 +243,7 @@ async def test_429_retry_after_holds_the_origin_off_and_stale_answers_meanwhile(
     assert await held(mirror, "blob") == 0
     assert await scrape(mirror, "mirror_stale_served_total", registry="fake.test") == 3
 
-    await asyncio.sleep(max(0.0, held_from + 1.05 - time.monotonic()))
+    clock.advance(1.05)  # the Retry-After is over
     resp = await mirror.client.head(TAG_URL, params=FAKE)
     assert resp.status == 200
     assert [(r.method, r.kind, r.status) for r in fake.log[1:]] == [("HEAD", "manifest-tag", 200)]
@@ -340,18 +340,17 @@ async def test_many_failing_requests_from_a_live_origin_do_not_open_the_breaker(
 
 
 async def test_breaker_opens_when_many_requests_and_the_origin_fail_and_closes_after_cooldown(
-    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path
+    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path, clock: FakeClock
 ) -> None:
     cooldown = 0.5
     cfg = config(tmp_path, fake, {}, retries=0, breaker_failures=3, breaker_cooldown=cooldown)
-    mirror = await make_mirror(config=cfg)
+    mirror = await make_mirror(config=cfg, clock=clock)
     image = seed(fake)
     fake.fault("status", status=500)  # everything, its ping included
     for tag in ("a", "b", "c"):
         resp = await mirror.client.get(f"/v2/team/app/manifests/{tag}", params=FAKE)
         assert resp.status == 503
     await breaker_opened(mirror)
-    opened = time.monotonic()
     assert fake.count() == 4  # three tags, then one ping of the origin
     assert fake.count("base") == 1
 
@@ -373,7 +372,7 @@ async def test_breaker_opens_when_many_requests_and_the_origin_fail_and_closes_a
     # After the cooldown one request goes through; its success closes the breaker. The gauge
     # drops with the clock, before that request: dashboards must not show a stuck breaker.
     fake.clear_faults()
-    await asyncio.sleep(max(0.0, opened + cooldown + 0.05 - time.monotonic()))
+    clock.advance(cooldown + 0.05)
     assert await scrape(mirror, "mirror_upstream_breaker_open", registry="fake.test") == 0
     asked = fake.count()
     resp = await mirror.client.get(TAG_URL, params=FAKE)
@@ -411,17 +410,17 @@ async def test_a_dead_origin_fails_fast_after_the_threshold(
 
 
 async def test_breaker_reopens_when_the_trial_request_fails(
-    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path
+    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path, clock: FakeClock
 ) -> None:
     cooldown = 0.3
     cfg = config(tmp_path, fake, {}, retries=0, breaker_failures=2, breaker_cooldown=cooldown)
-    mirror = await make_mirror(config=cfg)
+    mirror = await make_mirror(config=cfg, clock=clock)
     seed(fake)
     fake.fault("status", status=503)
     for tag in ("a", "b"):
         await mirror.client.get(f"/v2/team/app/manifests/{tag}", params=FAKE)
     await breaker_opened(mirror)
-    await asyncio.sleep(cooldown + 0.05)
+    clock.advance(cooldown + 0.05)
     resp = await mirror.client.get(TAG_URL, params=FAKE)  # the trial: reaches the origin
     assert resp.status == 503
     await breaker_opened(mirror)  # the origin's ping failed again: open for another cooldown
@@ -434,10 +433,10 @@ async def test_breaker_reopens_when_the_trial_request_fails(
 
 
 async def test_open_breaker_still_serves_cached_pulls_without_upstream_requests(
-    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path
+    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path, clock: FakeClock
 ) -> None:
     cfg = config(tmp_path, fake, {"tag_ttl": 0.1}, retries=0, breaker_failures=2)
-    mirror = await make_mirror(config=cfg)
+    mirror = await make_mirror(config=cfg, clock=clock)
     image = seed(fake)
     await pull(mirror, image)
     await committed(mirror, image.config, *image.layers)
@@ -446,7 +445,7 @@ async def test_open_breaker_still_serves_cached_pulls_without_upstream_requests(
         resp = await mirror.client.get(f"/v2/team/app/manifests/{tag}", params=FAKE)
         assert resp.status == 503
     await breaker_opened(mirror)
-    await asyncio.sleep(0.15)  # the cached tag's TTL is over too
+    clock.advance(0.15)  # the cached tag's TTL is over too
     asked = fake.count()
     started = time.monotonic()
     await pull(mirror, image)

@@ -28,7 +28,7 @@ from mirror.upstream.tokens import TokenCache
 
 from .conftest import MakeMirror
 from .fakeregistry import FakeRegistry, Image
-from .harness import CDN_ALLOWED, TEST_UPSTREAM, KiB, mirror_config, poll, random_bytes
+from .harness import CDN_ALLOWED, TEST_UPSTREAM, FakeClock, KiB, mirror_config, poll, random_bytes
 
 FAKE = {"ns": "fake.test"}
 USER, PASSWORD = "mirror-bot", "s3cret-pass"
@@ -439,19 +439,19 @@ async def test_a_tag_list_pages_through_the_mirror(
 
 
 async def test_a_silent_upstream_during_revalidation_opens_the_breaker(
-    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path
+    fake: FakeRegistry, make_mirror: MakeMirror, tmp_path: Path, clock: FakeClock
 ) -> None:
     base = mirror_config(
         tmp_path / "cache", fake.url, header_timeout=0.4, retries=0, breaker_failures=2,
         breaker_cooldown=60.0,
     )  # fmt: skip
     cache = replace(base.cache, tag_ttl=0.05, revalidate_timeout=0.2)
-    mirror = await make_mirror(config=replace(base, cache=cache))
+    mirror = await make_mirror(config=replace(base, cache=cache), clock=clock)
     for tag in ("a", "b", "c"):
         seed(fake, tag, layers=1)
         resp = await mirror.client.get(f"/v2/team/app/manifests/{tag}", params=FAKE)
         assert resp.status == 200
-    await asyncio.sleep(0.1)  # every tag is past its TTL
+    clock.advance(0.1)  # every tag is past its TTL
     fake.fault("silent")  # and the origin's ping, which decides
     for tag in ("a", "b"):
         resp = await mirror.client.head(f"/v2/team/app/manifests/{tag}", params=FAKE)
