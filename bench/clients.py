@@ -95,8 +95,11 @@ class FanOut:
     client_cpu: float  # CPU seconds this harness process spent (receiving + hashing)
 
 
-async def fan_out(url: str, clients: int, digest: str, deadline: float) -> FanOut:
-    """`clients` concurrent GETs of one blob, each on its own connection, released together."""
+async def fan_out(url: str | list[str], clients: int, digest: str, deadline: float) -> FanOut:
+    """`clients` concurrent GETs of one blob, each on its own connection, released together;
+    spread round-robin over `url` when it is a list (replicas behind one Service). Redirects
+    are followed (a presigned URL), as containerd and skopeo do."""
+    urls = [url] if isinstance(url, str) else url
     connector = aiohttp.TCPConnector(limit=0, force_close=True)
     start = asyncio.Event()
     cpu0 = _cpu()
@@ -108,8 +111,10 @@ async def fan_out(url: str, clients: int, digest: str, deadline: float) -> FanOu
             read_bufsize=1 << 20,  # fewer, larger reads: the client should not be the bottleneck
         ) as session:
             tasks = [
-                asyncio.create_task(_download(session, url, digest, start, hash_pool))
-                for _ in range(clients)
+                asyncio.create_task(
+                    _download(session, urls[i % len(urls)], digest, start, hash_pool)
+                )
+                for i in range(clients)
             ]
             await asyncio.sleep(0)  # let every task reach start.wait()
             t0 = time.perf_counter()

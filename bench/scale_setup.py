@@ -164,6 +164,7 @@ async def set_up(world: World, stack: ExitStack, wanted: tuple[str, ...]) -> Set
                 specs=specs,
                 ports=_ports_of(specs),
                 env=env,
+                bucket=moto if env else None,
             )
             stack.callback(fleet.stop)
             setup.targets.append(fleet)

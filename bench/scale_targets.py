@@ -88,6 +88,7 @@ class MirrorFleet(ScaleTarget):
     ports: list[int] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     replicas: list[Mirror] = field(default_factory=list)
+    bucket: MotoS3 | None = None  # the shared level, emptied with the replicas' disks
 
     def __post_init__(self) -> None:
         if not self.ports:
@@ -110,6 +111,8 @@ class MirrorFleet(ScaleTarget):
         for replica in self.replicas:
             replica.stop()
             shutil.rmtree(replica.cache, ignore_errors=True)
+        if self.bucket is not None:
+            self.bucket.empty()
         for replica in self.replicas:
             replica.start()
 
@@ -280,6 +283,15 @@ class MotoS3:
     def start(self) -> None:
         self.process.start()
         self.process.wait_ready(lambda: http_status(self.url + "/") is not None, timeout=30)
+        req = urllib.request.Request(f"{self.url}/{self.bucket}", method="PUT")
+        with urllib.request.urlopen(req, timeout=10):
+            pass
+
+    def empty(self) -> None:
+        """Forget every object: a round that starts cold starts with an empty bucket too."""
+        req = urllib.request.Request(f"{self.url}/moto-api/reset", method="POST")
+        with urllib.request.urlopen(req, timeout=10):
+            pass
         req = urllib.request.Request(f"{self.url}/{self.bucket}", method="PUT")
         with urllib.request.urlopen(req, timeout=10):
             pass

@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from .cold import cold_fanout, cold_single
 from .load import load
 from .manifests import manifests
+from .regional import regional
 from .report import ScenarioResult
 from .scaleout import scaleout
 from .warm import warm_serving
@@ -18,8 +19,16 @@ SCENARIOS: dict[str, Callable[[World], Awaitable[ScenarioResult]]] = {
     "warm": warm_serving,
     "manifests": manifests,
     "load": load,
+    "regional": regional,
     "scaleout": scaleout,
 }
-ALIASES = {"a": "fanout", "b": "single", "c": "warm", "d": "manifests", "e": "load"}
+ALIASES = {
+    "a": "fanout",
+    "b": "single",
+    "c": "warm",
+    "d": "manifests",
+    "e": "load",
+    "f": "regional",
+}
 # Run only when named: a scale-out at the default sizes takes the better part of an hour.
 EXPLICIT = {"scaleout"}
