@@ -31,6 +31,7 @@ async def _cold_round(world: World, system: str, n: int, rep: int) -> dict[str, 
     await settle()
     link = world.link.stats()
     load = noise.stop()
+    server_cpu = cpu_seconds(pid) - cpu0
     ttfbs = [d.ttfb for d in fan.downloads]
     dones = [d.seconds for d in fan.downloads]
     problems = sorted(
@@ -40,10 +41,20 @@ async def _cold_round(world: World, system: str, n: int, rep: int) -> dict[str, 
             if not d.digest_ok
         }
     )
+    # The same clients again, on the blob now cached: what serving it costs without a fill to
+    # follow, measured with the clients the live figure was measured with.
+    warm_cpu_per_gb = math.nan
+    if system == MIRROR:
+        warm0 = cpu_seconds(pid)
+        again = await clients.fan_out(url, n, blob.digest, world.settings.client_timeout)
+        got = sum(d.size for d in again.downloads if d.digest_ok)
+        if got:
+            warm_cpu_per_gb = (cpu_seconds(pid) - warm0) / (got / 1e9)
     return {
         "system": system,
         "clients": n,
         "rep": rep,
+        "warm_cpu_s_per_gb": warm_cpu_per_gb,
         "wall_s": fan.wall,
         "ttfb_p50_s": percentile(ttfbs, 50),
         "ttfb_max_s": max((t for t in ttfbs if not math.isnan(t)), default=math.nan),
@@ -55,9 +66,9 @@ async def _cold_round(world: World, system: str, n: int, rep: int) -> dict[str, 
         "link_connections": link["connections"],
         "link_requests": link["requests"],
         "link_gets": sum(v for k, v in link["requests"].items() if k.startswith("GET blob")),
-        "server_cpu_s": cpu_seconds(pid) - cpu0,
+        "server_cpu_s": server_cpu,
         # The live path's cost: every byte the clients got, fill and verification included.
-        "cpu_s_per_gb": (cpu_seconds(pid) - cpu0) / (n * blob.size / 1e9),
+        "cpu_s_per_gb": server_cpu / (n * blob.size / 1e9),
         "client_cpu_s": fan.client_cpu,
         "link_cpu_s": cpu_seconds(world.link.pid) - link_cpu0,
         "loadavg_1m": os.getloadavg()[0],

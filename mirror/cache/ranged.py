@@ -31,6 +31,8 @@ log = structlog.get_logger("mirror.ranged")
 
 FIRST_REQUEST = 4 * 1024 * 1024  # the first Range: most configs and small layers fit whole
 BACKLOG = 4 * 1024 * 1024  # bytes a piece may hold unwritten before it stops reading
+GATHER = 256 * 1024  # a write of at least this much goes at once ...
+GATHER_WAIT = 0.005  # ... less waits this long for more (followers see it that much later)
 
 
 class Sink(Protocol):
@@ -237,7 +239,8 @@ class RangedFetch:
                     if not data:
                         continue
                 room = piece.end - writes.received
-                await writes.put(data if len(data) <= room else data[:room])
+                if not writes.offer(data if len(data) <= room else data[:room]):
+                    await writes.put()  # a write to start, or the disk to catch up with
                 if writes.received >= piece.end:
                     break
         finally:
@@ -265,7 +268,9 @@ class RangedFetch:
 
 class _PieceWrites:
     """One piece's writes: at most one in flight, what arrives meanwhile gathered into the
-    next. piece.pos moves only once bytes are written, so the prefix never runs ahead."""
+    next, and a lone chunk held back a moment (GATHER_WAIT) for company, so a stream paced to
+    a link's rate costs a write per GATHER bytes, not one per network read. piece.pos moves
+    only once bytes are written, so the prefix never runs ahead."""
 
     def __init__(self, sink: Sink, piece: Piece, pieces: Pieces) -> None:
         self._sink = sink
@@ -274,6 +279,7 @@ class _PieceWrites:
         self._pending = bytearray()
         self._inflight: asyncio.Task[None] | None = None
         self._inflight_len = 0
+        self._due: asyncio.TimerHandle | None = None  # the held-back bytes' write
         self._failed = False  # a write failed: nothing more is written for this answer
         self.landed = False
 
@@ -282,23 +288,37 @@ class _PieceWrites:
         """Where the next byte from the body belongs."""
         return self._piece.pos + self._inflight_len + len(self._pending)
 
-    async def put(self, data: bytes) -> None:
+    def offer(self, data: bytes) -> bool:
+        """Take `data`; True when nothing more is to be done for it now (the common case,
+        kept free of a coroutine per network read): gathered behind the write in flight."""
         self._pending += data
         if self._inflight is not None and not self._inflight.done():
-            if len(self._pending) < BACKLOG:
-                return  # gathered for the next write
+            return len(self._pending) < BACKLOG
+        return self._due is not None and len(self._pending) < GATHER  # held, and waiting
+
+    async def put(self) -> None:
+        """After an offer that wants more: start a write, or wait for the disk first."""
+        if self._inflight is not None and not self._inflight.done():
             await asyncio.wait([self._inflight])  # the disk is slower than the source
         self._collect()
-        self._start()
+        if len(self._pending) >= GATHER:
+            self._start()
+        else:
+            self._hold()
 
     async def drain(self) -> None:
         """Until every byte put is written (or the first write that failed has raised)."""
+        self._cancel_hold()
         try:
-            while self._inflight is not None:
-                await asyncio.wait([self._inflight])
-                self._collect()
+            while True:
+                if self._inflight is not None:
+                    await asyncio.wait([self._inflight])
+                    self._collect()
+                if not self._pending or self._failed:
+                    return
                 self._start()
         finally:
+            self._cancel_hold()
             task = self._inflight
             if task is not None:
                 # Cancelled (a sibling stream failed, or shutdown): the write in flight still
@@ -307,6 +327,28 @@ class _PieceWrites:
                 await asyncio.wait([task])
                 if not task.cancelled():
                     task.exception()  # we are failing already; this one is not news
+
+    def _hold(self) -> None:
+        if self._due is None and self._pending:
+            loop = asyncio.get_running_loop()
+            self._due = loop.call_later(GATHER_WAIT, self._write_held)
+
+    def _cancel_hold(self) -> None:
+        if self._due is not None:
+            self._due.cancel()
+            self._due = None
+
+    def _write_held(self) -> None:
+        """The moment is up: write what was held (unless a write is still busy, whose end
+        arms this again, or failed, which put or drain will raise)."""
+        self._due = None
+        task = self._inflight
+        if task is not None:
+            if not task.done() or task.cancelled() or task.exception() is not None:
+                return
+            self._inflight = None
+            self._inflight_len = 0
+        self._start()
 
     def _collect(self) -> None:
         """The finished write's outcome: raised here if it failed."""
@@ -322,6 +364,7 @@ class _PieceWrites:
             raise
 
     def _start(self) -> None:
+        self._cancel_hold()
         if self._inflight is None and self._pending and not self._failed:
             data, self._pending = bytes(self._pending), bytearray()
             self._inflight_len = len(data)
@@ -334,3 +377,4 @@ class _PieceWrites:
         self._inflight_len = 0
         self.landed = True
         self._sink.progressed(self._pieces.prefix())
+        self._hold()  # what arrived meanwhile must not wait for the next chunk (or a timeout)
