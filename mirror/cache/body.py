@@ -20,6 +20,13 @@ from mirror.storage.blobstore import FileSpan as FileSpan
 from mirror.storage.blobstore import OpenBlob
 from mirror.storage.blobstore import Segment as Segment
 
+# A blob this small is verified before its headers go out: waiting costs one small fetch,
+# and a mismatch then becomes an error the client falls back from (containerd tries the
+# next host) instead of a body it has nearly all of: a pull retried within containerd's GC
+# window would glue the good last byte onto those wrong ones. Image configs are a few KiB
+# to a few tens; larger blobs stream before their verdict, the last byte held back.
+VERIFY_FIRST = 64 * 1024
+
 
 class BodyFailed(Exception):
     """The body cannot be completed. `wrong_bytes`: what was sent so far is not the blob's
@@ -98,9 +105,9 @@ class LiveBody(BlobBody):
         return self._source()
 
     async def ready(self, start: int, end: int) -> None:
-        if start < end:
-            return
         # An empty body has no last byte to hold back: its verdict comes before its headers.
+        if start < end and self.size > VERIFY_FIRST:
+            return
         try:
             await self._follower.verdict()
         except DownloadFailed as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import aiohttp
@@ -10,7 +11,7 @@ import pytest
 
 from .clients import joined, raw_get, read_to_end, stalled_client
 from .conftest import MakeMirror
-from .fakeregistry import FakeRegistry
+from .fakeregistry import FakeRegistry, Fault
 from .harness import KiB, MiB, Mirror, poll, random_bytes, wait_cached
 
 FAKE = {"ns": "fake.test"}
@@ -122,10 +123,29 @@ async def test_a_stream_cut_again_and_again_still_completes(
     assert fake.body_bytes("blob") == len(data)
 
 
-@pytest.mark.parametrize("size", [40 * KiB, MiB], ids=["single-request", "ranged"])
-async def test_wrong_bytes_never_complete_and_are_not_cached(
-    fake: FakeRegistry, mirror: Mirror, size: int
+async def wrong_bytes_forgotten(
+    fake: FakeRegistry, mirror: Mirror, fault: Fault, digest: str, data: bytes
 ) -> None:
+    """One fetch got the wrong bytes: nothing of it stays, and the next request starts afresh
+    (this time the upstream sends the right bytes)."""
+    assert fake.download_sessions() == 1
+    assert mirror.metric("mirror_digest_mismatches_total", registry="fake.test") == 1
+    await poll(lambda: mirror.blobs.in_flight == 0)
+    assert not mirror.blob_file(digest).exists()
+    fake.faults.remove(fault)
+    resp = await mirror.client.get(blob_url(digest), params=FAKE)
+    assert resp.status == 200
+    assert await resp.read() == data
+    assert fake.download_sessions() == 2
+
+
+@pytest.mark.parametrize("threshold", [8 * MiB, 256 * KiB], ids=["single-request", "ranged"])
+async def test_wrong_bytes_never_complete_and_are_not_cached(
+    fake: FakeRegistry, make_mirror: MakeMirror, threshold: int
+) -> None:
+    # Larger than VERIFY_FIRST: its headers go out before its bytes can be checked.
+    mirror = await make_mirror(ranged_threshold=threshold)
+    size = 2 * MiB
     data = random_bytes(size, 14)
     digest = fake.add_blob("team/app", data)
     fault = fake.fault("wrong_bytes", kind="blob", position=size // 2)
@@ -150,17 +170,31 @@ async def test_wrong_bytes_never_complete_and_are_not_cached(
         assert resp.ended == "reset"  # never a clean end that invites a resume
         start = 1000 if header == {"Range": "bytes=1000-"} else 0
         assert resp.body == sent[start : start + len(resp.body)]
-    assert fake.download_sessions() == 1
-    assert mirror.metric("mirror_digest_mismatches_total", registry="fake.test") == 1
-    await poll(lambda: mirror.blobs.in_flight == 0)
-    assert not mirror.blob_file(digest).exists()
+    await wrong_bytes_forgotten(fake, mirror, fault, digest, data)
 
-    # The next request starts afresh (and this time the upstream sends the right bytes).
-    fake.faults.remove(fault)
-    resp = await mirror.client.get(blob_url(digest), params=FAKE)
-    assert resp.status == 200
-    assert await resp.read() == data
-    assert fake.download_sessions() == 2
+
+async def test_a_small_blob_with_wrong_bytes_fails_before_its_headers(
+    fake: FakeRegistry, mirror: Mirror
+) -> None:
+    # A config-sized blob is checked before anything is sent: every waiting client gets an
+    # error it can fall back from (containerd tries its next host), none a body to resume.
+    data = random_bytes(40 * KiB, 15)
+    digest = fake.add_blob("team/app", data)
+    fault = fake.fault("wrong_bytes", kind="blob", position=100)
+    gate = fake.fault("hold", kind="blob", times=1)
+    before = mirror.server_requests()
+    path = f"{blob_url(digest)}?ns=fake.test"
+    ranges = [None, None, {"Range": "bytes=1000-"}]
+    tasks = [asyncio.ensure_future(raw_get(mirror.client.port, path, r)) for r in ranges]
+    await gate.reached.wait()
+    await joined(mirror, before, len(ranges))
+    gate.release()
+    for resp in await asyncio.gather(*tasks):
+        assert resp.status == 502
+        error = json.loads(resp.body)["errors"][0]
+        assert error["detail"] == {"expected": digest, "actual": error["detail"]["actual"]}
+        assert "did not match its digest" in error["message"]
+    await wrong_bytes_forgotten(fake, mirror, fault, digest, data)
 
 
 async def test_body_going_silent_is_resumed_after_the_read_timeout(

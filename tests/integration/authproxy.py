@@ -70,7 +70,7 @@ def classify(method: str, path: str) -> tuple[str, str | None]:
 
 @dataclass
 class Fault:
-    """One injected misbehaviour; matches by kind/method/repository, for `times` requests.
+    """One injected misbehaviour; matches by kind/method/repository/digest, for `times` requests.
 
     action: "status" (answer `status` with `headers` and an OCI error body),
             "delay" (wait `seconds`, then behave normally),
@@ -84,6 +84,7 @@ class Fault:
     kind: str | None = None
     method: str | None = None
     repository: str | None = None
+    digest: str | None = None  # the blob or manifest this one path ends with
     status: int = 500
     headers: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
@@ -92,13 +93,14 @@ class Fault:
     times: int | None = None  # None: forever
     hits: int = 0
 
-    def matches(self, method: str, kind: str, repository: str | None) -> bool:
+    def matches(self, method: str, kind: str, repository: str | None, path: str) -> bool:
         if self.times is not None and self.hits >= self.times:
             return False
         return (
             (self.kind is None or self.kind == kind)
             and (self.method is None or self.method == method)
             and (self.repository is None or self.repository == repository)
+            and (self.digest is None or path.endswith(f"/{self.digest}"))
         )
 
 
@@ -175,7 +177,10 @@ class Proxy:
             return web.json_response({"errors": [{"code": "NOT_FOUND"}]}, status=404)
         if not self.granted(request, repository):
             return self.challenge(repository)
-        fault = next((f for f in self.faults if f.matches(request.method, kind, repository)), None)
+        fault = next(
+            (f for f in self.faults if f.matches(request.method, kind, repository, request.path)),
+            None,
+        )
         if fault is not None:
             fault.hits += 1
             if fault.action == "status":

@@ -146,6 +146,13 @@ class Containerd:
         out = self._ctr(namespace, "content", "ls", "--quiet")
         return {line.strip() for line in out.splitlines() if line.strip()}
 
+    def partials(self, namespace: str) -> dict[str, str]:
+        """The namespace's unfinished downloads (`ctr content active`), ref -> bytes held as
+        ctr shows them ("0B", "1.5MB"): a pull started while one lasts resumes it with Range."""
+        out = self._ctr(namespace, "content", "active")
+        rows = (line.split() for line in out.splitlines()[1:])
+        return {row[0]: row[1] for row in rows if len(row) >= 2}
+
     def read_blob(self, namespace: str, digest: str) -> bytes:
         argv = [self.ctr, "-a", str(self.sock), "-n", namespace, "content", "get", digest]
         result = subprocess.run(argv, capture_output=True, timeout=30, stdin=subprocess.DEVNULL)

@@ -1,6 +1,5 @@
-"""Wrong bytes from the origin with real containerd: the mirror ends the streams it cannot
-vouch for with a reset, so ctr never glues a good tail to a wrong prefix; the next pull gets
-the right layer."""
+"""Wrong bytes from the origin with real containerd: the mirror never lets ctr commit them,
+never invites it to resume them, and serves the right blob on the next pull."""
 
 from __future__ import annotations
 
@@ -9,7 +8,7 @@ import pytest
 from .clients import Containerd, host_platform
 from .images import Image, seed_large
 from .mirror_proc import Mirror
-from .procs import CommandFailed
+from .procs import CommandFailed, wait_until
 from .upstream import Upstream
 
 pytestmark = pytest.mark.integration
@@ -24,22 +23,56 @@ def spoiled(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Ima
     return seed_large(upstream.registry_host, tmp_path_factory.mktemp("spoiled"), REPO, 12 * MiB)
 
 
-def test_ctr_recovers_from_one_corrupt_origin_answer(
-    mirror: Mirror, upstream: Upstream, containerd: Containerd, spoiled: Image
-) -> None:
-    ref = f"{upstream.host}/{REPO}:1.0"
-    hosts = containerd.hosts_dir(upstream.host, mirror=mirror.url)
+def corrupt_pull(containerd: Containerd, ref: str, mirror: Mirror) -> tuple[str, str]:
+    """One pull while the origin flips a byte of one blob: (namespace, what ctr said)."""
+    hosts = containerd.hosts_dir(ref.split("/")[0], mirror=mirror.url)
     ns = containerd.namespace()
-    # One blob answer with a byte flipped, the length right: only the digest can tell.
-    upstream.set_faults({"action": "corrupt", "kind": "blob", "repository": REPO, "times": 1})
-    first_error = ""
     try:
         containerd.pull(ref, hosts, ns, host_platform())
     except CommandFailed as exc:
-        first_error = exc.result.stderr + exc.result.stdout
-    assert "unexpected commit digest" not in first_error, first_error
-    # Whatever the first attempt ended with, the next one is whole and right (ctr checks
-    # every digest as it commits), without anyone clearing containerd's state.
-    containerd.pull(ref, hosts, ns, host_platform())
+        return ns, exc.result.stderr + exc.result.stdout
+    return ns, ""
+
+
+def pull_again(containerd: Containerd, ref: str, mirror: Mirror, ns: str) -> None:
+    # As kubelet would, after its back-off: by then containerd has collected the partial
+    # download of the failed pull (a pull started at once would resume it with Range).
+    wait_until(lambda: not containerd.partials(ns), timeout=30, what="containerd's GC")
+    containerd.pull(ref, containerd.hosts_dir(ref.split("/")[0], mirror=mirror.url), ns,
+                    host_platform())  # fmt: skip
+
+
+def test_a_corrupt_layer_is_cut_with_a_reset_and_right_on_the_next_pull(
+    mirror: Mirror, upstream: Upstream, containerd: Containerd, spoiled: Image
+) -> None:
+    ref = f"{upstream.host}/{REPO}:1.0"
+    assert spoiled.manifest is not None
+    layer = spoiled.manifest.layers[0]
+    # One answer with a byte flipped, the length right: only the digest can tell.
+    upstream.set_faults({"action": "corrupt", "kind": "blob", "digest": layer, "times": 1})
+    ns, said = corrupt_pull(containerd, ref, mirror)
+    # Failed, with a reset: a FIN would have had ctr resume at once and glue the good tail
+    # on, failing its commit (and the wrong prefix would stay in its store).
+    assert "connection reset by peer" in said, said
+    assert "unexpected commit digest" not in said, said
+    pull_again(containerd, ref, mirror, ns)
     assert containerd.images(ns) == {ref: spoiled.digest}
     assert any(line.get("event") == "blob_stream_aborted" for line in mirror.log_lines())
+
+
+def test_a_corrupt_config_is_an_error_before_any_byte(
+    mirror: Mirror, upstream: Upstream, containerd: Containerd, spoiled: Image
+) -> None:
+    ref = f"{upstream.host}/{REPO}:1.0"
+    assert spoiled.manifest is not None
+    config = spoiled.manifest.config
+    upstream.set_faults({"action": "corrupt", "kind": "blob", "digest": config, "times": 1})
+    ns, said = corrupt_pull(containerd, ref, mirror)
+    # Small blobs are checked before their headers: ctr got a 502 and moved on to its next
+    # host (here one that refuses), with no wrong bytes to keep.
+    assert "502" in said or "connection refused" in said, said
+    assert "unexpected commit digest" not in said, said
+    assert containerd.partials(ns).get(f"config-{config}", "0B") == "0B"
+    containerd.pull(ref, containerd.hosts_dir(upstream.host, mirror=mirror.url), ns,
+                    host_platform())  # fmt: skip
+    assert containerd.images(ns) == {ref: spoiled.digest}
