@@ -134,7 +134,8 @@ class Uploader:
         held = await self._budget.take(blob.size) if whole else 0
         try:
             hashed = hashlib.sha256()
-            step = self._config.part_size
+            # Read as the writer holds it: a single PUT in one buffer, else a part at a time.
+            step = max(blob.size, 1) if whole else self._config.part_size
             for offset in range(0, blob.size, step):
                 part = 0 if whole else await self._budget.take(min(step, blob.size - offset))
                 try:

@@ -142,14 +142,15 @@ class BlobStore(Protocol):
 
 
 async def read_bytes(blob: OpenBlob, start: int, end: int) -> bytes:
-    """Bytes [start, end) of an open blob as one copy (file spans are read on a thread)."""
-    out = bytearray()
+    """Bytes [start, end) of an open blob (file spans are read on a thread). A file blob is one
+    span, so its bytes are one read and never copied again: an upload's part is held once."""
+    pieces: list[bytes] = []
     async for segment in blob.read(start, end):
         if isinstance(segment, FileSpan):
-            out += await asyncio.to_thread(_pread_all, segment)
+            pieces.append(await asyncio.to_thread(_pread_all, segment))
         else:
-            out += segment
-    return bytes(out)
+            pieces.append(bytes(segment))
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
 def _pread_all(span: FileSpan) -> bytes:

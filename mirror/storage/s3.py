@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -181,13 +182,20 @@ class S3Blob:
 
 class S3Writer:
     """Buffered while small (one PUT with the blob's sha256 at commit); past the multipart
-    threshold, parts go out as each one is whole, each with its own checksum."""
+    threshold, parts go out as each one is whole, each with its own checksum.
+
+    Each byte is held once: a write that is a whole part (the whole blob, for a single PUT
+    of known size) is kept as it is, other writes fill a buffer sized to their part, and
+    every body goes to botocore as a stream (`_Body`). Uploads share memory with serving."""
 
     def __init__(self, store: S3Store, size: int | None, digest: Digest | None) -> None:
         self._store = store
         self._settings = store.settings
+        self._expected = size
         self._multipart = size is not None and size > self._settings.multipart_threshold
-        self._parts: dict[int, bytearray] = {}  # part index -> bytes, while not yet sent
+        # One part spans this much; a single PUT of known size is one part.
+        self._span = size if size is not None and not self._multipart else self._settings.part_size
+        self._parts: dict[int, bytes | bytearray] = {}  # part index -> bytes, not yet sent
         self._filled: dict[int, int] = {}  # part index -> bytes written into it
         self._sent: dict[int, dict[str, Any]] = {}  # part number -> what complete needs
         self._upload_id: str | None = None
@@ -200,35 +208,59 @@ class S3Writer:
     def committed(self) -> bool:
         return self._done
 
+    def _length(self, index: int) -> int:
+        """What part `index` holds when whole (its span, less for the last of a known size)."""
+        if self._expected is None:
+            return self._span
+        return max(0, min(self._span, self._expected - index * self._span))
+
     async def write(self, offset: int, data: bytes) -> None:
-        size = self._settings.part_size
+        if self._expected is not None and offset + len(data) > self._expected:
+            raise StoreError("written past the size the writer was created for")
+        span = self._span
         self._size = max(self._size, offset + len(data))
+        if offset % max(span, 1) == 0 and len(data) == self._length(offset // max(span, 1)):
+            index = offset // max(span, 1)
+            if index not in self._parts:
+                self._parts[index] = data  # a whole part: kept, not copied
+                self._filled[index] = len(data)
+                await self._flush()
+                return
         view = memoryview(data)
         while view:
-            index, within = divmod(offset, size)
-            part = self._parts.setdefault(index, bytearray(size))
-            take = min(len(view), size - within)
+            index, within = divmod(offset, span)
+            part = self._parts.get(index)
+            if not isinstance(part, bytearray):
+                fresh = bytearray(self._length(index) or span)
+                if part is not None:
+                    fresh[: len(part)] = part
+                self._parts[index] = part = fresh
+            take = min(len(view), span - within)
             part[within : within + take] = view[:take]
             self._filled[index] = self._filled.get(index, 0) + take
             offset += take
             view = view[take:]
+        await self._flush()
+
+    async def _flush(self) -> None:
         if not self._multipart and sum(self._filled.values()) > self._settings.multipart_threshold:
-            self._multipart = True
+            self._multipart = True  # size unknown at create: parts of part_size from now on
         if self._multipart:
+            size = self._span
             for index in [i for i, n in self._filled.items() if n >= size and i in self._parts]:
-                await self._send_part(index, bytes(self._parts.pop(index)))
+                await self._send_part(index, self._parts.pop(index))
 
     async def commit(self, digest: Digest) -> None:
         key = self._settings.key(digest)
         if self._key is not None and self._key != key:
             raise StoreError("committed under another digest than it was created for")
         if not self._multipart:
-            body = bytearray()
-            for index in sorted(self._parts):
-                body += self._parts[index]
-            del body[self._size :]
+            if list(self._parts) == [0] and len(self._parts[0]) == self._size:
+                body = self._parts[0]
+            else:
+                body = b"".join(self._parts[i] for i in sorted(self._parts))[: self._size]
             await self._store.call(
-                "put_object", Key=key, Body=bytes(body), ContentType=BLOB_TYPE,
+                "put_object", Key=key, Body=_Body(body), ContentType=BLOB_TYPE,
                 ChecksumSHA256=_b64(bytes.fromhex(digest.hex)), IfNoneMatch="*",
             )  # fmt: skip
             self._done = True
@@ -236,8 +268,9 @@ class S3Writer:
             return
         self._key = key
         for index in sorted(self._parts):
-            end = min(self._settings.part_size, self._size - index * self._settings.part_size)
-            await self._send_part(index, bytes(self._parts.pop(index)[:end]))
+            end = min(self._span, self._size - index * self._span)
+            part = self._parts.pop(index)
+            await self._send_part(index, part if len(part) == end else part[:end])
         upload_id = await self._begin()
         try:
             await self._store.call(
@@ -268,16 +301,16 @@ class S3Writer:
             self._upload_id = str(reply["UploadId"])
         return self._upload_id
 
-    async def _send_part(self, index: int, data: bytes) -> None:
+    async def _send_part(self, index: int, data: bytes | bytearray) -> None:
         if self._key is None:
             # No digest given to create: parts wait in memory until commit names the key.
-            self._parts[index] = bytearray(data)
+            self._parts[index] = data
             return
         upload_id = await self._begin()
         number = index + 1
         checksum = _b64(hashlib.sha256(data).digest())
         reply = await self._store.call(
-            "upload_part", Key=self._key, UploadId=upload_id, PartNumber=number, Body=data,
+            "upload_part", Key=self._key, UploadId=upload_id, PartNumber=number, Body=_Body(data),
             ChecksumSHA256=checksum,
         )  # fmt: skip
         self._sent[number] = {
@@ -285,6 +318,49 @@ class S3Writer:
             "PartNumber": number,
             "ChecksumSHA256": checksum,
         }
+
+
+class _Body(io.RawIOBase):
+    """A request body botocore streams, a read at a time, over bytes held elsewhere.
+
+    Given bytes or a bytearray, botocore holds one to three more copies of them while it
+    sends (measured: +64 MB for 64 MiB of bytes, +188 MB for a bytearray; a BytesIO, +63);
+    given a file-like object, about 1 MB. Seekable, so botocore can sign and resend it."""
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        super().__init__()
+        self._view = memoryview(data)
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, min(len(self._view), base + offset))
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        count = min(len(buffer), len(self._view) - self._pos)
+        buffer[:count] = self._view[self._pos : self._pos + count]
+        self._pos += count
+        return count
+
+    def read(self, size: int | None = -1) -> bytes:
+        left = len(self._view) - self._pos
+        count = left if size is None or size < 0 else min(size, left)
+        out = bytes(self._view[self._pos : self._pos + count])
+        self._pos += count
+        return out
+
+    def __len__(self) -> int:
+        return len(self._view) - self._pos
 
 
 async def _read_all(body: Any, cap: int) -> bytes:
