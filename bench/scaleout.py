@@ -266,14 +266,20 @@ async def scaleout(world: World) -> ScenarioResult:
         world.targets.extend(checks)
         lines = _model(rows)
         table.notes.extend(f"model: {line}" for line in lines)
-        # Only a full run replaces the committed chart; --quick draws beside the JSON.
-        path = draw(
-            rows, _chart_title(world, setup), QUICK_CHART if world.settings.quick else CHART
-        )
+        # Only a full run replaces the committed chart; --quick or a subset (some targets,
+        # phases or N) draws beside the JSON.
+        path = draw(rows, _chart_title(world, setup), CHART if _full(world) else QUICK_CHART)
         table.notes.append(f"chart: {path}" if path else "chart: matplotlib not installed")
         result.tables.append(table)
         result.reps.append({"model": lines, "targets": checks, "rows": rows})
     return result
+
+
+def _full(world: World) -> bool:
+    s = world.scale
+    assert s is not None
+    every_phase = set(s.phases) >= {"cold", "warm", "limited"}
+    return not world.settings.quick and not s.targets and every_phase and len(s.nodes) >= 3
 
 
 def _chart_title(world: World, setup: Setup) -> str:
