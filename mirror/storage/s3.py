@@ -193,8 +193,9 @@ class S3Writer:
         self._settings = store.settings
         self._expected = size
         self._multipart = size is not None and size > self._settings.multipart_threshold
-        # One part spans this much; a single PUT of known size is one part.
-        self._span = size if size is not None and not self._multipart else self._settings.part_size
+        # One part spans this much; a single PUT of known size is one part (an empty one too).
+        whole = size is not None and not self._multipart
+        self._span = max(size or 0, 1) if whole else self._settings.part_size
         self._parts: dict[int, bytes | bytearray] = {}  # part index -> bytes, not yet sent
         self._filled: dict[int, int] = {}  # part index -> bytes written into it
         self._sent: dict[int, dict[str, Any]] = {}  # part number -> what complete needs
@@ -217,38 +218,38 @@ class S3Writer:
     async def write(self, offset: int, data: bytes) -> None:
         if self._expected is not None and offset + len(data) > self._expected:
             raise StoreError("written past the size the writer was created for")
-        span = self._span
         self._size = max(self._size, offset + len(data))
-        if offset % max(span, 1) == 0 and len(data) == self._length(offset // max(span, 1)):
-            index = offset // max(span, 1)
-            if index not in self._parts:
-                self._parts[index] = data  # a whole part: kept, not copied
-                self._filled[index] = len(data)
-                await self._flush()
-                return
+        index, within = divmod(offset, self._span)
+        if within == 0 and len(data) == self._length(index) and index not in self._parts:
+            self._parts[index] = data  # a whole part: kept, not copied
+            self._filled[index] = len(data)
+        else:
+            self._copy(offset, data)
+        if not self._multipart and sum(self._filled.values()) > self._settings.multipart_threshold:
+            self._multipart = True  # size unknown at create: parts of part_size from now on
+        if self._multipart:
+            for index in [
+                i for i, n in self._filled.items() if n >= self._span and i in self._parts
+            ]:
+                await self._send_part(index, self._parts.pop(index))
+
+    def _copy(self, offset: int, data: bytes) -> None:
+        """`data` into the buffers of the parts it falls in (a part kept whole is copied
+        into a buffer first, should a write overlap it)."""
         view = memoryview(data)
         while view:
-            index, within = divmod(offset, span)
+            index, within = divmod(offset, self._span)
             part = self._parts.get(index)
             if not isinstance(part, bytearray):
-                fresh = bytearray(self._length(index) or span)
+                fresh = bytearray(self._length(index))
                 if part is not None:
                     fresh[: len(part)] = part
                 self._parts[index] = part = fresh
-            take = min(len(view), span - within)
+            take = min(len(view), self._span - within)
             part[within : within + take] = view[:take]
             self._filled[index] = self._filled.get(index, 0) + take
             offset += take
             view = view[take:]
-        await self._flush()
-
-    async def _flush(self) -> None:
-        if not self._multipart and sum(self._filled.values()) > self._settings.multipart_threshold:
-            self._multipart = True  # size unknown at create: parts of part_size from now on
-        if self._multipart:
-            size = self._span
-            for index in [i for i, n in self._filled.items() if n >= size and i in self._parts]:
-                await self._send_part(index, self._parts.pop(index))
 
     async def commit(self, digest: Digest) -> None:
         key = self._settings.key(digest)

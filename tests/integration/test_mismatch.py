@@ -23,12 +23,16 @@ def spoiled(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Ima
     return seed_large(upstream.registry_host, tmp_path_factory.mktemp("spoiled"), REPO, 12 * MiB)
 
 
+def pull(containerd: Containerd, ref: str, mirror: Mirror, ns: str) -> None:
+    hosts = containerd.hosts_dir(ref.split("/")[0], mirror=mirror.url)
+    containerd.pull(ref, hosts, ns, host_platform())
+
+
 def corrupt_pull(containerd: Containerd, ref: str, mirror: Mirror) -> tuple[str, str]:
     """One pull while the origin flips a byte of one blob: (namespace, what ctr said)."""
-    hosts = containerd.hosts_dir(ref.split("/")[0], mirror=mirror.url)
     ns = containerd.namespace()
     try:
-        containerd.pull(ref, hosts, ns, host_platform())
+        pull(containerd, ref, mirror, ns)
     except CommandFailed as exc:
         return ns, exc.result.stderr + exc.result.stdout
     return ns, ""
@@ -38,8 +42,7 @@ def pull_again(containerd: Containerd, ref: str, mirror: Mirror, ns: str) -> Non
     # As kubelet would, after its back-off: by then containerd has collected the partial
     # download of the failed pull (a pull started at once would resume it with Range).
     wait_until(lambda: not containerd.partials(ns), timeout=30, what="containerd's GC")
-    containerd.pull(ref, containerd.hosts_dir(ref.split("/")[0], mirror=mirror.url), ns,
-                    host_platform())  # fmt: skip
+    pull(containerd, ref, mirror, ns)
 
 
 def test_a_corrupt_layer_is_cut_with_a_reset_and_right_on_the_next_pull(
@@ -73,6 +76,5 @@ def test_a_corrupt_config_is_an_error_before_any_byte(
     assert "502" in said or "connection refused" in said, said
     assert "unexpected commit digest" not in said, said
     assert containerd.partials(ns).get(f"config-{config}", "0B") == "0B"
-    containerd.pull(ref, containerd.hosts_dir(upstream.host, mirror=mirror.url), ns,
-                    host_platform())  # fmt: skip
+    pull(containerd, ref, mirror, ns)
     assert containerd.images(ns) == {ref: spoiled.digest}
